@@ -1,0 +1,31 @@
+# Two commands set everything up on a fresh machine:
+#   make run    the gateway in front of its default CPU engine (a tiny local model, no GPU, no network)
+#   make test   the test suite (what CI runs)
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+DEMO_MODEL := .cache/models/tiny-chat
+DEMO_VL_MODEL := .cache/models/tiny-vl
+
+.PHONY: run test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[cpu,dev]'
+	touch $@
+
+$(DEMO_MODEL)/config.json $(DEMO_VL_MODEL)/config.json: $(BIN)/.installed
+	$(BIN)/gateway demo-model --path $(DEMO_MODEL) --vl-path $(DEMO_VL_MODEL)
+
+run: $(BIN)/.installed $(DEMO_MODEL)/config.json
+	$(BIN)/gateway serve --config deploy/examples/cpu.yaml
+
+test: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+bench: $(BIN)/.installed
+	$(BIN)/python tests/bench/run.py
+
+clean:
+	rm -rf $(VENV) .cache

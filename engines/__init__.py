@@ -1,0 +1,1 @@
+"""The process side: engine descriptions, processes, supervisors and the pool. Knows nothing of HTTP serving."""

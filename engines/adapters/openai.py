@@ -1,0 +1,27 @@
+"""A remote OpenAI-compatible server, given by ``url``: probed for health, never launched."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engines.adapters.base import EngineAdapter
+from engines.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class RemoteOpenAIAdapter(EngineAdapter):
+    kind = "openai"
+    spawns = False
+    default_startup_timeout = float("inf")  # a remote server is waited for, never given up on
+
+    def base_url(self, spec: ModelSpec, host: str, port: int) -> str:
+        assert spec.url is not None
+        url = spec.url.rstrip("/")
+        return url[: -len("/v1")] if url.endswith("/v1") else url
+
+    def health_url(self, spec: ModelSpec, host: str, port: int) -> str:
+        return self.base_url(spec, host, port) + "/v1/models"
+
+    def request_model(self, spec: ModelSpec) -> str:
+        # The remote's own name for the model may differ from ours: `model:` says it when set.
+        return spec.model or spec.name

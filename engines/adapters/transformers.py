@@ -1,0 +1,43 @@
+"""``transformers serve`` on CPU: the engine that runs where there is no GPU.
+
+It addresses a local model by its path (requests send the path as ``model``), lists only hub-cache
+models in ``/v1/models`` (and fails without a cache directory), so readiness is ``/health`` and the
+environment pins an offline, existing cache.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from engines.adapters.base import EngineAdapter, render_flags
+from engines.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class TransformersAdapter(EngineAdapter):
+    kind = "transformers"
+    default_startup_timeout = 300.0
+    dialect = "transformers"
+    endpoints = frozenset({"chat", "completions"})
+
+    def model_ref(self, spec: ModelSpec) -> str:
+        assert spec.model is not None
+        # A local folder is named by its absolute path; anything else is a hub id.
+        return os.path.abspath(spec.model) if os.path.isdir(spec.model) else spec.model
+
+    def argv(self, spec: ModelSpec, host: str, port: int) -> list[str]:
+        argv = [*self.executable(spec, ["transformers"]), "serve", self.model_ref(spec),
+                "--host", host, "--port", str(port)]
+        if "device" not in spec.args:
+            argv += ["--device", "cpu"]
+        return argv + render_flags(spec.args)
+
+    def env(self, spec: ModelSpec) -> dict[str, str]:
+        cache = os.path.expanduser("~/.cache/huggingface/hub")
+        os.makedirs(cache, exist_ok=True)
+        return {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": cache, "TOKENIZERS_PARALLELISM": "false",
+                **super().env(spec)}
+
+    def request_model(self, spec: ModelSpec) -> str:
+        return self.model_ref(spec)
