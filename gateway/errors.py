@@ -63,6 +63,12 @@ class BadRequest(GatewayError):
     code = "invalid_request"
 
 
+class MediaError(BadRequest):
+    """An image or other media part the gateway refused (codes ``image_*``, ``unsupported_content``...)."""
+
+    code = "invalid_image"
+
+
 class Unauthorized(GatewayError):
     status = 401
     type = "authentication_error"

@@ -81,6 +81,10 @@ class EngineAdapter:
         """The ``model`` value the engine expects in a request body."""
         return spec.name
 
+    def response_model(self, spec: ModelSpec) -> str | None:
+        """The ``model`` the engine writes in its answers when that is not the client's name (else None)."""
+        return None
+
     def is_ready(self, status: int, body: bytes) -> bool:
         return status == 200
 

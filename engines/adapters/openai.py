@@ -25,3 +25,6 @@ class RemoteOpenAIAdapter(EngineAdapter):
     def request_model(self, spec: ModelSpec) -> str:
         # The remote's own name for the model may differ from ours: `model:` says it when set.
         return spec.model or spec.name
+
+    def response_model(self, spec: ModelSpec) -> str | None:
+        return spec.model if spec.model and spec.model != spec.name else None

@@ -41,3 +41,6 @@ class TransformersAdapter(EngineAdapter):
 
     def request_model(self, spec: ModelSpec) -> str:
         return self.model_ref(spec)
+
+    def response_model(self, spec: ModelSpec) -> str | None:
+        return f"{self.model_ref(spec)}@main"

@@ -1,0 +1,103 @@
+"""``create_app(config)``: the FastAPI app and the lifespan that owns the client, the engines and the media fetcher."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client.core import Metric
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from engines import EnginePool, StateChanged
+from gateway.auth import KeyRing
+from gateway.config import Config
+from gateway.deps import GatewayState
+from gateway.errors import BadRequest, GatewayError, error_body
+from gateway.gpu import GpuProbe
+from gateway.media import MediaNormalizer
+from gateway.metrics import Metrics, engine_state_family
+from gateway.middleware import REQUEST_ID_KEY, GatewayMiddleware
+from gateway.routes import models, openai, ops
+from gateway.upstream import Clocks, Upstream
+
+log = logging.getLogger("gateway")
+
+
+def _error_response(exc: GatewayError, request: Request) -> Response:
+    headers = {"x-request-id": request.scope.get(REQUEST_ID_KEY, ""), **exc.headers()}
+    return Response(exc.body(), status_code=exc.status, headers=headers, media_type="application/json")
+
+
+def create_app(config: Config, *, gpus: GpuProbe | None = None) -> FastAPI:
+    metrics = Metrics()
+    keys = KeyRing(config.auth)
+    gpu_probe = gpus or GpuProbe()
+
+    def on_engine_event(event: StateChanged) -> None:
+        log.info("engine %s/%d: %s → %s%s", event.model, event.replica, event.old.value, event.new.value,
+                 f" ({event.reason})" if event.reason else "")
+        if event.new.value == "backoff" and event.old.value in ("ready", "starting"):
+            metrics.restarts.labels(event.model, str(event.replica)).inc()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        clocks = Clocks.from_settings(config.server)
+        state = GatewayState(
+            config=config,
+            pool=EnginePool(config.models, on_event=on_engine_event),
+            upstream=Upstream(clocks),
+            media=MediaNormalizer(config.media),
+            metrics=metrics,
+            keys=keys,
+            clocks=clocks,
+            gpus=gpu_probe,
+        )
+        await state.upstream.start()
+        await state.media.start()
+        try:
+            await state.pool.start()
+            app.state.gateway = state
+            yield
+        finally:
+            state.draining = True
+            await state.pool.stop()
+            await state.media.close()
+            await state.upstream.close()
+            gpu_probe.close()
+
+    app = FastAPI(title="Inference gateway", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
+
+    def engine_states() -> Iterable[Metric]:
+        state: GatewayState | None = getattr(app.state, "gateway", None)
+        if state is not None:
+            yield engine_state_family((e.spec.name, s.replica, s.state.value)
+                                      for e in state.pool.entries() for s in (r.snapshot() for r in e.replicas))
+
+    metrics.add_collector(engine_states)
+    app.include_router(openai.router)
+    app.include_router(models.router)
+    app.include_router(ops.router)
+    app.add_middleware(GatewayMiddleware, keys=keys, metrics=metrics)
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, exc: GatewayError) -> Response:
+        return _error_response(exc, request)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return _error_response(BadRequest("The request is not valid for this endpoint."), request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        message = {404: "No such endpoint.", 405: "Method not allowed on this endpoint."}.get(exc.status_code,
+                                                                                                 "Request failed.")
+        type_ = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+        return Response(error_body(message, type_, exc.status_code), status_code=exc.status_code,
+                        headers={"x-request-id": request.scope.get(REQUEST_ID_KEY, ""), **(exc.headers or {})},
+                        media_type="application/json")
+
+    return app

@@ -1,0 +1,99 @@
+"""The command line: ``gateway serve | check | demo-model``."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import shlex
+import sys
+
+from gateway.config import Config, ConfigError, load_config
+
+log = logging.getLogger("gateway")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible gateway that owns its engines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway and its engines")
+    serve.add_argument("--config", help="YAML config file (see deploy/examples/)")
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port")
+    check = sub.add_parser("check", help="validate a config and print each engine's command line")
+    check.add_argument("--config", required=True)
+    demo = sub.add_parser("demo-model", help="make the tiny local models of the CPU demo (offline, seconds)")
+    demo.add_argument("--path", required=True, help="folder for the tiny chat model")
+    demo.add_argument("--vl-path", help="folder for the tiny vision-language model")
+    demo.add_argument("--force", action="store_true")
+    return parser
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(config: Config) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.logs import configure_logging
+
+    s = config.server
+    configure_logging(s.log_level, s.log_format)
+    if not config.auth.api_keys and not _is_loopback(s.host):
+        log.warning("NO API KEYS ARE CONFIGURED and the gateway listens on %s: anyone who can reach port %d "
+                    "can use every model. Add auth.api_keys to the config.", s.host, s.port)
+    uv = uvicorn.Config(
+        create_app(config), host=s.host, port=s.port, loop="uvloop", http="httptools", lifespan="on",
+        access_log=s.access_log, log_config=None, timeout_graceful_shutdown=int(s.drain_timeout) or None,
+        server_header=False,
+    )
+    uvicorn.Server(uv).run()
+    return 0
+
+
+def check(config: Config) -> int:
+    from engines.adapters import adapter_for
+
+    for spec in config.models:
+        adapter = adapter_for(spec.engine)
+        names = ", ".join(spec.served_names)
+        print(f"{spec.name}  [{spec.engine}, {spec.load}]  serves: {names}")
+        if not adapter.spawns:
+            print(f"  remote: {spec.url}")
+            continue
+        port = spec.port or 0
+        argv = adapter.argv(spec, spec.host, port)
+        env = adapter.env(spec)
+        shown = shlex.join(argv) if port else shlex.join(argv).replace("--port 0", "--port <free port>").replace(
+            "--server-port 0", "--server-port <free port>")
+        print("  " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())) + (" " if env else "") + shown)
+    print(f"config OK: {len(config.models)} model(s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo-model":
+        from gateway import demo_model
+
+        return demo_model.main(["--path", args.path, *(["--vl-path", args.vl_path] if args.vl_path else []),
+                                *(["--force"] if args.force else [])])
+    try:
+        config = load_config(args.config)
+        if args.command == "serve" and (args.host or args.port is not None):
+            server = config.server.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port))
+                                                      if v is not None})
+            config = config.model_copy(update={"server": server})
+    except ConfigError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        return check(config)
+    return serve(config)

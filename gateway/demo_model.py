@@ -1,0 +1,286 @@
+"""Tiny random-weight models for the CPU demo engine (``transformers serve``), made offline in seconds.
+
+* ``make_chat_model``: a Qwen2-shaped causal LM (hidden 64, 2 layers, 4 heads, 2 KV heads, ~100k
+  parameters) with a byte-level BPE tokenizer trained on a few sentences and a ChatML chat template.
+* ``make_vl_model``: a LLaVA model (CLIP vision tower, 28 px images in 14 px patches, so 4 image tokens;
+  Llama text model) with ``LlavaProcessor`` over the PIL CLIP image processor (no torchvision needed).
+
+The weights are random (fixed seeds, so the same bytes every time): the answers are noise, and tests check
+shape, routing, usage and that an image reached the engine, not the words. ``transformers serve`` raises
+any ``max_new_tokens`` below 1024 to 1024, so clients should send ``max_tokens``.
+
+torch, transformers and tokenizers are imported inside the functions: the gateway package is imported
+in slim images that have none of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
+
+SEED = 0
+EOS = "<|im_end|>"
+PAD = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IMAGE = "<image>"
+MAX_NEW_TOKENS = 16
+# Wider than the usual 0.02, so that greedy decoding of random weights varies with the prompt instead of
+# repeating one token.
+INIT_RANGE = 0.2
+
+_CORPUS = [
+    "Hello! How can I help you today?",
+    "The quick brown fox jumps over the lazy dog.",
+    "An inference gateway routes OpenAI-compatible requests to engines such as vLLM and LMDeploy.",
+    "This tiny model has random weights, so its answers are noise.",
+    "What is in this image? A small red square on a white background.",
+    "Streaming responses arrive as server-sent events, one chunk at a time.",
+    "0123456789 + - * / = ( ) [ ] { } < > : ; , . ! ? ' \" @ # $ % & _",
+    "system user assistant tool",
+]
+
+# ChatML. Content is a string or a list of parts (text parts are kept, other parts dropped); ``None``
+# (an assistant turn that only calls tools) renders as empty.
+CHAT_TEMPLATE = (
+    r"{%- for message in messages -%}"
+    r"{{ '<|im_start|>' + message['role'] + '\n' }}"
+    r"{%- if message['content'] is string -%}{{ message['content'] }}"
+    r"{%- elif message['content'] is not none -%}"
+    r"{%- for part in message['content'] -%}"
+    r"{%- if part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    r"{%- endfor -%}"
+    r"{%- endif -%}"
+    r"{{ '<|im_end|>\n' }}"
+    r"{%- endfor -%}"
+    r"{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
+# The same, with image parts (``image`` as ``transformers serve`` hands them to the processor,
+# ``image_url`` as OpenAI clients send them) rendered as the ``<image>`` token that the processor
+# expands to the image's patch tokens.
+VL_CHAT_TEMPLATE = (
+    r"{%- for message in messages -%}"
+    r"{{ '<|im_start|>' + message['role'] + '\n' }}"
+    r"{%- if message['content'] is string -%}{{ message['content'] }}"
+    r"{%- elif message['content'] is not none -%}"
+    r"{%- for part in message['content'] -%}"
+    r"{%- if part['type'] == 'text' -%}{{ part['text'] }}"
+    r"{%- elif part['type'] in ['image', 'image_url'] -%}{{ '<image>\n' }}"
+    r"{%- endif -%}"
+    r"{%- endfor -%}"
+    r"{%- endif -%}"
+    r"{{ '<|im_end|>\n' }}"
+    r"{%- endfor -%}"
+    r"{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
+
+def _train_tokenizer(special: list[str], vocab_size: int = 384) -> Tokenizer:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return tok
+
+
+def _fast_tokenizer(special: list[str], chat_template: str) -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_train_tokenizer(special),
+        eos_token=EOS,
+        pad_token=PAD,
+        chat_template=chat_template,
+        model_max_length=2048,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _generation_config(tokenizer: Any) -> Any:
+    """Greedy (so answers repeat exactly), a short default, and only printable ASCII or the end token.
+
+    Suppressing the other tokens keeps random output readable and free of half UTF-8 sequences, which a
+    streamed answer would otherwise decode differently from the same answer in one piece.
+    """
+    from transformers import GenerationConfig
+
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    suppress = [
+        i for i in range(len(tokenizer))
+        if i != eos_id and not _printable(tokenizer.decode([i], skip_special_tokens=False))
+    ]
+    return GenerationConfig(
+        eos_token_id=eos_id,
+        pad_token_id=tokenizer.convert_tokens_to_ids(PAD),
+        max_new_tokens=MAX_NEW_TOKENS,
+        do_sample=False,
+        suppress_tokens=suppress,
+    )
+
+
+def _printable(text: str) -> bool:
+    return bool(text) and all(" " <= c <= "~" for c in text) and text not in (PAD, IM_START, IMAGE)
+
+
+def _save(path: Path, *parts: Any) -> None:
+    """Replace ``path`` with the ``save_pretrained`` output of ``parts``, quietly and world-readable."""
+    from transformers.utils import logging as hf_logging
+
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars are noise for a 400 KB file
+    try:
+        for part in parts:
+            part.save_pretrained(path)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    for file in path.iterdir():
+        file.chmod(0o644)  # the weights are written 0600; an engine may run as another user
+
+
+def make_chat_model(path: Path) -> None:
+    """Write a tiny Qwen2-shaped chat model (safetensors, tokenizer, chat template) into ``path``."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    path = Path(path)
+    tokenizer = _fast_tokenizer([PAD, IM_START, EOS], CHAT_TEMPLATE)
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    pad_id = tokenizer.convert_tokens_to_ids(PAD)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        initializer_range=INIT_RANGE,
+        tie_word_embeddings=True,
+        bos_token_id=pad_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        dtype="float32",
+    )
+    torch.manual_seed(SEED)
+    model = Qwen2ForCausalLM(config).eval()
+    model.generation_config = _generation_config(tokenizer)
+    _save(path, model, tokenizer)
+    log.info("tiny chat model (%d parameters) written to %s", model.num_parameters(), path)
+
+
+def make_vl_model(path: Path) -> None:
+    """Write a tiny LLaVA vision-language model (CLIP tower, Llama text model, processor) into ``path``."""
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    path = Path(path)
+    image_size, patch_size = 28, 14
+    tokenizer = _fast_tokenizer([PAD, IM_START, EOS, IMAGE], VL_CHAT_TEMPLATE)
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    pad_id = tokenizer.convert_tokens_to_ids(PAD)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        initializer_range=INIT_RANGE,
+        tie_word_embeddings=True,
+        bos_token_id=pad_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_id,
+        vision_feature_select_strategy="default",  # drop CLS: (28/14)^2 = 4 tokens per image
+        vision_feature_layer=-1,
+        tie_word_embeddings=True,
+        dtype="float32",
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        chat_template=VL_CHAT_TEMPLATE,
+        image_token=IMAGE,
+    )
+    torch.manual_seed(SEED)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config = _generation_config(tokenizer)
+    _save(path, model, processor)
+    log.info("tiny vision-language model (%d parameters) written to %s", model.num_parameters(), path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gateway demo-model",
+        description="Make the tiny random-weight models that the CPU demo engine serves (offline, seconds).",
+    )
+    parser.add_argument("--path", type=Path, help="folder for the chat model")
+    parser.add_argument("--vl-path", type=Path, help="folder for the vision-language model")
+    parser.add_argument("--force", action="store_true", help="rebuild a model whose folder already has one")
+    args = parser.parse_args(argv)
+    if args.path is None and args.vl_path is None:
+        parser.error("give --path, --vl-path or both")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for target, make in ((args.path, make_chat_model), (args.vl_path, make_vl_model)):
+        if target is None:
+            continue
+        if (target / "config.json").is_file() and not args.force:
+            log.info("%s already has a model; --force rebuilds it", target)
+            continue
+        make(target)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

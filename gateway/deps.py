@@ -1,0 +1,41 @@
+"""What handlers need, built once per app by the lifespan and reached through ``request.app.state``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from engines import EnginePool
+from gateway.auth import KeyRing
+from gateway.config import Config
+from gateway.gpu import GpuProbe
+from gateway.media import MediaNormalizer
+from gateway.metrics import Metrics
+from gateway.upstream import Clocks, Upstream
+
+
+@dataclass
+class GatewayState:
+    config: Config
+    pool: EnginePool
+    upstream: Upstream
+    media: MediaNormalizer
+    metrics: Metrics
+    keys: KeyRing
+    clocks: Clocks
+    gpus: GpuProbe
+    started_at: float = field(default_factory=time.time)
+    draining: bool = False
+
+
+def get_state(request: Request) -> GatewayState:
+    state = getattr(request.app.state, "gateway", None)
+    if state is None:
+        raise RuntimeError("the gateway's lifespan has not run: build the app with create_app() and serve it")
+    return state
+
+
+StateDep = Annotated[GatewayState, Depends(get_state)]

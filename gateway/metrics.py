@@ -1,0 +1,70 @@
+"""Prometheus metrics (prefix ``gateway_``), in a registry owned by one app — never the global one.
+
+Labels are bounded: ``model`` is a configured name (or ``""`` for requests that named none we serve),
+``endpoint`` one of a fixed set, ``status`` an HTTP code. No label carries a prompt, key or request id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from engines.state import EngineState
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_STARTUP_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 900, 1800)
+
+
+class _Callback(Collector):
+    """Values read at scrape time (engine states, GPUs): no bookkeeping on the hot path."""
+
+    def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self._collect = collect
+
+    def collect(self) -> Iterable[Metric]:
+        return self._collect()
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("gateway_requests", "Requests answered, by model, endpoint and status.",
+                                ["model", "endpoint", "status"], registry=r)
+        self.duration = Histogram("gateway_request_duration_seconds", "Time from request to the last byte.",
+                                  ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("gateway_time_to_first_token_seconds", "Time from request to the first streamed event.",
+                              ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.chunk_gap = Histogram("gateway_time_between_chunks_seconds",
+                                   "Mean gap between streamed events, one observation per stream.",
+                                   ["model"], buckets=_GAP_BUCKETS, registry=r)
+        self.in_flight = Gauge("gateway_requests_in_flight", "Requests being answered by an engine.", ["model"],
+                               registry=r)
+        self.queued = Gauge("gateway_queue_depth", "Requests waiting for a model to become ready.", ["model"],
+                            registry=r)
+        self.upstream_errors = Counter("gateway_upstream_errors", "Failures talking to engines, by kind.",
+                                       ["model", "kind"], registry=r)
+        self.tokens = Counter("gateway_tokens", "Tokens reported by engines in usage.", ["model", "kind"], registry=r)
+        self.restarts = Counter("gateway_engine_restarts", "Engine restarts after a crash or failed health.",
+                                ["model", "replica"], registry=r)
+        self.startup = Histogram("gateway_engine_startup_seconds", "Time from launch to ready.", ["model"],
+                                 buckets=_STARTUP_BUCKETS, registry=r)
+
+    def add_collector(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self.registry.register(_Callback(collect))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def engine_state_family(rows: Iterable[tuple[str, int, str]]) -> GaugeMetricFamily:
+    """``gateway_engine_state{model,replica,state}``: 1 for the state each replica is in, 0 for the others."""
+    family = GaugeMetricFamily("gateway_engine_state", "Engine replica state (1 = current).",
+                               labels=["model", "replica", "state"])
+    for model, replica, current in rows:
+        for state in EngineState:
+            family.add_metric([model, str(replica), state.value], 1.0 if state.value == current else 0.0)
+    return family

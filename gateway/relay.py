@@ -1,0 +1,354 @@
+"""One forwarded request: send it to the engine, relay the answer byte for byte, keep the four clocks.
+
+``Relay`` is an ASGI response. Everything upstream happens inside its ``__call__``, under a watcher
+of the client's connection: when the client leaves — during prefill, mid-stream or while a
+non-stream answer is generated — the upstream request is closed at once, which is what makes the
+engine abort the generation and free the GPU.
+
+Status and headers are decided before the first body byte. After it, a failure is reported as one
+SSE ``data: {"error": ...}`` event and the stream ends without ``[DONE]``, so a client can always
+tell a broken stream from a finished one. Events are forwarded whole: a half line cut by a crashing
+engine never reaches the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
+
+from gateway.errors import (
+    EngineUnavailable,
+    GatewayError,
+    UpstreamError,
+    UpstreamTimeout,
+    reshape_upstream_error,
+    sse_error_event,
+)
+from gateway.metrics import Metrics
+from gateway.upstream import Clocks
+
+log = logging.getLogger("gateway.relay")
+
+_MAX_EVENT_BYTES = 4 * 1024 * 1024  # one SSE event larger than this is not an engine talking
+_MAX_BODY_BYTES = 256 * 1024 * 1024  # a non-stream answer (embeddings of a big batch can be large)
+_DONE = b"data: [DONE]\n\n"
+_Headers = list[tuple[bytes, bytes]]
+STATUS_KEY = "gateway.status"  # scope key: the status to log when the client left before an answer
+
+
+@dataclass
+class Target:
+    """Where one request goes and what the relay must know about the engine answering it."""
+
+    url: str
+    model: str  # the client-facing served name (metrics label)
+    headers: dict[str, str]
+    replica: Any  # engines.Supervisor: `inflight`, `report_failure()`
+    expects_done: bool = True  # OpenAI-style streams end with [DONE]; LightLLM's do not
+    model_rewrite: tuple[bytes, bytes] | None = None  # engine's name for the model → the client's
+    retry_after: float = 5.0
+
+
+@dataclass
+class _Outcome:
+    ttft: float | None = None
+    events: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error_kind: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Relay(Response):
+    """A Starlette ``Response`` only so FastAPI hands it through; it builds its own status and headers."""
+
+    background = None
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        target: Target,
+        body: bytes,
+        *,
+        stream: bool,
+        clocks: Clocks,
+        request_id: str,
+        metrics: Metrics,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
+        self.session = session
+        self.target = target
+        self.body = body
+        self.stream = stream
+        self.clocks = clocks
+        self.request_id = request_id
+        self.metrics = metrics
+        self.on_done = on_done
+        self._disconnected = False
+        self._started = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = scope.get("gateway.t0", loop.time())
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = loop.create_task(self._watch(receive, task))
+        target = self.target
+        target.replica.inflight += 1
+        in_flight = self.metrics.in_flight.labels(target.model)
+        in_flight.inc()
+        outcome = _Outcome()
+        response: aiohttp.ClientResponse | None = None
+        total_deadline = t0 + self.clocks.total
+        try:
+            async with asyncio.timeout(min(loop.time() + self.clocks.first_byte, total_deadline)) as clock:
+                try:
+                    response = await self.session.post(target.url, data=self.body, headers=target.headers)
+                    if self.stream and response.status == 200 and response.content_type == "text/event-stream":
+                        await self._relay_stream(response, send, clock, total_deadline, t0, outcome)
+                    else:
+                        clock.reschedule(total_deadline)
+                        await self._relay_whole(response, send, outcome)
+                except aiohttp.ClientConnectorError:
+                    outcome.error_kind = "connect"
+                    raise EngineUnavailable(
+                        "The engine for this model is not accepting connections; it may be restarting.",
+                        retry_after=target.retry_after,
+                    ) from None
+                except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+                        aiohttp.ClientResponseError):
+                    outcome.error_kind = "disconnected"
+                    raise UpstreamError("The engine closed the connection before the answer was complete.",
+                                        code="upstream_disconnected") from None
+        except TimeoutError:
+            outcome.error_kind = outcome.error_kind or ("timeout_stream" if self._started else "timeout")
+            await self._fail(send, UpstreamTimeout("The engine did not answer in time.", code="upstream_timeout"))
+        except GatewayError as exc:
+            await self._fail(send, exc)
+        except asyncio.CancelledError:
+            if not self._disconnected:
+                raise
+            task.uncancel()
+            scope[STATUS_KEY] = 499
+            outcome.error_kind = "client_disconnected"
+        finally:
+            watcher.cancel()
+            if response is not None:
+                response.close()  # a no-op after a clean read; otherwise it drops the socket, aborting the engine
+            target.replica.inflight -= 1
+            in_flight.dec()
+            self._record(outcome)
+            if self.on_done is not None:
+                self.on_done()
+
+    async def _watch(self, receive: Receive, task: asyncio.Task[Any]) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self._disconnected = True
+                task.cancel()
+                return
+
+    def _headers(self, content_type: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> _Headers:
+        headers = [(b"content-type", content_type), (b"x-request-id", self.request_id.encode())]
+        if extra:
+            headers += extra
+        return headers
+
+    async def _relay_whole(self, response: aiohttp.ClientResponse, send: Send, outcome: _Outcome) -> None:
+        if response.content_length is not None and response.content_length > _MAX_BODY_BYTES:
+            outcome.error_kind = "too_large"
+            raise UpstreamError("The engine's answer was too large.", code="bad_upstream_response")
+        parts: list[bytes] = []
+        size = 0
+        async for part in response.content.iter_any():
+            size += len(part)
+            if size > _MAX_BODY_BYTES:
+                outcome.error_kind = "too_large"
+                raise UpstreamError("The engine's answer was too large.", code="bad_upstream_response")
+            parts.append(part)
+        body = b"".join(parts)
+        status = response.status
+        extra: list[tuple[bytes, bytes]] = []
+        if status >= 400:
+            body = reshape_upstream_error(status, body)
+            retry_after = response.headers.get("retry-after")
+            if retry_after is not None and retry_after.isdigit():
+                extra.append((b"retry-after", retry_after.encode()))
+            elif status in (429, 503):
+                extra.append((b"retry-after", str(round(self.target.retry_after)).encode()))
+            if status >= 500:
+                outcome.error_kind = f"status_{status}"
+                self.target.replica.report_failure()
+            content_type = b"application/json"
+        else:
+            try:
+                data = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                outcome.error_kind = "bad_response"
+                self.target.replica.report_failure()
+                raise UpstreamError("The engine sent an answer that is not valid JSON.",
+                                    code="bad_upstream_response") from None
+            if isinstance(data, dict):
+                _count_usage(data.get("usage"), outcome)
+            if self.target.model_rewrite is not None:
+                body = body.replace(*self.target.model_rewrite)
+            content_type = b"application/json"
+        await send({"type": "http.response.start", "status": status, "headers": self._headers(content_type, extra)})
+        self._started = True
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _relay_stream(
+        self,
+        response: aiohttp.ClientResponse,
+        send: Send,
+        clock: asyncio.Timeout,
+        total_deadline: float,
+        t0: float,
+        outcome: _Outcome,
+    ) -> None:
+        await send({
+            "type": "http.response.start",
+            "status": 200,
+            "headers": self._headers(b"text/event-stream; charset=utf-8",
+                                     [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]),
+        })
+        self._started = True
+        loop = asyncio.get_running_loop()
+        now = loop.time
+        read = response.content.readany
+        idle = self.clocks.idle
+        rewrite = self.target.model_rewrite
+        pending = b""
+        last = b""
+        first_at = 0.0
+        while True:
+            clock.reschedule(min(now() + idle, total_deadline))
+            chunk = await read()
+            if not chunk:
+                break
+            if pending:
+                chunk = pending + chunk
+                pending = b""
+            cut = chunk.rfind(b"\n\n")
+            if cut < 0:
+                if len(chunk) > _MAX_EVENT_BYTES:
+                    raise UpstreamError("The engine sent a malformed stream.", code="bad_upstream_response")
+                pending = chunk
+                continue
+            cut += 2
+            if cut != len(chunk):
+                pending = chunk[cut:]
+                chunk = chunk[:cut]
+            if b'"error"' in chunk and await self._forward_until_error(chunk, send, outcome):
+                return
+            if b'"usage"' in chunk:
+                _peek_usage(chunk, outcome)
+            if rewrite is not None:
+                chunk = chunk.replace(*rewrite)
+            if outcome.events == 0:
+                first_at = now()
+                outcome.ttft = first_at - t0
+            outcome.events += 1
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            last = chunk
+        if self.target.expects_done and not last.endswith(_DONE):
+            outcome.error_kind = "disconnected"
+            self.target.replica.report_failure()
+            raise UpstreamError("The engine ended the stream before it was complete.", code="upstream_disconnected")
+        if outcome.events > 1:
+            self.metrics.chunk_gap.labels(self.target.model).observe((now() - first_at) / (outcome.events - 1))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _forward_until_error(self, chunk: bytes, send: Send, outcome: _Outcome) -> bool:
+        """An engine's in-band error event ends the stream here, in our shape, without its ``[DONE]``."""
+        events = chunk.split(b"\n\n")
+        for i, event in enumerate(events):
+            if not event.startswith(b"data:") or b'"error"' not in event:
+                continue
+            try:
+                data = orjson.loads(event[5:])
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(data, dict):
+                continue
+            inner = data.get("error")
+            if isinstance(inner, dict):
+                error = inner
+            elif data.get("object") == "error":
+                error = data
+            else:
+                continue
+            before = b"\n\n".join(events[:i])
+            if before:
+                await send({"type": "http.response.body", "body": before + b"\n\n", "more_body": True})
+            message = error.get("message") if isinstance(error.get("message"), str) else "The engine failed."
+            type_ = error.get("type") if isinstance(error.get("type"), str) else "upstream_error"
+            code = error.get("code")
+            await send({"type": "http.response.body", "more_body": False,
+                        "body": sse_error_event(message, type_, code if isinstance(code, str) else "upstream_error")})
+            outcome.error_kind = "stream_error"
+            return True
+        return False
+
+    async def _fail(self, send: Send, exc: GatewayError) -> None:
+        if self._disconnected:
+            return
+        if not self._started:
+            headers = self._headers(b"application/json", [(k.encode(), v.encode()) for k, v in exc.headers().items()])
+            await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+            await send({"type": "http.response.body", "body": exc.body(), "more_body": False})
+        else:
+            await send({"type": "http.response.body", "body": sse_error_event(exc.message, exc.type, exc.code),
+                        "more_body": False})
+        self._started = True
+
+    def _record(self, outcome: _Outcome) -> None:
+        m, model = self.metrics, self.target.model
+        if outcome.ttft is not None:
+            m.ttft.labels(model).observe(outcome.ttft)
+        if outcome.prompt_tokens:
+            m.tokens.labels(model, "prompt").inc(outcome.prompt_tokens)
+        if outcome.completion_tokens:
+            m.tokens.labels(model, "completion").inc(outcome.completion_tokens)
+        if outcome.error_kind is not None:
+            m.upstream_errors.labels(model, outcome.error_kind).inc()
+            if outcome.error_kind != "client_disconnected":
+                log.warning("request %s to %s failed: %s", self.request_id, model, outcome.error_kind)
+
+
+def _count_usage(usage: object, outcome: _Outcome) -> None:
+    if isinstance(usage, dict):
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(prompt, int):
+            outcome.prompt_tokens = prompt
+        if isinstance(completion, int):
+            outcome.completion_tokens = completion
+
+
+def _peek_usage(chunk: bytes, outcome: _Outcome) -> None:
+    """Usage rides on the last events only; parse just the events that carry a non-null one."""
+    for event in chunk.split(b"\n\n"):
+        if b'"usage":{' in event or b'"usage": {' in event:
+            try:
+                data = orjson.loads(event[5:])
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(data, dict):
+                _count_usage(data.get("usage"), outcome)
+
+
+async def send_error(send: Send, exc: GatewayError, request_id: str) -> None:
+    headers = [(b"content-type", b"application/json"), (b"x-request-id", request_id.encode())]
+    headers += [(k.encode(), v.encode()) for k, v in exc.headers().items()]
+    start: Message = {"type": "http.response.start", "status": exc.status, "headers": headers}
+    await send(start)
+    await send({"type": "http.response.body", "body": exc.body(), "more_body": False})

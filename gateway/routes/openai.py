@@ -1,0 +1,84 @@
+"""The OpenAI endpoints: thin handlers over read → check → route → normalize → relay."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request, Response
+
+from engines.adapters import OPENAI_PATHS
+from gateway.deps import GatewayState, StateDep
+from gateway.errors import BadRequest
+from gateway.media import MediaNormalizer
+from gateway.middleware import MODEL_KEY, REQUEST_ID_KEY
+from gateway.payload import check_fields, model_name, parse_json_object, read_body
+from gateway.relay import Relay, Target
+from gateway.routing import choose_replica, resolve
+
+router = APIRouter()
+
+_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {
+            "type": "object", "required": ["model"], "additionalProperties": True,
+            "properties": {"model": {"type": "string"}, "stream": {"type": "boolean"}},
+        }}},
+    }
+}
+
+
+async def forward(request: Request, state: GatewayState, endpoint: str) -> Relay:
+    settings = state.config.server
+    raw = await read_body(request, limit=settings.max_body_bytes, body_timeout=settings.body_timeout)
+    body = parse_json_object(request, raw)
+    entry = resolve(state.pool, model_name(body))
+    request.scope[MODEL_KEY] = entry.spec.name
+    if endpoint not in entry.adapter.endpoints:
+        raise BadRequest(f"The model '{entry.spec.name}' does not serve {OPENAI_PATHS[endpoint]}.",
+                         param="model", code="unsupported_endpoint")
+    stream = check_fields(body, endpoint)
+    replica = await choose_replica(state.pool, entry, queue_timeout=settings.queue_timeout,
+                                   retry_after=settings.retry_after, metrics=state.metrics)
+    body["model"] = entry.request_model
+    if endpoint == "chat" and MediaNormalizer.needs_work(body):
+        await state.media.normalize_chat(body, entry.adapter.dialect)
+    request_id: str = request.scope[REQUEST_ID_KEY]
+    headers = {"Content-Type": "application/json", "X-Request-Id": request_id,
+               "Accept": "text/event-stream" if stream else "application/json"}
+    if entry.spec.api_key_env:
+        headers["Authorization"] = f"Bearer {os.environ.get(entry.spec.api_key_env, '')}"
+    engine_name = entry.adapter.response_model(entry.spec)
+    target = Target(
+        url=replica.base_url + OPENAI_PATHS[endpoint],
+        model=entry.spec.name,
+        headers=headers,
+        replica=replica,
+        model_rewrite=(f'"model":"{engine_name}"'.encode(), f'"model":"{entry.spec.name}"'.encode())
+        if engine_name else None,
+        retry_after=settings.retry_after,
+    )
+    return Relay(state.upstream.session, target, orjson.dumps(body), stream=stream, clocks=state.clocks,
+                 request_id=request_id, metrics=state.metrics)
+
+
+@router.post("/v1/chat/completions", openapi_extra=_BODY_DOC)
+async def chat_completions(request: Request, state: StateDep) -> Response:
+    return await forward(request, state, "chat")
+
+
+@router.post("/v1/completions", openapi_extra=_BODY_DOC)
+async def completions(request: Request, state: StateDep) -> Response:
+    return await forward(request, state, "completions")
+
+
+@router.post("/v1/embeddings", openapi_extra=_BODY_DOC)
+async def embeddings(request: Request, state: StateDep) -> Response:
+    return await forward(request, state, "embeddings")
+
+
+@router.post("/v1/rerank", openapi_extra=_BODY_DOC)
+async def rerank(request: Request, state: StateDep) -> Response:
+    return await forward(request, state, "rerank")
