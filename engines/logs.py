@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 TRUNCATED = " …[truncated]"
 
@@ -19,19 +19,25 @@ class LogFollower:
 
     def __init__(self, ring: LogRing, maxsize: int) -> None:
         self._ring = ring
-        self._lines: deque[str] = deque()
+        # Lines, and at each place where lines were lost, a one-element list counting them: a reader
+        # sees the gap where it happened and never mistakes it for continuous output.
+        self._items: deque[str | list[int]] = deque()
+        self._nlines = 0
         self._maxsize = maxsize
         self._wakeup = asyncio.Event()
         self._closed = False
         self.dropped = 0  # lines lost because this follower fell behind
-        self._unreported = 0
 
     def _push(self, line: str) -> None:
-        if len(self._lines) >= self._maxsize:
-            self.dropped += 1
-            self._unreported += 1
+        if self._nlines < self._maxsize:
+            self._items.append(line)
+            self._nlines += 1
         else:
-            self._lines.append(line)
+            self.dropped += 1
+            if self._items and isinstance(self._items[-1], list):
+                self._items[-1][0] += 1
+            else:
+                self._items.append([1])
         self._wakeup.set()
 
     def close(self) -> None:
@@ -43,12 +49,12 @@ class LogFollower:
     async def get(self) -> str | None:
         """The next line, or ``None`` once closed and drained."""
         while True:
-            if self._unreported and (self._lines or self._closed):
-                # Said where the gap is, in order, so a reader never mistakes a gap for continuous output.
-                n, self._unreported = self._unreported, 0
-                return f"[… {n} lines dropped: follower too slow]"
-            if self._lines:
-                return self._lines.popleft()
+            if self._items:
+                item = self._items.popleft()
+                if isinstance(item, list):
+                    return f"[… {item[0]} lines dropped: follower too slow]"
+                self._nlines -= 1
+                return item
             if self._closed:
                 return None
             self._wakeup.clear()
@@ -119,3 +125,44 @@ class LogRing:
     def close_followers(self) -> None:
         for follower in tuple(self._followers):
             follower.close()
+
+
+class LineSplitter:
+    """Cuts a byte stream into lines without a line-length limit on the reader (asyncio's ``readline``
+    gives up at 64 KiB): a line longer than ``max_line`` is cut there and the rest of it is dropped."""
+
+    def __init__(self, emit: Callable[[str], None], *, max_line: int = 16 * 1024) -> None:
+        self._emit = emit
+        self._max_line = max_line
+        self._pending = bytearray()
+        self._discarding = False
+
+    def feed(self, data: bytes) -> None:
+        pieces = data.split(b"\n")
+        for piece in pieces[:-1]:
+            if self._discarding:
+                self._discarding = False
+                continue
+            if self._pending:
+                self._pending += piece
+                piece = bytes(self._pending)
+                self._pending.clear()
+            self._line(piece)
+        last = pieces[-1]
+        if last and not self._discarding:
+            self._pending += last
+            if len(self._pending) > self._max_line:
+                self._line(bytes(self._pending))
+                self._pending.clear()
+                self._discarding = True
+
+    def flush(self) -> None:
+        if self._pending and not self._discarding:
+            self._line(bytes(self._pending))
+        self._pending.clear()
+        self._discarding = False
+
+    def _line(self, raw: bytes) -> None:
+        truncated = len(raw) > self._max_line
+        text = raw[: self._max_line].rstrip(b"\r").decode("utf-8", "replace")
+        self._emit(text + TRUNCATED if truncated else text)

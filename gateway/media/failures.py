@@ -20,8 +20,17 @@ UNSUPPORTED_CONTENT = "unsupported_content"
 
 
 def forbidden(param: str | None = None, what: str = "image URL") -> MediaError:
+    """Policy refusals (scheme, host, address, allowlist): one message, nothing about why, for the client."""
     return MediaError(
         f"The {what} is not allowed: only http(s) URLs of permitted public hosts, and data: URLs, are accepted.",
+        code=FORBIDDEN,
+        param=param,
+    )
+
+
+def local_forbidden(param: str | None = None) -> MediaError:
+    return MediaError(
+        "Local files are not accepted here (or the path is outside the media directory, or missing).",
         code=FORBIDDEN,
         param=param,
     )

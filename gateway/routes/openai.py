@@ -40,11 +40,12 @@ async def forward(request: Request, state: GatewayState, endpoint: str) -> Relay
         raise BadRequest(f"The model '{entry.spec.name}' does not serve {OPENAI_PATHS[endpoint]}.",
                          param="model", code="unsupported_endpoint")
     stream = check_fields(body, endpoint)
+    if endpoint == "chat" and MediaNormalizer.needs_work(body):
+        # Before a replica is chosen: a slow image must not hold an engine's slot.
+        await state.media.normalize_chat(body, entry.adapter.dialect)
     replica = await choose_replica(state.pool, entry, queue_timeout=settings.queue_timeout,
                                    retry_after=settings.retry_after, metrics=state.metrics)
     body["model"] = entry.request_model
-    if endpoint == "chat" and MediaNormalizer.needs_work(body):
-        await state.media.normalize_chat(body, entry.adapter.dialect)
     request_id: str = request.scope[REQUEST_ID_KEY]
     headers = {"Content-Type": "application/json", "X-Request-Id": request_id,
                "Accept": "text/event-stream" if stream else "application/json"}

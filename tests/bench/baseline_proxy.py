@@ -1,0 +1,64 @@
+"""The baseline: the smallest reasonable FastAPI + httpx proxy, what a gateway is measured against.
+
+One shared ``httpx.AsyncClient``; the request body is forwarded as bytes (no JSON parsing), the answer
+streamed back with ``aiter_raw`` (no decoding, no peeking), whatever its content type. Paths under
+``/paced/`` and ``/ttfb/`` go to ``--paced-upstream``, everything else to ``--upstream``, path kept.
+Run the way the gateway runs: uvicorn with uvloop and httptools, no access log.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, Request
+from starlette.background import BackgroundTask
+from starlette.responses import StreamingResponse
+
+
+def create_app(upstream: str, paced_upstream: str) -> FastAPI:
+    clients: dict[str, httpx.AsyncClient] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024, keepalive_expiry=60)
+        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0)) as client:
+            clients["shared"] = client
+            yield
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.api_route("/{path:path}", methods=["GET", "POST"])
+    async def proxy(path: str, request: Request) -> StreamingResponse:
+        base = paced_upstream if path.startswith(("paced/", "ttfb/")) else upstream
+        client = clients["shared"]
+        upstream_request = client.build_request(
+            request.method, f"{base}/{path}", content=await request.body(),
+            headers={"content-type": request.headers.get("content-type", "application/json")},
+        )
+        response = await client.send(upstream_request, stream=True)
+        return StreamingResponse(
+            response.aiter_raw(), status_code=response.status_code,
+            media_type=response.headers.get("content-type"), background=BackgroundTask(response.aclose),
+        )
+
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--upstream", required=True, help="e.g. http://127.0.0.1:8001 (no trailing slash)")
+    parser.add_argument("--paced-upstream", required=True)
+    args = parser.parse_args()
+    uvicorn.run(create_app(args.upstream.rstrip("/"), args.paced_upstream.rstrip("/")), host=args.host,
+                port=args.port, loop="uvloop", http="httptools", access_log=False, log_level="warning",
+                server_header=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,477 @@
+"""The HTTP surface of one stand-in engine: routing, auth scope, health, models, and request-level faults."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from _cli import VLLM_VERSION, EngineConfig
+from _faults import Faults, FaultError, Recorder, emit
+from _http import ClientGone, Request, Response
+from _openai import (COMPLETION_FIELDS, CHAT_FIELDS, ApiError, Invalid, Prompt, chat_prompt, check_fields,
+                     check_length, check_sampling, completion_prompts, embeddings_body, error_body, error_type,
+                     new_id, plan, rerank_body)
+from _shapes import DONE, FIRST, TOKEN, Event, chat_body, completion_body, error_event, stream_events
+
+VLLM_AUTH_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
+LMDEPLOY_AUTH_FREE = ("/health", "/docs", "/redoc", "/nodes")
+INFERENCE = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/rerank", "/v2/rerank"}
+ENGINE_500 = "The server had an error while processing your request."
+
+
+class Aborted(Exception):
+    """vLLM's shutdown aborts in-flight requests (``--shutdown-timeout 0``)."""
+
+
+@dataclass
+class State:
+    cfg: EngineConfig
+    faults: Faults
+    record: Recorder
+    abort: asyncio.Event = field(default_factory=asyncio.Event)
+    listening_at: float = 0.0
+    engine_dead: str | None = None
+    health_probes: int = 0
+    status_hits: int = 0
+    running: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    successes: int = 0
+
+
+def sse(payload: Any) -> bytes:
+    text = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {text}\n\n".encode()
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _wants_stream(req: Request) -> bool:
+    try:
+        body = json.loads(req.body)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("stream") is True
+
+
+def crash(code: int = 1) -> None:
+    """An abrupt death: no cleanup, children orphaned, sockets closed by the kernel."""
+    os._exit(code)
+
+
+class App:
+    def __init__(self, state: State) -> None:
+        self.s = state
+        self.cfg = state.cfg
+        self.vllm = state.cfg.engine == "vllm"
+        self.routes: dict[str, tuple[str, ...]] = {
+            "/health": ("GET",), "/v1/models": ("GET",), "/v1/chat/completions": ("POST",),
+            "/v1/completions": ("POST",), "/v1/embeddings": ("POST",),
+        }
+        if self.vllm:
+            self.routes.update({"/version": ("GET",), "/ping": ("GET", "POST"), "/load": ("GET",),
+                                "/v1/rerank": ("POST",), "/rerank": ("POST",), "/v2/rerank": ("POST",),
+                                "/tokenize": ("POST",), "/detokenize": ("POST",), "/metrics": ("GET",)})
+        elif state.cfg.metrics:
+            self.routes["/metrics"] = ("GET",)
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+    async def _send_json(self, resp: Response, status: int, obj: Any, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        await resp.send(status, _json(obj), "application/json", headers)
+
+    async def _error(self, resp: Response, err: ApiError) -> None:
+        await self._send_json(resp, err.status, error_body(self.cfg.engine, err.status, err.message, err.param,
+                                                          err.type), err.headers)
+
+    async def pause(self, resp: Response, seconds: float, keep_alive: bool = False) -> None:
+        """Sleep, but wake for a client that leaves (ClientGone) or a vLLM shutdown abort (Aborted)."""
+        if resp.gone.is_set():
+            raise ClientGone
+        if self.s.abort.is_set():
+            raise Aborted
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        tick = self.cfg.sse_keep_alive if keep_alive and self.cfg.sse_keep_alive > 0 else None
+        while True:
+            left = end - loop.time()
+            if left <= 0:
+                return
+            step = min(left, tick) if tick else (None if left == float("inf") else left)
+            waits = {asyncio.ensure_future(resp.gone.wait()), asyncio.ensure_future(self.s.abort.wait())}
+            await asyncio.wait(waits, timeout=step, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+            if resp.gone.is_set():
+                raise ClientGone
+            if self.s.abort.is_set():
+                raise Aborted
+            if tick and end - loop.time() > 0:
+                await resp.write(b": keep-alive\n\n")
+
+    def _gone(self, req: Request, faults: dict[str, Any], sent: int, rid: str | None = None) -> None:
+        elapsed = round(time.monotonic() - req.started, 3)
+        self.s.record("disconnect", method=req.method, path=req.path, events_sent=sent, elapsed=elapsed)
+        if faults.get("record-disconnects"):
+            emit(2, f"standin: client disconnected: {req.method} {req.path} after {sent} events, {elapsed}s")
+        if self.vllm and rid:
+            emit(1, f"(APIServer pid={os.getpid()}) INFO {time.strftime('%m-%d %H:%M:%S')} Aborted request {rid}.")
+
+    # ---- entry ---------------------------------------------------------------------------------------------
+    async def __call__(self, req: Request, resp: Response) -> None:
+        path = req.path
+        if path not in ("/health", "/ping", "/metrics"):
+            self._record_request(req)  # before auth: a test may assert that a request never got this far
+        if req.method != "OPTIONS" and self.cfg.api_keys and self._guarded(path) and not self._authorized(req):
+            if self.vllm:
+                await self._send_json(resp, 401, {"error": "Unauthorized"})
+            else:
+                await self._send_json(resp, 401, error_body("lmdeploy", 401, "Unauthorized."))
+            return
+        methods = self.routes.get(path)
+        if methods is None:
+            await self._send_json(resp, 404, {"detail": "Not Found"})
+            return
+        allowed = methods + (("HEAD",) if "GET" in methods else ())
+        if req.method not in allowed:
+            await self._send_json(resp, 405, {"detail": "Method Not Allowed"}, (("allow", ", ".join(methods)),))
+            return
+        try:
+            faults = self.s.faults.current()
+        except FaultError as exc:
+            await resp.send(500, f"standin: {exc}".encode(), "text/plain; charset=utf-8")
+            return
+        if path in INFERENCE:
+            await self._inference(req, resp, faults)
+        else:
+            await self._utility(req, resp, path, faults)
+
+    def _guarded(self, path: str) -> bool:
+        if self.vllm:
+            return path.startswith(VLLM_AUTH_PREFIXES)
+        return path not in LMDEPLOY_AUTH_FREE
+
+    def _authorized(self, req: Request) -> bool:
+        auth = req.header("authorization") or ""
+        return any(auth == f"Bearer {key}" for key in self.cfg.api_keys)
+
+    # ---- health, models, metrics ---------------------------------------------------------------------------
+    async def _utility(self, req: Request, resp: Response, path: str, faults: dict[str, Any]) -> None:
+        cfg = self.cfg
+        if path in ("/health", "/ping"):
+            await self._health(resp, faults)
+        elif path == "/version":
+            await self._send_json(resp, 200, {"version": VLLM_VERSION})
+        elif path == "/load":
+            await self._send_json(resp, 200, {"server_load": self.s.running})
+        elif path == "/v1/models":
+            created = int(time.time())
+            perm = {"id": new_id("modelperm"), "object": "model_permission", "created": created,
+                    "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                    "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                    "organization": "*", "group": None, "is_blocking": False}
+            cards = []
+            for name in cfg.served_names:
+                card: dict[str, Any] = {"id": name, "object": "model", "created": created,
+                                        "owned_by": "vllm" if self.vllm else "lmdeploy",
+                                        "root": cfg.model if self.vllm else name, "parent": None}
+                if self.vllm:
+                    card["max_model_len"] = cfg.max_model_len
+                cards.append({**card, "permission": [perm]})
+            await self._send_json(resp, 200, {"object": "list", "data": cards})
+        elif path == "/metrics":
+            await resp.send(200, self._metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
+        elif path in ("/tokenize", "/detokenize"):
+            body = self._body(req)
+            if path == "/tokenize":
+                words = str(body.get("prompt", "")).split()
+                await self._send_json(resp, 200, {"count": len(words), "max_model_len": cfg.max_model_len,
+                                                  "tokens": [zlib.crc32(w.encode()) % 50000 for w in words], "token_strs": None})
+            else:
+                await self._send_json(resp, 200, {"prompt": " ".join(f"<{t}>" for t in body.get("tokens", []))})
+
+    async def _health(self, resp: Response, faults: dict[str, Any]) -> None:
+        mode = "fail" if faults.get("never-ready") else str(faults.get("health", "ok"))
+        name, _, arg = mode.partition(":")
+        self.s.health_probes += 1
+        if name == "slow":
+            with contextlib.suppress(Aborted):
+                await self.pause(resp, float(arg or 3))
+        ok = not self.s.engine_dead
+        if name == "fail":
+            ok = False
+        elif name == "flap":
+            ok = ok and ((self.s.health_probes - 1) // max(1, int(arg or 1))) % 2 == 0
+        if self.vllm:
+            await resp.send(200 if ok else 503, b"", None)
+            return
+        init = faults.get("initializing", 0.0)
+        if ok and time.monotonic() - self.s.listening_at < init:
+            status, message = "initializing", "Engine health monitor is starting."
+        elif ok:
+            status, message = "healthy", "Engine is healthy."
+        else:
+            status, message = "unhealthy", self.s.engine_dead or "Backend health probe timed out after 10.0s."
+        await self._send_json(resp, 200 if status == "healthy" else 503, {"status": status, "message": message})
+
+    def _metrics(self) -> str:
+        p = "vllm" if self.vllm else "lmdeploy"
+        labels = f'{{engine="0",model_name="{self.cfg.served_names[0]}"}}'
+        rows = [("num_requests_running", "gauge", self.s.running), ("num_requests_waiting", "gauge", 0),
+                ("kv_cache_usage_perc" if self.vllm else "gpu_cache_usage_perc", "gauge", 0.0),
+                ("prompt_tokens_total", "counter", self.s.prompt_tokens),
+                ("generation_tokens_total", "counter", self.s.generation_tokens),
+                ("request_success_total", "counter", self.s.successes)]
+        out = []
+        for name, kind, value in rows:
+            out += [f"# HELP {p}:{name} stand-in value", f"# TYPE {p}:{name} {kind}",
+                    f"{p}:{name}{labels} {float(value)}"]
+        return "\n".join(out) + "\n"
+
+    # ---- inference -----------------------------------------------------------------------------------------
+    def _body(self, req: Request) -> Any:
+        ctype = (req.header("content-type") or "").split(";")[0].strip().lower()
+        if ctype != "application/json" and (self.vllm or ctype):
+            if self.vllm:
+                raise ApiError(400, "Unsupported Media Type: Only 'application/json' is allowed", None, "Bad Request")
+            raise ApiError(400, "Content-Type must be application/json")
+        try:
+            return json.loads(req.body or b"null")
+        except ValueError as exc:
+            raise Invalid([{"type": "json_invalid", "loc": ("body", exc.args[0][:40]), "msg": "JSON decode error",
+                            "input": {}}], self.cfg.engine) from None
+
+    def _record_request(self, req: Request) -> None:
+        try:
+            body: Any = json.loads(req.body) if req.body else None
+            extra: dict[str, Any] = {"body": body}
+        except ValueError:
+            extra = {"body": None, "body_text": req.body[:4096].decode("utf-8", "replace")}
+        self.s.record("request", method=req.method, path=req.path, query=req.query, headers=req.headers(),
+                      raw_headers=req.raw_headers, **extra)
+
+    async def _inference(self, req: Request, resp: Response, faults: dict[str, Any]) -> None:
+        if faults.get("crash-on-request"):
+            crash(1)
+        try:
+            if faults.get("hang-before-headers"):
+                try:
+                    await self.pause(resp, float("inf"))
+                except ClientGone:
+                    self._gone(req, faults, 0)
+                    raise
+            if await self._canned(req, resp, faults):
+                return
+            if self.s.engine_dead:
+                raise ApiError(500, ENGINE_500) if self.vllm else ApiError(503, "The engine is not available.")
+            broken = str(faults.get("health", ""))
+            if broken.startswith("ok-but-broken"):
+                if broken.endswith(":hang"):
+                    await self.pause(resp, float("inf"))
+                raise ApiError(500, ENGINE_500 if self.vllm else "Internal server error.")
+            body = self._body(req)
+            if req.path.endswith("/chat/completions"):
+                await self._generate(req, resp, faults, body, "chat")
+            elif req.path.endswith("/v1/completions"):
+                await self._generate(req, resp, faults, body, "completion")
+            elif req.path.endswith("embeddings"):
+                if not self.vllm:
+                    raise ApiError(400, "Unsupported by turbomind.")
+                check_fields(body, {"input": ("str|list", True)}, "vllm")
+                await self._pooled(req, resp, faults, embeddings_body(body, self._model(body)))
+            else:
+                check_fields(body, {"query": ("str", True), "documents": ("list", True)}, "vllm")
+                await self._pooled(req, resp, faults, rerank_body(body, self._model(body)))
+        except ApiError as err:
+            if not resp.started:
+                await self._error(resp, err)
+        except Aborted:
+            if not resp.started:
+                await self._error(resp, ApiError(500, ENGINE_500))
+
+    async def _canned(self, req: Request, resp: Response, faults: dict[str, Any]) -> bool:
+        """status= and garbage= faults: answers that never reach the "model"."""
+        status = faults.get("status")
+        if status is not None and faults.get("status-times") is not None:
+            self.s.status_hits += 1
+            if self.s.status_hits > faults["status-times"]:
+                status = None
+        garbage = faults.get("garbage")
+        if status is None and garbage is None:
+            return False
+        headers = (("retry-after", str(faults["retry-after"])),) if faults.get("retry-after") else ()
+        if garbage is None:
+            assert status is not None
+            await self._send_json(resp, status, error_body(self.cfg.engine, status, self._fault_message(status)),
+                                  headers)
+            return True
+        code = status or 200
+        if garbage == "html":
+            page = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
+            await resp.send(code, page, "text/html; charset=utf-8", headers)
+        elif garbage == "badjson" and not _wants_stream(req):
+            await resp.send(code, b'{"id": "chatcmpl-garbage", "object": "chat.completion", "choices": [{"index": 0, '
+                                  b'"message": {"role": "assistant", "content": "unterminated', "application/json", headers)
+        else:
+            await resp.start(code, "text/event-stream; charset=utf-8", headers)
+            good = '{"id":"chatcmpl-garbage","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"x"}}]}'
+            if garbage == "badjson":
+                parts = [b'data: {"id": "chatcmpl-garbage", "choices": [{"delta": {"content": "x"}\n\n'] * 3
+            else:
+                parts = [f"data:{good}\n".encode(), b"event: weird\n\n", f"{good}\n\n".encode(),
+                         f"data: {good}\r".encode(), b"data: {not json}\n\n"]
+            for part in [*parts, sse(DONE)]:
+                await resp.write(part)
+            await resp.end()
+        return True
+
+    def _fault_message(self, status: int) -> str:
+        cfg = self.cfg
+        if status == 400:
+            n = cfg.max_model_len + 1
+            return (f"This model's maximum context length is {cfg.max_model_len} tokens. However, your prompt contains "
+                    f"{n} input tokens. Please reduce the length of the input messages.") if self.vllm else \
+                   f"Input length ({n}) must be smaller than the model context length ({cfg.max_model_len})."
+        return {429: "Too many requests, please try again later.", 500: ENGINE_500,
+                503: "The engine is not available."}.get(status, f"stand-in fault: HTTP {status}")
+
+    def _model(self, body: dict) -> str:
+        """vLLM: optional, aliases allowed, answers with the first served name. LMDeploy: exact, echoed."""
+        names = self.cfg.served_names
+        model = body.get("model")
+        if self.vllm:
+            if model and model not in names:
+                raise ApiError(404, f"The model `{model}` does not exist. Valid aliases: {', '.join(names)}.",
+                               "model")
+            return names[0]
+        if model is None:
+            raise Invalid([{"type": "missing", "loc": ("body", "model"), "msg": "Field required", "input": body}],
+                          "lmdeploy")
+        if model not in names:
+            raise ApiError(404, f"The model '{model}' does not exist.")
+        return str(model)
+
+    async def _pooled(self, req: Request, resp: Response, faults: dict[str, Any], out: dict) -> None:
+        await self.pause(resp, float(faults.get("first-token-delay", 0)))
+        if faults.get("echo-headers"):
+            out["standin_echo"] = {"method": req.method, "path": req.path, "headers": req.raw_headers}
+        await self._send_json(resp, 200, out)
+
+    async def _generate(self, req: Request, resp: Response, faults: dict[str, Any], body: Any, kind: str) -> None:
+        engine, cfg = self.cfg.engine, self.cfg
+        check_fields(body, CHAT_FIELDS if kind == "chat" else COMPLETION_FIELDS, engine)
+        if not self.vllm:
+            check_fields(body, {"model": ("str", True)}, engine)
+        model = self._model(body)
+        check_sampling(body, cfg)
+        prompts: list[Prompt] = [chat_prompt(body, cfg)] if kind == "chat" else completion_prompts(body, engine)
+        for p in prompts:
+            check_length(p, cfg)
+            for m in p.media:
+                self.s.record("media", path=req.path, **m)
+                if m.get("source") in ("http", "file"):
+                    verb = "fetch" if m["source"] == "http" else "read local file"
+                    emit(2, f"standin: {engine} would {verb} {m['url']} (not done by the stand-in)")
+        n = body.get("n") or 1
+        plans = [plan(p, body, cfg) for p in prompts for _ in range(n)]
+        xrid = req.header("x-request-id")
+        rid = new_id("chatcmpl" if kind == "chat" else "cmpl", xrid)
+        headers = (("x-request-id", xrid or rid),) if cfg.request_id_headers else ()
+        if images := sum(p.images for p in prompts):
+            headers += (("x-standin-images", str(images)),)
+        prompt_tokens = sum(p.tokens for p in prompts) * n
+        echo = {"method": req.method, "path": req.path, "headers": req.raw_headers} if faults.get("echo-headers") \
+            else None
+        self.s.running += 1
+        try:
+            if body.get("stream"):
+                events = stream_events(kind, engine, rid, model, plans, prompt_tokens, body.get("stream_options") or {},
+                                       cfg.force_include_usage)
+                if echo:
+                    events[0][1]["standin_echo"] = echo
+                await self._stream(req, resp, faults, events, rid, headers)
+            else:
+                await self._non_stream(req, resp, faults, kind, rid, model, plans, prompt_tokens, headers, echo)
+            self.s.successes += 1
+            self.s.prompt_tokens += prompt_tokens
+            self.s.generation_tokens += sum(len(p.tokens) for p in plans)
+        finally:
+            self.s.running -= 1
+
+    async def _non_stream(self, req: Request, resp: Response, faults: dict[str, Any], kind: str, rid: str, model: str,
+                          plans: list, prompt_tokens: int, headers: tuple, echo: dict | None) -> None:
+        if faults.get("drip"):
+            await resp.start(200, "application/json", headers)
+            await self._drip(req, resp, faults, itertools.repeat(b" "))
+            return
+        steps = max((len(p.tokens) for p in plans), default=1)
+        delay = float(faults.get("first-token-delay", 0)) + float(faults.get("token-interval", 0)) * (steps - 1)
+        try:
+            await self.pause(resp, delay)
+        except ClientGone:
+            self._gone(req, faults, 0, rid)
+            raise
+        out = (chat_body if kind == "chat" else completion_body)(self.cfg.engine, rid, model, plans, prompt_tokens)
+        if echo:
+            out["standin_echo"] = echo
+        await self._send_json(resp, 200, out, headers)
+
+    async def _drip(self, req: Request, resp: Response, faults: dict[str, Any], source: Any) -> None:
+        sent = 0
+        try:
+            for byte in source:
+                await resp.write(byte)
+                sent += 1
+                await self.pause(resp, float(faults["drip"]))
+        except ClientGone:
+            self._gone(req, faults, sent)
+            raise
+
+    async def _stream(self, req: Request, resp: Response, faults: dict[str, Any], events: list[Event], rid: str,
+                      headers: tuple) -> None:
+        await resp.start(200, "text/event-stream; charset=utf-8", headers)
+        if faults.get("drip"):
+            body = b"".join(sse(p) for _, p in events[:-1] if isinstance(p, dict) and p.get("choices"))
+            await self._drip(req, resp, faults, (body[i:i + 1] for i in itertools.cycle(range(len(body)))))
+            return
+        first, interval = float(faults.get("first-token-delay", 0)), float(faults.get("token-interval", 0))
+        limits = {k: faults.get(k) for k in ("crash-after-chunks", "close-after-chunks", "stall-after-chunks",
+                                             "error-after-chunks")}
+        sent = 0
+        try:
+            for wait, payload in events:
+                await self.pause(resp, first if wait == FIRST else interval if wait == TOKEN else 0, keep_alive=True)
+                data = sse(payload)
+                if sent == limits["crash-after-chunks"]:
+                    crash(1)
+                if sent == limits["close-after-chunks"]:
+                    await resp.write(data[: max(8, len(data) // 2)])
+                    resp.close()
+                    self.s.record("closed-mid-line", path=req.path, events_sent=sent)
+                    return
+                if sent == limits["stall-after-chunks"]:
+                    await self.pause(resp, float("inf"))
+                if sent == limits["error-after-chunks"]:
+                    err = error_event(self.cfg.engine, 500, ENGINE_500, error_type(self.cfg.engine, 500))
+                    await resp.write(sse(err) + sse(DONE))
+                    return
+                await resp.write(data)
+                sent += 1
+        except ClientGone:
+            self._gone(req, faults, sent, rid)
+            raise
+        except Aborted:
+            err = error_event(self.cfg.engine, 500, ENGINE_500, error_type(self.cfg.engine, 500))
+            with contextlib.suppress(ClientGone):
+                await resp.write(sse(err) + sse(DONE))
