@@ -22,8 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any
 
 import aiohttp
 
@@ -32,21 +31,14 @@ from engines.adapters.base import EngineAdapter
 from engines.backoff import RestartBackoff
 from engines.health import probe
 from engines.logs import LogRing
+from engines.mailbox import Command, Mailbox
 from engines.process import EngineProcess
 from engines.snapshot import ReplicaSnapshot, redact_argv
 from engines.spec import ModelSpec
 from engines.state import EngineState, StateChanged, can_transition
 
 S = EngineState
-T = TypeVar("T")
 _log = logging.getLogger(__name__)
-CommandKind = Literal["start", "stop", "restart"]
-
-
-@dataclass
-class _Command:
-    kind: CommandKind
-    done: asyncio.Future[None]
 
 
 class Supervisor:
@@ -63,7 +55,7 @@ class Supervisor:
         self._session = session
         self._on_event = on_event
         self._clock = clock
-        self._sleep = sleep
+        self._mailbox = Mailbox(sleep)
         self._logger = logging.getLogger(f"engines.{spec.name}")
         self._backoff = RestartBackoff(spec.restart, clock=clock)
         self._state = S.STOPPED
@@ -71,15 +63,12 @@ class Supervisor:
         self._ready_since: float | None = None
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()
-        self._commands: asyncio.Queue[_Command] = asyncio.Queue()
-        self._cmd_task: asyncio.Task[_Command] | None = None
         self._proc: EngineProcess | None = None
         self._exit_task: asyncio.Task[int] | None = None
         self._port: int | None = None
         self._argv: list[str] = []
         self._engine_pid: int | None = None
         self._next_delay = 0.0
-        self._closed = False
         self.restarts = 0
         self.launches = 0
         self.last_exit_code: int | None = None
@@ -121,7 +110,7 @@ class Supervisor:
         while True:
             if self._state is S.READY:
                 return True
-            if self._state is S.FAILED or self._closed:
+            if self._state is S.FAILED or self._mailbox.closed:
                 return False
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
@@ -140,22 +129,15 @@ class Supervisor:
 
     async def start(self) -> None:
         """Launch if STOPPED or FAILED (a FAILED replica gets a fresh crash budget); skip a BACKOFF wait."""
-        await self._submit("start")
+        await self._mailbox.send("start", f"supervisor of {self.model}/{self.replica}")
 
     async def stop(self) -> None:
         """Until STOPPED: the tree got SIGTERM, ``stop_grace``, then SIGKILL."""
-        await self._submit("stop")
+        await self._mailbox.send("stop", f"supervisor of {self.model}/{self.replica}")
 
     async def restart(self) -> None:
         """End the current launch (if any) and start a new one with a fresh crash budget."""
-        await self._submit("restart")
-
-    async def _submit(self, kind: CommandKind) -> None:
-        if self._closed:
-            raise RuntimeError(f"supervisor for {self.model}/{self.replica} has shut down")
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._commands.put_nowait(_Command(kind, done))
-        await asyncio.shield(done)
+        await self._mailbox.send("restart", f"supervisor of {self.model}/{self.replica}")
 
     # -- the owner ----------------------------------------------------------------------------------
 
@@ -342,7 +324,7 @@ class Supervisor:
             when = "during startup" if self._state is S.STARTING else "while ready"
             self._crashed(f"exited with code {value} {when}")
 
-    async def _command(self, cmd: _Command) -> None:
+    async def _command(self, cmd: Command) -> None:
         try:
             if cmd.kind == "stop":
                 if self._state is not S.STOPPED:
@@ -360,44 +342,12 @@ class Supervisor:
                     await self._end_launch()
                 self._enter(S.STARTING, "restart requested")
         except BaseException as exc:
-            if not cmd.done.done():
-                cmd.done.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
+            cmd.finish(exc)
             raise
-        if not cmd.done.done():
-            cmd.done.set_result(None)
+        cmd.finish()
 
-    async def _wait(self, *, after: float | None = None,
-                    work: Awaitable[T] | None = None) -> tuple[str, Any]:
-        """Until a command arrives, the launch exits, ``work`` finishes, or ``after`` seconds pass.
-
-        Returns ``(kind, value)``: ("cmd", command), ("exit", code), ("work", result), ("timeout", None).
-        The pending command read and the exit watch outlive this call, so nothing is lost between calls.
-        """
-        if self._cmd_task is None:
-            self._cmd_task = asyncio.ensure_future(self._commands.get())
-        work_task = asyncio.ensure_future(work) if work is not None else None
-        sleeper = asyncio.ensure_future(self._sleep(after)) if after is not None else None
-        extra: list[asyncio.Future[Any]] = [t for t in (work_task, sleeper) if t is not None]
-        waits: set[asyncio.Future[Any]] = {self._cmd_task, *extra}
-        if self._exit_task is not None:
-            waits.add(self._exit_task)
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in extra:
-                if not task.done():
-                    task.cancel()
-            for task in extra:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if self._exit_task is not None and self._exit_task.done():
-            return "exit", self._exit_task.result()
-        if self._cmd_task.done():
-            cmd, self._cmd_task = self._cmd_task.result(), None
-            return "cmd", cmd
-        if work_task is not None and work_task.done() and not work_task.cancelled():
-            return "work", work_task.result()
-        return "timeout", None
+    async def _wait(self, *, after: float | None = None, work: Awaitable[Any] | None = None) -> tuple[str, Any]:
+        return await self._mailbox.wait(exited=self._exit_task, after=after, work=work)
 
     def _enter(self, new: EngineState, reason: str) -> None:
         old = self._state
@@ -421,16 +371,7 @@ class Supervisor:
                 _log.exception("state-change subscriber failed")
 
     async def _shutdown(self) -> None:
-        self._closed = True
-        pending: list[_Command] = []
-        if self._cmd_task is not None:
-            if self._cmd_task.done() and not self._cmd_task.cancelled():
-                pending.append(self._cmd_task.result())
-            else:
-                self._cmd_task.cancel()
-            self._cmd_task = None
-        while not self._commands.empty():
-            pending.append(self._commands.get_nowait())
+        pending = self._mailbox.close()
         proc = self._proc
         try:
             if self._state not in (S.STOPPED, S.STOPPING):
@@ -444,6 +385,5 @@ class Supervisor:
             if self._state is S.STOPPING:
                 self._enter(S.STOPPED, "supervisor shut down")
             for cmd in pending:
-                if not cmd.done.done():
-                    cmd.done.set_exception(RuntimeError("supervisor shut down"))
+                cmd.finish(RuntimeError("supervisor shut down"))
             self._changed.set()

@@ -38,8 +38,6 @@ def create_app(config: Config, *, gpus: GpuProbe | None = None) -> FastAPI:
     gpu_probe = gpus or GpuProbe()
 
     def on_engine_event(event: StateChanged) -> None:
-        log.info("engine %s/%d: %s → %s%s", event.model, event.replica, event.old.value, event.new.value,
-                 f" ({event.reason})" if event.reason else "")
         if event.new.value == "backoff" and event.old.value in ("ready", "starting"):
             metrics.restarts.labels(event.model, str(event.replica)).inc()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -31,6 +31,7 @@ class _Callback(Collector):
 
 class Metrics:
     def __init__(self) -> None:
+        disable_created_metrics()  # `_created` series double the scrape for no dashboard's benefit
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.requests = Counter("gateway_requests", "Requests answered, by model, endpoint and status.",
                                 ["model", "endpoint", "status"], registry=r)

@@ -53,7 +53,7 @@ class Target:
     headers: dict[str, str]
     replica: Any  # engines.Supervisor: `inflight`, `report_failure()`
     expects_done: bool = True  # OpenAI-style streams end with [DONE]; LightLLM's do not
-    model_rewrite: tuple[bytes, bytes] | None = None  # engine's name for the model → the client's
+    model_rewrite: tuple[tuple[bytes, bytes], ...] = ()  # engine's `"model":` value → the client's
     retry_after: float = 5.0
 
 
@@ -199,8 +199,8 @@ class Relay(Response):
                                     code="bad_upstream_response") from None
             if isinstance(data, dict):
                 _count_usage(data.get("usage"), outcome)
-            if self.target.model_rewrite is not None:
-                body = body.replace(*self.target.model_rewrite)
+            for old, new in self.target.model_rewrite:
+                body = body.replace(old, new)
             content_type = b"application/json"
         await send({"type": "http.response.start", "status": status, "headers": self._headers(content_type, extra)})
         self._started = True
@@ -252,8 +252,8 @@ class Relay(Response):
                 return
             if b'"usage"' in chunk:
                 _peek_usage(chunk, outcome)
-            if rewrite is not None:
-                chunk = chunk.replace(*rewrite)
+            for old, new in rewrite:
+                chunk = chunk.replace(old, new)
             if outcome.events == 0:
                 first_at = now()
                 outcome.ttft = first_at - t0

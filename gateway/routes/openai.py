@@ -57,12 +57,20 @@ async def forward(request: Request, state: GatewayState, endpoint: str) -> Relay
         model=entry.spec.name,
         headers=headers,
         replica=replica,
-        model_rewrite=(f'"model":"{engine_name}"'.encode(), f'"model":"{entry.spec.name}"'.encode())
-        if engine_name else None,
+        model_rewrite=model_rewrite(engine_name, entry.spec.name),
         retry_after=settings.retry_after,
     )
     return Relay(state.upstream.session, target, orjson.dumps(body), stream=stream, clocks=state.clocks,
                  request_id=request_id, metrics=state.metrics)
+
+
+def model_rewrite(engine_name: str | None, served: str) -> tuple[tuple[bytes, bytes], ...]:
+    """Byte replacements that put the client's model name where the engine wrote its own (JSON with or
+    without a space after the colon): cheaper than parsing every streamed event."""
+    if not engine_name or engine_name == served:
+        return ()
+    old, new = orjson.dumps(engine_name), orjson.dumps(served)
+    return tuple((b'"model":' + sep + old, b'"model":' + sep + new) for sep in (b"", b" "))
 
 
 @router.post("/v1/chat/completions", openapi_extra=_BODY_DOC)

@@ -94,13 +94,29 @@ def _worker(death_r: int, death_w: int, setsid: bool, ignore_term: bool, prefix:
             return  # every write end closed: the engine process is gone
 
 
-def engine_process(prefix: str, worker_titles: list[str], *, setsid: bool, ignore_term: bool) -> None:
-    """Body of the engine process: start workers, then idle until signalled (no parent-death check)."""
+def _sleeper(death_w: int, setsid: bool, ignore_term: bool, prefix: str) -> None:
+    os.close(death_w)  # holding it would keep the real workers' death pipe from ever reporting EOF
+    if setsid:
+        os.setsid()
+    _on_term(ignore_term, lambda: None)
+    _log(prefix, "worker ready (fault: fork-workers, no death pipe)")
+    while True:
+        signal.pause()
+
+
+def engine_process(prefix: str, worker_titles: list[str], extra_titles: list[str], *, setsid: bool,
+                   ignore_term: bool) -> None:
+    """Body of the engine process: start workers, then idle until signalled (no parent-death check).
+
+    ``worker_titles`` watch a death pipe to this process, like vLLM's TP workers; ``extra_titles`` (the
+    fork-workers fault) do not, like Ray workers that outlive their driver.
+    """
     _log(prefix, "Initializing engine (stand-in): no model is loaded, nothing touches a GPU")
     death_r, death_w = os.pipe()
     kids = [fork_child(t, lambda t=t: _worker(death_r, death_w, setsid, ignore_term, t.split("::")[-1]))
             for t in worker_titles]
     os.close(death_r)
+    kids += [fork_child(t, lambda t=t: _sleeper(death_w, setsid, ignore_term, t.split("::")[-1])) for t in extra_titles]
 
     def stop_kids() -> None:
         for pid in kids:
