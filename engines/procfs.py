@@ -49,8 +49,20 @@ def children(pid: int) -> list[int]:
         try:
             with open(f"/proc/{pid}/task/{tid}/children") as fh:
                 found.extend(int(c) for c in fh.read().split())
+        except FileNotFoundError:
+            return _children_by_scan(pid)  # a kernel without CONFIG_PROC_CHILDREN
         except (OSError, ValueError):
             continue
+    return found
+
+
+def _children_by_scan(pid: int) -> list[int]:
+    found: list[int] = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            fields = _stat_fields(int(name))
+            if fields and len(fields) > 1 and int(fields[1]) == pid:
+                found.append(int(name))
     return found
 
 

@@ -255,6 +255,7 @@ class Supervisor:
         self.launches += 1
         engine_id = f"{self.model}/{self.replica}/{self.launches}"
         self._argv, self._port, self._engine_pid = argv, port, None
+        self.health_failures = 0
         self.log.append(f"[gateway] launch {self.launches}: {' '.join(redact_argv(argv))}")
         proc = EngineProcess(argv, engine_id=engine_id, env=self.adapter.env(self.spec), log=self.log,
                              logger=self._logger, grace=self.spec.stop_grace)

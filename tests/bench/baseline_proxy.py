@@ -1,7 +1,7 @@
 """The baseline: the smallest reasonable FastAPI + httpx proxy, what a gateway is measured against.
 
-One shared ``httpx.AsyncClient``; the request body is forwarded as bytes (no JSON parsing), the answer
-streamed back with ``aiter_raw`` (no decoding, no peeking), whatever its content type. Paths under
+One shared ``httpx.AsyncClient`` with its default pool; the request body is forwarded as bytes (no JSON
+parsing), the answer streamed back with ``aiter_raw`` (no decoding, no peeking). Paths under
 ``/paced/`` and ``/ttfb/`` go to ``--paced-upstream``, everything else to ``--upstream``, path kept.
 Run the way the gateway runs: uvicorn with uvloop and httptools, no access log.
 """
@@ -15,7 +15,6 @@ from contextlib import asynccontextmanager
 import httpx
 import uvicorn
 from fastapi import FastAPI, Request
-from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 
 
@@ -24,8 +23,9 @@ def create_app(upstream: str, paced_upstream: str) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024, keepalive_expiry=60)
-        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0)) as client:
+        # httpx's default pool limits (100 connections, 20 kept alive), as a minimal proxy has them; a
+        # longer timeout only, so that clients queued for a pooled connection at c=256 do not fail.
+        async with httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as client:
             clients["shared"] = client
             yield
 
@@ -40,10 +40,16 @@ def create_app(upstream: str, paced_upstream: str) -> FastAPI:
             headers={"content-type": request.headers.get("content-type", "application/json")},
         )
         response = await client.send(upstream_request, stream=True)
-        return StreamingResponse(
-            response.aiter_raw(), status_code=response.status_code,
-            media_type=response.headers.get("content-type"), background=BackgroundTask(response.aclose),
-        )
+
+        async def passthrough() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in response.aiter_raw():
+                    yield chunk
+            finally:  # also when the client leaves mid-stream: else the pooled connection leaks
+                await response.aclose()
+
+        return StreamingResponse(passthrough(), status_code=response.status_code,
+                                 media_type=response.headers.get("content-type"))
 
     return app
 

@@ -151,6 +151,17 @@ def peak_rss_mb(pids: list[int]) -> float:
     return total / 1024
 
 
+def wait_idle(pids: list[int], *, below: float = 0.05, window: float = 0.2, limit: float = 30.0) -> float:
+    """Wait until the processes use less than ``below`` of a core over ``window``; the seconds it took."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        before = cpu_seconds(pids)
+        time.sleep(window)
+        if cpu_seconds(pids) - before < below * window + 1e-9:
+            break
+    return time.monotonic() - start
+
+
 def children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -404,7 +415,10 @@ def wrk_point(procs: Procs, tmp: Path, target: Target, point: Point, duration: f
     pids = target.pids(point.kind)
     cpu0 = cpu_seconds(pids)
     out = procs.run("wrk", argv, cpu=0, timeout=duration + 60)
-    time.sleep(0.3)  # aborted streams at the end of the run: their clean-up is part of the cost
+    cpu_run = cpu_seconds(pids) - cpu0
+    # wrk leaves with requests in flight: a proxy still busy with them would slow the next point down, and
+    # their clean-up is part of this point's cost.
+    settle = wait_idle(pids)
     cpu = cpu_seconds(pids) - cpu0
     line = next((x for x in out.splitlines() if x.startswith("BENCH ")), None)
     if line is None:
@@ -414,7 +428,7 @@ def wrk_point(procs: Procs, tmp: Path, target: Target, point: Point, duration: f
     return {"rate": r["requests"] / seconds, "p50": r["p50_us"] / 1e6, "p99": r["p99_us"] / 1e6,
             "requests": r["requests"], "errors": r["errors"] + r["bad"],
             "cpu_per_1k": cpu / r["requests"] * 1000 if r["requests"] else float("nan"),
-            "cpu_util": cpu / seconds}
+            "cpu_util": cpu_run / seconds, "settle_s": settle}
 
 
 async def _one_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
@@ -713,10 +727,10 @@ def main(argv: list[str] | None = None) -> int:
                         say(f"[bench] rep {rep + 1}/{args.reps} {point.key:8} {t.name:18} "
                             f"{r['rate']:>9,.0f}/s p50 {r['p50'] * 1e3:8.3f} ms p99 {r['p99'] * 1e3:8.3f} ms"
                             f" cpu {r['cpu_util'] * 100:4.0f}%"
+                            + (f" (busy {r['settle_s']:.1f} s after)" if r.get("settle_s", 0) > 1 else "")
                             + (f"  ERRORS {r['errors']:.0f}" if r["errors"] else ""))
                         if r["errors"]:
                             failed = True
-                        time.sleep(0.2)
             for t in targets:
                 rss[t.name] = peak_rss_mb(t.rss_pids())
             dead = [t.name for t in targets if t.name in procs.running and procs.running[t.name].poll() is not None]

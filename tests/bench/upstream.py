@@ -4,8 +4,10 @@ Paths (every base also answers ``GET <base>/models``):
 
 - ``POST /v1/chat/completions``: the canned completion (used when nginx is not installed).
 - ``POST /stream/v1/chat/completions``: the canned 64-event stream in one burst (likewise).
-- ``POST /paced/v1/chat/completions``: the same events one at a time, ``--gap-ms`` apart, chunked, as
-  an engine sends tokens. One timer per stream; hundreds of concurrent streams cost little.
+- ``POST /paced/v1/chat/completions``: the same events one at a time, chunked, as an engine sends
+  tokens: the first at once (prefill), then one per decode step. Like an engine's batch, one clock
+  steps every ``--gap-ms`` and writes the next event of every running stream, so hundreds of
+  concurrent streams cost one timer.
 - ``POST /ttfb/v1/chat/completions``: the first event at once, the rest ``--hold-ms`` later, so a
   client can time the first event of a stream apart from its end.
 
@@ -40,8 +42,43 @@ _FRAMES[-1] += b"0\r\n\r\n"
 _TTFB_REST = b"".join(_FRAMES[1:])
 
 
+class _Batch:
+    """The decode loop: every ``gap`` seconds, the next event of every running stream."""
+
+    def __init__(self, gap: float) -> None:
+        self.gap = gap
+        self.running: list[_Conn] = []
+        self.next_at = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def join(self, conn: _Conn) -> None:
+        self.running.append(conn)
+        if self.timer is None:
+            loop = asyncio.get_running_loop()
+            self.next_at = loop.time() + self.gap
+            self.timer = loop.call_at(self.next_at, self.step)
+
+    def step(self) -> None:
+        still = []
+        for conn in self.running:
+            t = conn.transport
+            if t is None:
+                continue
+            t.write(_FRAMES[conn.sent])
+            conn.sent += 1
+            if conn.sent < len(_FRAMES):
+                still.append(conn)
+        self.running = still
+        if not still:
+            self.timer = None
+            return
+        loop = asyncio.get_running_loop()
+        self.next_at = max(self.next_at + self.gap, loop.time())  # late steps are not made up in a burst
+        self.timer = loop.call_at(self.next_at, self.step)
+
+
 class _Conn(asyncio.Protocol):
-    gap = 0.005
+    batch = _Batch(0.005)
     hold = 0.02
 
     def __init__(self) -> None:
@@ -90,7 +127,7 @@ class _Conn(asyncio.Protocol):
         elif path.startswith(b"/paced/"):
             t.write(_STREAM_HEAD + _FRAMES[0])
             self.sent = 1
-            self.timer = asyncio.get_running_loop().call_later(self.gap, self._tick)
+            self.batch.join(self)
         elif path.startswith(b"/ttfb/"):
             t.write(_STREAM_HEAD + _FRAMES[0])
             self.timer = asyncio.get_running_loop().call_later(self.hold, self._rest)
@@ -98,15 +135,6 @@ class _Conn(asyncio.Protocol):
             t.write(_BURST)
         else:
             t.write(_JSON)
-
-    def _tick(self) -> None:
-        self.timer = None
-        if self.transport is None:
-            return
-        self.transport.write(_FRAMES[self.sent])
-        self.sent += 1
-        if self.sent < len(_FRAMES):
-            self.timer = asyncio.get_running_loop().call_later(self.gap, self._tick)
 
     def _rest(self) -> None:
         self.timer = None
@@ -125,10 +153,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--gap-ms", type=float, default=5.0, help="time between two events of a paced stream")
+    parser.add_argument("--gap-ms", type=float, default=5.0, help="time between two events (decode steps)")
     parser.add_argument("--hold-ms", type=float, default=20.0, help="time between the first event and the rest (ttfb)")
     args = parser.parse_args()
-    _Conn.gap = args.gap_ms / 1000
+    _Conn.batch = _Batch(args.gap_ms / 1000)
     _Conn.hold = args.hold_ms / 1000
     uvloop.run(serve(args.host, args.port))
 

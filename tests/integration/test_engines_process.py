@@ -176,7 +176,9 @@ def test_sweep_kills_what_a_dead_gateway_left_behind() -> None:
         mine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=live_env)
         try:
             time.sleep(0.05)
-            assert orphan.pid in sweep_leftovers()
+            swept = sweep_leftovers()
+            # Another test run's sweep on this machine may have got there first: either way, it is gone.
+            assert orphan.pid in swept or orphan.poll() is not None
             assert orphan.wait(5) == -signal.SIGKILL
             assert mine.poll() is None  # its gateway (this test) is alive
         finally:

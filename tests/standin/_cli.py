@@ -1,4 +1,4 @@
-"""Command lines of ``vllm serve`` (0.33) and ``lmdeploy serve api_server`` (0.18), as far as ENGINES.md §1-2 lists them.
+"""Command lines of ``vllm serve`` (0.33) and ``lmdeploy serve api_server`` (0.18), as ENGINES.md §1-2 lists them.
 
 Unknown or misspelled flags end the process with argparse's exit code 2, as the real CLIs do, so a
 gateway that renders a wrong flag fails here as it would on a GPU box. Abbreviations are refused

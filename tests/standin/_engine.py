@@ -13,11 +13,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from _cli import VLLM_VERSION, EngineConfig
-from _faults import Faults, FaultError, Recorder, emit
+from _faults import FaultError, Faults, Recorder, emit
 from _http import ClientGone, Request, Response
-from _openai import (COMPLETION_FIELDS, CHAT_FIELDS, ApiError, Invalid, Prompt, chat_prompt, check_fields,
-                     check_length, check_sampling, completion_prompts, embeddings_body, error_body, error_type,
-                     new_id, plan, rerank_body)
+from _openai import (
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    ApiError,
+    Invalid,
+    Prompt,
+    chat_prompt,
+    check_fields,
+    check_length,
+    check_sampling,
+    completion_prompts,
+    embeddings_body,
+    error_body,
+    error_type,
+    new_id,
+    plan,
+    rerank_body,
+)
 from _shapes import DONE, FIRST, TOKEN, Event, chat_body, completion_body, error_event, stream_events
 
 VLLM_AUTH_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
@@ -85,7 +100,8 @@ class App:
             self.routes["/metrics"] = ("GET",)
 
     # ---- helpers -------------------------------------------------------------------------------------------
-    async def _send_json(self, resp: Response, status: int, obj: Any, headers: tuple[tuple[str, str], ...] = ()) -> None:
+    async def _send_json(self, resp: Response, status: int, obj: Any,
+                         headers: tuple[tuple[str, str], ...] = ()) -> None:
         await resp.send(status, _json(obj), "application/json", headers)
 
     async def _error(self, resp: Response, err: ApiError) -> None:
@@ -196,8 +212,9 @@ class App:
             body = self._body(req)
             if path == "/tokenize":
                 words = str(body.get("prompt", "")).split()
+                tokens = [zlib.crc32(w.encode()) % 50000 for w in words]
                 await self._send_json(resp, 200, {"count": len(words), "max_model_len": cfg.max_model_len,
-                                                  "tokens": [zlib.crc32(w.encode()) % 50000 for w in words], "token_strs": None})
+                                                  "tokens": tokens, "token_strs": None})
             else:
                 await self._send_json(resp, 200, {"prompt": " ".join(f"<{t}>" for t in body.get("tokens", []))})
 
@@ -321,11 +338,12 @@ class App:
             page = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
             await resp.send(code, page, "text/html; charset=utf-8", headers)
         elif garbage == "badjson" and not _wants_stream(req):
-            await resp.send(code, b'{"id": "chatcmpl-garbage", "object": "chat.completion", "choices": [{"index": 0, '
-                                  b'"message": {"role": "assistant", "content": "unterminated', "application/json", headers)
+            cut = b'{"id": "chatcmpl-garbage", "object": "chat.completion", "choices": [{"index": 0, "message": {"rol'
+            await resp.send(code, cut, "application/json", headers)
         else:
             await resp.start(code, "text/event-stream; charset=utf-8", headers)
-            good = '{"id":"chatcmpl-garbage","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"x"}}]}'
+            good = ('{"id":"chatcmpl-garbage","object":"chat.completion.chunk",'
+                    '"choices":[{"index":0,"delta":{"content":"x"}}]}')
             if garbage == "badjson":
                 parts = [b'data: {"id": "chatcmpl-garbage", "choices": [{"delta": {"content": "x"}\n\n'] * 3
             else:

@@ -211,7 +211,7 @@ class Connection:
         self.keep_alive = "close" not in conn_hdr if req.version == "HTTP/1.1" else "keep-alive" in conn_hdr
         te = [v.strip().lower() for k, v in headers if k.lower() == "transfer-encoding"]
         cls = {v.strip() for k, v in headers if k.lower() == "content-length"}
-        if te and cls or len(cls) > 1 or (te and te != ["chunked"]):
+        if (te and cls) or len(cls) > 1 or (te and te != ["chunked"]):
             raise _BadRequest  # smuggling-shaped framing: refuse, as h11 does
         if (req.header("expect") or "").lower() == "100-continue" and (te or cls - {"0"}):
             self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -278,6 +278,7 @@ class Connection:
         resp = Response(self, req)
         watcher = asyncio.create_task(self._watch())
         self.server.in_flight += 1
+        self.server.drained.clear()
         try:
             await self.server.handler(req, resp)
             if not resp.started:
@@ -285,7 +286,7 @@ class Connection:
             await resp.end()
         except ClientGone:
             return False
-        except Exception:  # noqa: BLE001 - a handler bug becomes a 500, as in uvicorn, and the server lives on
+        except Exception:  # a handler bug becomes a 500, as in uvicorn, and the server lives on
             emit(2, "ERROR:    Exception in ASGI application\n" + traceback.format_exc())
             if not resp.started:
                 self.keep_alive = False
@@ -294,6 +295,8 @@ class Connection:
             return False
         finally:
             self.server.in_flight -= 1
+            if not self.server.in_flight:
+                self.server.drained.set()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
@@ -310,6 +313,8 @@ class HttpServer:
         self.connections: set[Connection] = set()
         self.closing = False
         self.in_flight = 0
+        self.drained = asyncio.Event()  # set whenever no request is being handled
+        self.drained.set()
         self._server: asyncio.AbstractServer | None = None
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

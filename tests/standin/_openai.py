@@ -61,9 +61,9 @@ class Invalid(ApiError):
 
 def error_type(engine: str, status: int) -> str:
     if engine == "vllm":
-        return {400: "BadRequestError", 401: "Unauthorized", 404: "NotFoundError", 422: "UnprocessableEntityError",
-                429: "TooManyRequestsError", 501: "NotImplementedError",
-                503: "ServiceUnavailableError"}.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
+        names = {400: "BadRequestError", 401: "Unauthorized", 404: "NotFoundError", 422: "UnprocessableEntityError",
+                 429: "TooManyRequestsError", 501: "NotImplementedError", 503: "ServiceUnavailableError"}
+        return names.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
     if status == 401:
         return "authentication_error"
     if status == 404:
@@ -290,7 +290,8 @@ def completion_prompts(body: dict, engine: str) -> list[Prompt]:
             raise Invalid([{"type": "string_type", "loc": ("body", "prompt"), "msg": "Input should be a valid string",
                             "input": p}], engine)
     if not out:
-        raise ApiError(400, "Prompt cannot be empty." if engine == "vllm" else "prompt: List should have at least 1 item")
+        raise ApiError(400, "Prompt cannot be empty." if engine == "vllm" else "prompt: List should have at least 1 "
+                            "item")
     return out
 
 

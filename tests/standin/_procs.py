@@ -57,7 +57,7 @@ def fork_child(title: str, body: Callable[[], None]) -> int:
         body()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 0
-    except BaseException:  # noqa: BLE001 - a forked child must never unwind into the parent's code
+    except BaseException:  # a forked child must never unwind into the parent's code
         code = 1
     os._exit(code)
 
