@@ -31,7 +31,7 @@ EOS = "<|im_end|>"
 PAD = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IMAGE = "<image>"
-MAX_NEW_TOKENS = 16
+MAX_NEW_TOKENS = 16  # for generate(); `transformers serve` lifts any default below 1024 to 1024
 # Wider than the usual 0.02, so that greedy decoding of random weights varies with the prompt instead of
 # repeating one token.
 INIT_RANGE = 0.2
@@ -140,22 +140,29 @@ def _printable(text: str) -> bool:
 
 
 def _save(path: Path, *parts: Any) -> None:
-    """Replace ``path`` with the ``save_pretrained`` output of ``parts``, quietly and world-readable."""
+    """Replace ``path`` with the ``save_pretrained`` output of ``parts``: whole or not at all, quietly,
+    world-readable. A folder that holds something other than a model is never removed."""
     from transformers.utils import logging as hf_logging
 
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
+        raise FileExistsError(f"{path} is not empty and holds no model; not overwriting it")
+    partial = path.parent / f".{path.name}.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # "Writing model shards" bars are noise for a 400 KB file
     try:
         for part in parts:
-            part.save_pretrained(path)
+            part.save_pretrained(partial)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    for file in path.iterdir():
+    for file in partial.iterdir():
         file.chmod(0o644)  # the weights are written 0600; an engine may run as another user
+    if path.exists():
+        shutil.rmtree(path)
+    partial.rename(path)  # config.json appears only with everything else (`make` keys on it)
 
 
 def make_chat_model(path: Path) -> None:
@@ -278,7 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         if (target / "config.json").is_file() and not args.force:
             log.info("%s already has a model; --force rebuilds it", target)
             continue
-        make(target)
+        try:
+            make(target)
+        except FileExistsError as exc:
+            log.error("gateway demo-model: %s", exc)
+            return 1
     return 0
 
 

@@ -109,7 +109,7 @@ class Relay(Response):
         response: aiohttp.ClientResponse | None = None
         total_deadline = t0 + self.clocks.total
         try:
-            async with asyncio.timeout(min(loop.time() + self.clocks.first_byte, total_deadline)) as clock:
+            async with asyncio.timeout_at(min(loop.time() + self.clocks.first_byte, total_deadline)) as clock:
                 try:
                     response = await self.session.post(target.url, data=self.body, headers=target.headers)
                     if self.stream and response.status == 200 and response.content_type == "text/event-stream":

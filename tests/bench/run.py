@@ -43,6 +43,8 @@ KINDS = ("json", "burst", "paced", "ttfb")
 PATHS = {"json": "/v1", "burst": "/stream/v1", "paced": "/paced/v1", "ttfb": "/ttfb/v1"}
 # The gateway's served name for each kind (one `openai` entry per upstream base URL).
 GATEWAY_MODELS = {"json": "bench", "burst": "bench-stream", "paced": "bench-paced", "ttfb": "bench-ttfb"}
+DEFAULT_TARGETS = "direct,baseline,gateway,gateway+auth"
+QUICK_TARGETS = "direct,baseline,gateway"
 AUTH_KEY = "bench-key-0123456789abcdef"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -571,8 +573,10 @@ def report(results: dict[str, dict[str, list[dict[str, float]]]], rss: dict[str,
             return rss.get(name, float("nan")), 0.0
         return summarize([r[row.metric] for r in results.get(name, {}).get(row.point, [])])
 
+    measured = [row for row in rows(paced_c)
+                if row.metric == "rss" or any(results.get(n, {}).get(row.point) for n in names)]
     lines = ["| test | better | " + " | ".join(names) + " |", "|---|:-:|" + "---:|" * len(names)]
-    for row in rows(paced_c):
+    for row in measured:
         cells = []
         for name in names:
             med, spread = value(name, row)
@@ -582,16 +586,20 @@ def report(results: dict[str, dict[str, list[dict[str, float]]]], rss: dict[str,
             cells.append(cell)
         lines.append(f"| {row.label} | {'↑' if row.higher_is_better else '↓'} | " + " | ".join(cells) + " |")
 
+    # The gateway against the baseline and direct; each alternative against the gateway as configured by default
+    # (or, without it, against the baseline and direct too).
     pairs = [("baseline", "direct")] if {"baseline", "direct"} <= set(names) else []
     for name in names:
-        if name.startswith("gateway"):
+        if name == "gateway" or (name.startswith("gateway") and "gateway" not in names):
             pairs += [(name, ref) for ref in ("baseline", "direct") if ref in names]
+        elif name.startswith("gateway"):
+            pairs.append((name, "gateway"))
     if not pairs:
         return "\n".join(lines)
     lines += ["", "Ratios (medians; for ↑ rows below 1 is worse, for ↓ rows above 1 is worse):", "",
               "| test | better | " + " | ".join(f"{a} / {b}" for a, b in pairs) + " |",
               "|---|:-:|" + "---:|" * len(pairs)]
-    for row in rows(paced_c):
+    for row in measured:
         cells = []
         for a, b in pairs:
             va, vb = value(a, row)[0], value(b, row)[0]
@@ -607,10 +615,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Overhead benchmark: direct vs baseline proxy vs the gateway.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 s per point, 1 repetition, no gateway alternatives")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per measurement point")
-    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (the table shows medians)")
-    p.add_argument("--targets", default="direct,baseline,gateway,gateway+auth",
-                   help=f"comma-separated; gateway variants: {', '.join(VARIANTS)}")
+    p.add_argument("--duration", type=float, help="seconds per measurement point (default 5; --quick: 2)")
+    p.add_argument("--reps", type=int, help="interleaved repetitions, the table shows medians (default 3; --quick: 1)")
+    p.add_argument("--targets", help="comma-separated, from: direct, baseline, "
+                   f"{', '.join(VARIANTS)} (default: {DEFAULT_TARGETS}; with --quick: {QUICK_TARGETS})")
     p.add_argument("--variant", action="append", type=parse_variant, default=[], metavar="NAME:VAR=VAL[,VAR=VAL]",
                    help="one more gateway target with extra environment, e.g. quiet:GATEWAY_LOG_LEVEL=warning")
     p.add_argument("--only", default="", help="comma-separated point keys to run (ns_c1, st_c1, ttfb_c1, ns_c32, "
@@ -623,11 +631,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write every measurement here")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, Lua scripts)")
     args = p.parse_args(argv)
-    if args.quick:
-        args.duration = min(args.duration, 2.0)
-        args.reps = 1
-        if args.targets == p.get_default("targets"):
-            args.targets = "direct,baseline,gateway"
+    if args.duration is None:
+        args.duration = 2.0 if args.quick else 5.0
+    if args.reps is None:
+        args.reps = 1 if args.quick else 3
+    if args.targets is None:
+        args.targets = QUICK_TARGETS if args.quick else DEFAULT_TARGETS
     return args
 
 
@@ -637,6 +646,11 @@ def points(paced_c: int, only: str) -> list[Point]:
                   Point("st_c256", "burst", 256), Point("paced", "paced", paced_c)]
     wanted = set(filter(None, only.split(",")))
     return [p for p in all_points if not wanted or p.key in wanted]
+
+
+def point_duration(point: Point, duration: float) -> float:
+    """Paced streams last 0.3 s at best and seconds through a saturated proxy: a longer window for them."""
+    return max(2 * duration, 5.0) if point.kind == "paced" else duration
 
 
 def pin_self() -> bool:
@@ -653,11 +667,12 @@ def say(text: str) -> None:
 
 @contextlib.contextmanager
 def interrupts_as_keyboard() -> Iterator[None]:
-    """SIGTERM and SIGHUP end the run like Ctrl-C: through the ``finally`` that stops every process."""
+    """SIGINT (even where a shell ignores it, as for ``cmd &``), SIGTERM and SIGHUP end the run like Ctrl-C:
+    through the ``finally`` that stops every process."""
     def raise_interrupt(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
-    old = {s: signal.signal(s, raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
@@ -722,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
                         if point.tool == "ttfb":
                             r = ttfb_point(t, point, args.duration)
                         else:
-                            r = wrk_point(procs, tmp, t, point, args.duration)
+                            r = wrk_point(procs, tmp, t, point, point_duration(point, args.duration))
                         results.setdefault(t.name, {}).setdefault(point.key, []).append(r)
                         say(f"[bench] rep {rep + 1}/{args.reps} {point.key:8} {t.name:18} "
                             f"{r['rate']:>9,.0f}/s p50 {r['p50'] * 1e3:8.3f} ms p99 {r['p99'] * 1e3:8.3f} ms"
@@ -755,7 +770,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}, "
         f"{platform.machine()}; load generator: {wrk_version()} (1 thread); upstream: {up.description}.",
         f"Pinning: {'wrk, upstream and this runner on core 0, the proxy under test on core 1' if pinned else 'none'}"
-        f". {args.duration:g} s per point, {args.reps} interleaved repetition(s), medians"
+        f". {args.duration:g} s per point (token-paced: {point_duration(Point('', 'paced', 1), args.duration):g} s), "
+        f"{args.reps} interleaved repetition(s), medians"
         + (" (± half the range between repetitions)" if args.reps > 1 else "") + ".",
         f"Canned answers: a {len(canned.COMPLETION)}-byte chat completion; a stream of {canned.STREAM_EVENTS} events "
         f"+ [DONE] ({len(canned.STREAM):,} bytes) sent in one burst, or token-paced: one event every {args.gap_ms:g} ms"
@@ -775,7 +791,9 @@ def main(argv: list[str] | None = None) -> int:
     out.append(f"\nTotal time: {time.monotonic() - started:.0f} s")
     print("\n".join(out))
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "rss_mb": rss, "notes": notes,
+        clean = {t: {p: [{k: (None if v != v else v) for k, v in r.items()} for r in reps] for p, reps in pts.items()}
+                 for t, pts in results.items()}  # NaN is not JSON
+        args.json.write_text(json.dumps({"results": clean, "rss_mb": rss, "notes": notes,
                                          "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
     return 1 if failed else 0
 

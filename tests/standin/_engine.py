@@ -33,7 +33,7 @@ from _openai import (
     plan,
     rerank_body,
 )
-from _shapes import DONE, FIRST, TOKEN, Event, chat_body, completion_body, error_event, stream_events
+from _shapes import DONE, FIRST, TOKEN, Event, chat_body, completion_body, error_event, garbage_body, stream_events
 
 VLLM_AUTH_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
 LMDEPLOY_AUTH_FREE = ("/health", "/docs", "/redoc", "/nodes")
@@ -265,9 +265,9 @@ class App:
             raise ApiError(400, "Content-Type must be application/json")
         try:
             return json.loads(req.body or b"null")
-        except ValueError as exc:
-            raise Invalid([{"type": "json_invalid", "loc": ("body", exc.args[0][:40]), "msg": "JSON decode error",
-                            "input": {}}], self.cfg.engine) from None
+        except json.JSONDecodeError as exc:
+            raise Invalid([{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error",
+                            "input": {}, "ctx": {"error": exc.msg}}], self.cfg.engine) from None
 
     def _record_request(self, req: Request) -> None:
         try:
@@ -333,25 +333,14 @@ class App:
             await self._send_json(resp, status, error_body(self.cfg.engine, status, self._fault_message(status)),
                                   headers)
             return True
-        code = status or 200
-        if garbage == "html":
-            page = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
-            await resp.send(code, page, "text/html; charset=utf-8", headers)
-        elif garbage == "badjson" and not _wants_stream(req):
-            cut = b'{"id": "chatcmpl-garbage", "object": "chat.completion", "choices": [{"index": 0, "message": {"rol'
-            await resp.send(code, cut, "application/json", headers)
-        else:
-            await resp.start(code, "text/event-stream; charset=utf-8", headers)
-            good = ('{"id":"chatcmpl-garbage","object":"chat.completion.chunk",'
-                    '"choices":[{"index":0,"delta":{"content":"x"}}]}')
-            if garbage == "badjson":
-                parts = [b'data: {"id": "chatcmpl-garbage", "choices": [{"delta": {"content": "x"}\n\n'] * 3
-            else:
-                parts = [f"data:{good}\n".encode(), b"event: weird\n\n", f"{good}\n\n".encode(),
-                         f"data: {good}\r".encode(), b"data: {not json}\n\n"]
-            for part in [*parts, sse(DONE)]:
-                await resp.write(part)
-            await resp.end()
+        content_type, parts = garbage_body(str(garbage), _wants_stream(req))
+        if len(parts) == 1:
+            await resp.send(status or 200, parts[0], content_type, headers)
+            return True
+        await resp.start(status or 200, content_type, headers)
+        for part in parts:
+            await resp.write(part)
+        await resp.end()
         return True
 
     def _fault_message(self, status: int) -> str:
@@ -408,7 +397,7 @@ class App:
         headers = (("x-request-id", xrid or rid),) if cfg.request_id_headers else ()
         if images := sum(p.images for p in prompts):
             headers += (("x-standin-images", str(images)),)
-        prompt_tokens = sum(p.tokens for p in prompts) * n
+        prompt_tokens = sum(p.tokens for p in prompts)  # once per prompt, however many choices
         echo = {"method": req.method, "path": req.path, "headers": req.raw_headers} if faults.get("echo-headers") \
             else None
         self.s.running += 1

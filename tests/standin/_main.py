@@ -222,7 +222,7 @@ class Runner:
     async def run(self) -> int:
         cfg, loop = self.cfg, asyncio.get_running_loop()
         faults = self.current_faults()
-        tasks: list[asyncio.Task[None]] = []
+        tasks: list[asyncio.Task[None]] = []  # referenced so the loop does not drop them
         if faults.get("log-flood"):
             tasks.append(asyncio.create_task(self.flood(float(faults["log-flood"]))))
         if self.vllm:
@@ -277,9 +277,9 @@ class Runner:
         if "engine-dead-after" in faults:
             loop.call_later(float(faults["engine-dead-after"]), self.engine_dies)
         await self.done.wait()
-        for task in tasks:
-            task.cancel()
-        return self.exit_code or 0
+        # Leave now: letting asyncio.run cancel the connection tasks makes 3.11's streams print tracebacks, and
+        # everything worth cleaning up (children, sockets) has been handled by the shutdown path already.
+        os._exit(self.exit_code or 0)
 
 
 def main(engine: str, argv: list[str]) -> None:

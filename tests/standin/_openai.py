@@ -17,7 +17,6 @@ import os
 import socket
 import struct
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -332,7 +331,7 @@ def plan(prompt: Prompt, body: dict, cfg: EngineConfig) -> Plan:
 
 
 def new_id(prefix: str, request_id: str | None = None) -> str:
-    return f"{prefix}-{request_id or uuid.uuid4().hex}"
+    return f"{prefix}-{request_id or os.urandom(16).hex()}"
 
 
 def usage(prompt_tokens: int, completion: int, vllm_full: bool = False) -> dict[str, Any]:

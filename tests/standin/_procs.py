@@ -8,7 +8,6 @@ on, reparented. Workers watch a death pipe to their engine process and leave whe
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import signal
@@ -35,6 +34,8 @@ def set_title(title: str) -> None:
     except (OSError, ValueError, IndexError):
         pass
     try:
+        import ctypes  # only forked children pay for it
+
         ctypes.CDLL(None).prctl(15, title.encode()[:15], 0, 0, 0)  # PR_SET_NAME: what ps -o comm shows
     except (OSError, AttributeError):
         pass

@@ -118,3 +118,28 @@ def error_event(engine: str, status: int, message: str, type_: str) -> dict[str,
     if engine == "lmdeploy":
         inner["object"] = "error"
     return {"error": inner}
+
+
+GARBAGE_CHUNK = ('{"id":"chatcmpl-garbage","object":"chat.completion.chunk",'
+                 '"choices":[{"index":0,"delta":{"content":"x"}}]}')
+
+
+def garbage_body(kind: str, stream: bool) -> tuple[str, list[bytes]]:
+    """The garbage= fault: (content type, body pieces); one piece means "send with a Content-Length".
+
+    html: a proxy's error page with status 200; badjson: JSON cut short (or SSE events whose JSON is cut short);
+    badsse: valid JSON in broken framing (no space after ``data:``, a bare JSON line, an ``event:`` line, CR
+    line ends, a non-JSON payload), whatever ``stream`` the request asked for.
+    """
+    if kind == "html":
+        page = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
+        return "text/html; charset=utf-8", [page]
+    if kind == "badjson" and not stream:
+        return "application/json", [b'{"id": "chatcmpl-garbage", "object": "chat.completion", "choices": [{"in']
+    if kind == "badjson":
+        parts = [b'data: {"id": "chatcmpl-garbage", "choices": [{"delta": {"content": "x"}\n\n'] * 3
+    else:
+        good = GARBAGE_CHUNK
+        parts = [f"data:{good}\n".encode(), b"event: weird\n\n", f"{good}\n\n".encode(), f"data: {good}\r".encode(),
+                 b"data: {not json}\n\n"]
+    return "text/event-stream; charset=utf-8", [*parts, b"data: [DONE]\n\n"]

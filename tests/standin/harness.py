@@ -118,15 +118,20 @@ class Proc:
         self.record_path = env.get("STANDIN_RECORD")
         self._out = tempfile.TemporaryFile()
         self._err = tempfile.TemporaryFile()
+        self._final = ("", "")
         self.popen = subprocess.Popen(argv, env=dict(env), stdin=subprocess.DEVNULL, stdout=self._out,
                                       stderr=self._err, start_new_session=True)
         self.pid = self.popen.pid
 
     def stdout(self) -> str:
+        if self._out.closed:
+            return self._final[0]
         self._out.seek(0)
         return self._out.read().decode(errors="replace")
 
     def stderr(self) -> str:
+        if self._err.closed:
+            return self._final[1]
         self._err.seek(0)
         return self._err.read().decode(errors="replace")
 
@@ -171,8 +176,10 @@ class Proc:
                 time.sleep(0.02)
             if not group_pids(self.pid) and not (self.tag and tagged_pids(self.tag)):
                 break
-        self._out.close()
-        self._err.close()
+        if not self._out.closed:
+            self._final = (self.stdout(), self.stderr())  # still readable after kill
+            self._out.close()
+            self._err.close()
 
     def __enter__(self) -> Proc:
         return self
@@ -204,9 +211,10 @@ def write_faults(path: str | os.PathLike[str], faults: Mapping[str, Any]) -> Non
 
 
 def raw_request(port: int, method: str, path: str, body: Any = None, headers: Mapping[str, str] | None = None,
-                timeout: float = 5.0, read: bool = True) -> bytes | socket.socket:
-    """One HTTP/1.1 request on a bare socket; returns every byte until EOF or ``timeout`` (no parsing, so a cut
-    stream shows exactly where it was cut), or the open socket when ``read`` is False."""
+                timeout: float = 5.0, read: bool = True, total: float | None = None) -> bytes | socket.socket:
+    """One HTTP/1.1 request on a bare socket; returns every byte until EOF, ``timeout`` seconds of silence or
+    ``total`` seconds in all (no parsing, so a cut stream shows exactly where it was cut), or the open socket
+    when ``read`` is False."""
     data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else (body or b"")
     head = [f"{method} {path} HTTP/1.1", f"host: 127.0.0.1:{port}", f"content-length: {len(data)}",
             "content-type: application/json", "connection: close", *(f"{k}: {v}" for k, v in (headers or {}).items())]
@@ -215,9 +223,15 @@ def raw_request(port: int, method: str, path: str, body: Any = None, headers: Ma
     if not read:
         return sock
     chunks = []
+    end = time.monotonic() + total if total is not None else None
     with sock:
         with contextlib.suppress(TimeoutError, ConnectionError):
-            while chunk := sock.recv(65536):
+            while end is None or time.monotonic() < end:
+                if end is not None:
+                    sock.settimeout(max(0.01, min(timeout, end - time.monotonic())))
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
                 chunks.append(chunk)
     return b"".join(chunks)
 

@@ -1,0 +1,313 @@
+"""The request path end to end: openai SDK → gateway process → stand-in engines, over real sockets.
+
+One gateway serves the whole module (starting engines costs seconds); each test sets the stand-ins'
+faults through their faults file and resets it afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers import Gateway, free_port, run_gateway, standin_command, wait_until
+from tests.standin.harness import launch, serve_args, standin_env, write_faults
+
+
+class Env:
+    def __init__(self, gateway: Gateway, faults: Path, record: Path, remote_faults: Path) -> None:
+        self.gateway = gateway
+        self.faults = faults
+        self.record = record
+        self.remote_faults = remote_faults
+        self._client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-unused", max_retries=0)
+
+    def client(self) -> openai.OpenAI:
+        return self._client
+
+    def close(self) -> None:
+        self._client.close()
+
+    def set_faults(self, **faults: Any) -> None:
+        write_faults(self.faults, faults)
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        if not self.record.exists():
+            return []
+        rows = [json.loads(line) for line in self.record.read_text().splitlines() if line.strip()]
+        return [r for r in rows if r["event"] == kind]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    tmp = tmp_path_factory.mktemp("proxy")
+    faults, record, remote_faults = tmp / "faults.json", tmp / "record.jsonl", tmp / "remote-faults.json"
+    write_faults(faults, {})
+    write_faults(remote_faults, {})
+    remote_port = free_port()
+    remote = launch("vllm", serve_args("vllm", remote_port, "upstream-name"),
+                    env=standin_env(faults_file=remote_faults), port=remote_port)
+    engine_env = {"STANDIN_FAULTS_FILE": str(faults), "STANDIN_RECORD": str(record)}
+    config = {
+        "server": {"first_byte_timeout": 2, "idle_timeout": 1, "total_timeout": 6, "max_body_bytes": 1_000_000,
+                   "retry_after": 2, "queue_timeout": 1},
+        "models": {
+            "chat": {"engine": "vllm", "model": "org/chat-model", "aliases": ["gpt-4o-mini"],
+                     "display_name": "Chat", "command": standin_command("vllm"), "env": engine_env,
+                     "health": {"interval": 0.5, "startup_interval": 0.1}, "stop_grace": 3},
+            "vl": {"engine": "lmdeploy", "model": "org/vl-model", "command": standin_command("lmdeploy"),
+                   "env": engine_env, "health": {"interval": 0.5, "startup_interval": 0.1}, "stop_grace": 3},
+            "remote": {"engine": "openai", "url": f"http://127.0.0.1:{remote_port}/v1", "model": "upstream-name",
+                       "health": {"interval": 0.5, "startup_interval": 0.1}},
+            "down": {"engine": "openai", "url": f"http://127.0.0.1:{free_port()}/v1", "load": "on_demand"},
+        },
+    }
+    try:
+        with run_gateway(config, tmp) as gateway:
+            env = Env(gateway, faults, record, remote_faults)
+            yield env
+            env.close()
+    finally:
+        remote.kill()
+
+
+@pytest.fixture(autouse=True)
+def _reset_faults(env: Env) -> Iterator[None]:
+    env.set_faults()
+    write_faults(env.remote_faults, {})
+    yield
+    env.set_faults()
+
+
+MESSAGES = [{"role": "user", "content": "tell me about gateways"}]
+
+
+def test_models_list_names_aliases_and_state(env: Env) -> None:
+    models = {m.id: m for m in env.client().models.list().data}
+    assert {"chat", "gpt-4o-mini", "vl", "remote"} <= set(models)
+    card = models["gpt-4o-mini"].model_dump()
+    assert card["alias_of"] == "chat" and card["state"] == "ready" and card["loaded"] is True
+    assert card["display_name"] == "Chat"
+    assert env.client().models.retrieve("vl").id == "vl"
+    with pytest.raises(openai.NotFoundError):
+        env.client().models.retrieve("nope")
+
+
+@pytest.mark.parametrize("model", ["chat", "gpt-4o-mini", "vl", "remote"])
+def test_chat_non_stream_through_names_and_aliases(env: Env, model: str) -> None:
+    reply = env.client().chat.completions.create(model=model, messages=MESSAGES, max_tokens=5)
+    assert reply.choices[0].message.content
+    assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 5
+    # The client sees the name it can use again, never the engine's internal name.
+    assert reply.model in ("chat", "vl", "remote")
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "vl", "remote"])
+def test_chat_stream_with_usage(env: Env, model: str) -> None:
+    stream = env.client().chat.completions.create(model=model, messages=MESSAGES, max_tokens=4, stream=True,
+                                                  stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    assert chunks[-1].usage is not None and 0 < chunks[-1].usage.completion_tokens <= 4
+
+
+def test_completions_embeddings_rerank(env: Env) -> None:
+    client = env.client()
+    completion = client.completions.create(model="chat", prompt="once upon", max_tokens=3)
+    assert completion.choices[0].text
+    streamed = list(client.completions.create(model="chat", prompt="once upon", max_tokens=3, stream=True))
+    assert any(c.choices and c.choices[0].text for c in streamed)
+    embedding = client.embeddings.create(model="gpt-4o-mini", input=["a", "b"])
+    assert len(embedding.data) == 2 and len(embedding.data[0].embedding) > 0
+    rerank = httpx.post(env.gateway.url + "/v1/rerank",
+                        json={"model": "chat", "query": "q", "documents": ["a", "b", "c"]}, timeout=5)
+    assert rerank.status_code == 200 and len(rerank.json()["results"]) == 3
+    # LMDeploy refuses embeddings: its flat 400 keeps its status and message, in our shape.
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model="vl", input="a")
+    assert "Unsupported" in info.value.message
+
+
+def test_request_id_both_ways_and_client_auth_not_forwarded(env: Env) -> None:
+    response = httpx.post(env.gateway.url + "/v1/chat/completions",
+                          json={"model": "chat", "messages": MESSAGES, "max_tokens": 1, "api_base": "http://evil"},
+                          headers={"x-request-id": "req-abc.123", "authorization": "Bearer sk-client-secret"},
+                          timeout=5)
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "req-abc.123"
+    seen = [r for r in env.events("request") if r["path"] == "/v1/chat/completions"][-1]
+    headers = {k.lower(): v for k, v in seen["headers"].items()}
+    assert headers["x-request-id"] == "req-abc.123"
+    assert "authorization" not in headers
+    assert "api_base" not in seen["body"] and seen["body"]["model"] == "chat"
+    generated = httpx.get(env.gateway.url + "/health", timeout=5).headers["x-request-id"]
+    assert len(generated) == 24
+
+
+def test_stream_cut_by_engine_ends_with_error_event_and_no_done(env: Env) -> None:
+    env.set_faults(**{"crash-after-chunks": 3})
+    with httpx.stream("POST", env.gateway.url + "/v1/chat/completions", timeout=10,
+                      json={"model": "chat", "messages": MESSAGES, "max_tokens": 20, "stream": True}) as r:
+        assert r.status_code == 200
+        body = b"".join(r.iter_raw())
+    events = [e for e in body.split(b"\n\n") if e]
+    assert len(events) == 4, body
+    assert b"[DONE]" not in body
+    error = json.loads(events[-1][len(b"data: "):])["error"]
+    assert error["code"] == "upstream_disconnected" and set(error) == {"message", "type", "param", "code"}
+    # The SDK surfaces it as an error, not as a short, clean answer.
+    env.set_faults(**{"close-after-chunks": 2})
+    with pytest.raises(openai.APIError):
+        list(env.client().chat.completions.create(model="vl", messages=MESSAGES, max_tokens=20, stream=True))
+    assert wait_until(lambda: _ready(env), 15), "engine not restarted after its crash"
+
+
+def _ready(env: Env) -> bool:
+    return httpx.get(env.gateway.url + "/ready", timeout=2).status_code == 200
+
+
+def test_engine_error_event_mid_stream_is_reshaped_without_done(env: Env) -> None:
+    env.set_faults(**{"error-after-chunks": 2})
+    with httpx.stream("POST", env.gateway.url + "/v1/chat/completions", timeout=10,
+                      json={"model": "vl", "messages": MESSAGES, "max_tokens": 20, "stream": True}) as r:
+        body = b"".join(r.iter_raw())
+    assert b"[DONE]" not in body
+    last = [e for e in body.split(b"\n\n") if e][-1]
+    assert set(json.loads(last[len(b"data: "):])["error"]) == {"message", "type", "param", "code"}
+
+
+def test_client_disconnect_closes_upstream_within_a_second(env: Env) -> None:
+    env.set_faults(**{"token-interval": 0.2, "record-disconnects": True})
+    before = len(env.events("disconnect"))
+    with socket.create_connection(("127.0.0.1", env.gateway.port)) as sock:
+        body = json.dumps({"model": "chat", "messages": MESSAGES, "max_tokens": 200, "stream": True}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        received = b""
+        while received.count(b"data: ") < 2:
+            received += sock.recv(65536)
+    left_at = time.time()
+    assert wait_until(lambda: len(env.events("disconnect")) > before, 3)
+    assert env.events("disconnect")[-1]["ts"] - left_at < 1.0
+
+
+def test_client_disconnect_during_prefill_closes_upstream(env: Env) -> None:
+    env.set_faults(**{"first-token-delay": 5, "record-disconnects": True})
+    before = len(env.events("disconnect"))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(env.gateway.url + "/v1/chat/completions", timeout=httpx.Timeout(5, read=0.5),
+                   json={"model": "chat", "messages": MESSAGES, "max_tokens": 3})
+    left_at = time.time()
+    assert wait_until(lambda: len(env.events("disconnect")) > before, 3)
+    assert env.events("disconnect")[-1]["ts"] - left_at < 1.0
+
+
+def test_hung_upstream_gives_504_at_first_byte_timeout(env: Env) -> None:
+    env.set_faults(**{"hang-before-headers": True})
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as info:
+        env.client().chat.completions.create(model="chat", messages=MESSAGES)
+    elapsed = time.monotonic() - started
+    assert info.value.status_code == 504
+    assert info.value.body["code"] == "upstream_timeout"  # type: ignore[index]
+    assert 1.5 < elapsed < 5
+
+
+def test_stalled_stream_ends_with_timeout_event(env: Env) -> None:
+    env.set_faults(**{"stall-after-chunks": 2})
+    with httpx.stream("POST", env.gateway.url + "/v1/chat/completions", timeout=10,
+                      json={"model": "chat", "messages": MESSAGES, "max_tokens": 20, "stream": True}) as r:
+        body = b"".join(r.iter_raw())
+    last = [e for e in body.split(b"\n\n") if e][-1]
+    assert json.loads(last[len(b"data: "):])["error"]["code"] == "upstream_timeout"
+    assert b"[DONE]" not in body
+
+
+def test_drip_feed_is_stopped_by_total_deadline(env: Env) -> None:
+    env.set_faults(**{"drip": 0.3})
+    started = time.monotonic()
+    with httpx.stream("POST", env.gateway.url + "/v1/chat/completions", timeout=15,
+                      json={"model": "chat", "messages": MESSAGES, "max_tokens": 20, "stream": True}) as r:
+        body = b"".join(r.iter_raw())
+    assert time.monotonic() - started < 9
+    assert b"upstream_timeout" in body and b"[DONE]" not in body
+
+
+def test_garbage_non_stream_answer_is_502(env: Env) -> None:
+    env.set_faults(garbage="html")
+    with pytest.raises(openai.APIStatusError) as info:
+        env.client().chat.completions.create(model="chat", messages=MESSAGES)
+    assert info.value.status_code == 502
+    assert "<html" not in info.value.message.lower()
+
+
+def test_upstream_4xx_passes_through_and_429_keeps_retry_after(env: Env) -> None:
+    env.set_faults(status=400)
+    with pytest.raises(openai.BadRequestError) as info:
+        env.client().chat.completions.create(model="chat", messages=MESSAGES)
+    assert info.value.status_code == 400
+    env.set_faults(status=429, **{"retry-after": "7"})
+    response = httpx.post(env.gateway.url + "/v1/chat/completions", timeout=5,
+                          json={"model": "chat", "messages": MESSAGES})
+    assert response.status_code == 429 and response.headers["retry-after"] == "7"
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize(("content", "headers", "status", "code"), [
+    (b"{not json", {"content-type": "application/json"}, 400, "invalid_json"),
+    (b"[1, 2]", {"content-type": "application/json"}, 400, "invalid_json"),
+    (b'{"model": "chat", "messages": []}', {"content-type": "application/json"}, 400, "invalid_request"),
+    (b'{"messages": [{"role": "user", "content": "x"}]}', {"content-type": "application/json"}, 400,
+     "missing_model"),
+    (b'{"model": "chat", "messages": [{"role": "user", "content": "x"}]}', {"content-type": "text/plain"}, 400,
+     "invalid_content_type"),
+    (b'{"model": "chat", "n": 1000000, "messages": [{"role": "user", "content": "x"}]}',
+     {"content-type": "application/json"}, 400, "invalid_request"),
+    (b'{"model": "../../etc/passwd", "messages": [{"role": "user", "content": "x"}]}',
+     {"content-type": "application/json"}, 404, "model_not_found"),
+    (b"[" * 5000 + b"]" * 5000, {"content-type": "application/json"}, 400, "invalid_json"),
+    (b'{"model": "chat", "pad": "' + b"x" * 1_100_000 + b'"}', {"content-type": "application/json"}, 413,
+     "request_too_large"),
+])
+def test_bad_input_gets_error_shape(env: Env, content: bytes, headers: dict[str, str], status: int,
+                                    code: str) -> None:
+    response = httpx.post(env.gateway.url + "/v1/chat/completions", content=content, headers=headers, timeout=5)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["code"] == code and set(error) == {"message", "type", "param", "code"}
+    assert response.headers["x-request-id"]
+
+
+def test_unknown_route_and_method_get_error_shape(env: Env) -> None:
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405),
+                                 ("POST", "/v1/chat/completions/", 404)):
+        response = httpx.request(method, env.gateway.url + path, timeout=5)
+        assert response.status_code == status
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_engine_not_ready_gives_503_with_retry_after(env: Env) -> None:
+    started = time.monotonic()
+    response = httpx.post(env.gateway.url + "/v1/chat/completions", timeout=5,
+                          json={"model": "down", "messages": MESSAGES, "max_tokens": 1})
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "2"
+    assert response.json()["error"]["code"] == "engine_unavailable"
+    assert time.monotonic() - started < 3  # waited at most queue_timeout for an on-demand model
+
+
+def test_metrics_count_requests_and_tokens(env: Env) -> None:
+    env.client().chat.completions.create(model="chat", messages=MESSAGES, max_tokens=2)
+    text = httpx.get(env.gateway.url + "/metrics", timeout=5).text
+    assert 'gateway_requests_total{endpoint="chat",model="chat",status="200"}' in text
+    assert 'gateway_tokens_total{kind="completion",model="chat"}' in text
+    assert 'gateway_engine_state{model="chat",replica="0",state="ready"} 1.0' in text
+    assert "sk-client-secret" not in text
