@@ -32,7 +32,7 @@ def test_errors_name_the_offending_key(models, needle):
 def test_unknown_top_level_and_server_keys_are_refused():
     with pytest.raises(ConfigError, match="colour"):
         build_config({"colour": "blue"})
-    with pytest.raises(ConfigError, match="server.prot"):
+    with pytest.raises(ConfigError, match=r"server\.prot"):
         build_config({"server": {"prot": 1}})
 
 
