@@ -52,7 +52,10 @@ class Target:
     model: str  # the client-facing served name (metrics label)
     headers: dict[str, str]
     replica: Any  # engines.Supervisor: `inflight`, `report_failure()`
-    expects_done: bool = True  # OpenAI-style streams end with [DONE]; LightLLM's do not
+    # How a complete stream ends: "done" with `data: [DONE]` (vLLM, LMDeploy); "finish" after the event that
+    # carries a finish_reason (transformers serve, which sends no [DONE]: the gateway adds it); "eof" at
+    # any clean end of the body (LightLLM's /generate_stream).
+    stream_end: str = "done"
     model_rewrite: tuple[tuple[bytes, bytes], ...] = ()  # engine's `"model":` value → the client's
     retry_after: float = 5.0
 
@@ -260,10 +263,12 @@ class Relay(Response):
             outcome.events += 1
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             last = chunk
-        if self.target.expects_done and not last.endswith(_DONE):
+        if not _complete(self.target.stream_end, last):
             outcome.error_kind = "disconnected"
             self.target.replica.report_failure()
             raise UpstreamError("The engine ended the stream before it was complete.", code="upstream_disconnected")
+        if self.target.stream_end == "finish":
+            await send({"type": "http.response.body", "body": _DONE, "more_body": True})
         if outcome.events > 1:
             self.metrics.chunk_gap.labels(self.target.model).observe((now() - first_at) / (outcome.events - 1))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -283,6 +288,8 @@ class Relay(Response):
             inner = data.get("error")
             if isinstance(inner, dict):
                 error = inner
+            elif isinstance(inner, str):  # transformers serve: {"error": "<text>"}
+                error = {"message": inner}
             elif data.get("object") == "error":
                 error = data
             else:
@@ -323,6 +330,14 @@ class Relay(Response):
             m.upstream_errors.labels(model, outcome.error_kind).inc()
             if outcome.error_kind != "client_disconnected":
                 log.warning("request %s to %s failed: %s", self.request_id, model, outcome.error_kind)
+
+
+def _complete(stream_end: str, last: bytes) -> bool:
+    if stream_end == "done":
+        return last.endswith(_DONE)
+    if stream_end == "finish":
+        return b'"finish_reason":"' in last or b'"finish_reason": "' in last
+    return True
 
 
 def _count_usage(usage: object, outcome: _Outcome) -> None:

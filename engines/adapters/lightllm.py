@@ -14,6 +14,7 @@ class LightLLMAdapter(EngineAdapter):
     default_startup_timeout = 1800.0
     dialect = "lightllm"
     endpoints = frozenset({"chat", "completions", "generate"})
+    stream_end = "eof"  # /generate_stream sends no [DONE]
 
     def argv(self, spec: ModelSpec, host: str, port: int) -> list[str]:
         assert spec.model is not None

@@ -8,6 +8,8 @@ environment pins an offline, existing cache.
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from dataclasses import dataclass
 
 from engines.adapters.base import EngineAdapter, render_flags
@@ -20,6 +22,7 @@ class TransformersAdapter(EngineAdapter):
     default_startup_timeout = 300.0
     dialect = "transformers"
     endpoints = frozenset({"chat", "completions"})
+    stream_end = "finish"  # 5.23 sends no [DONE]; the last event carries finish_reason and usage
 
     def model_ref(self, spec: ModelSpec) -> str:
         assert spec.model is not None
@@ -27,20 +30,25 @@ class TransformersAdapter(EngineAdapter):
         return os.path.abspath(spec.model) if os.path.isdir(spec.model) else spec.model
 
     def argv(self, spec: ModelSpec, host: str, port: int) -> list[str]:
-        argv = [*self.executable(spec, ["transformers"]), "serve", self.model_ref(spec),
+        argv = [*self.executable(spec, [_transformers_cli()]), "serve", self.model_ref(spec),
                 "--host", host, "--port", str(port)]
         if "device" not in spec.args:
             argv += ["--device", "cpu"]
         return argv + render_flags(spec.args)
 
     def env(self, spec: ModelSpec) -> dict[str, str]:
-        cache = os.path.expanduser("~/.cache/huggingface/hub")
-        os.makedirs(cache, exist_ok=True)
-        return {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": cache, "TOKENIZERS_PARALLELISM": "false",
-                **super().env(spec)}
+        # Offline: a local model must never send the engine to a hub. (Its /v1/models needs an existing
+        # HF_HUB_CACHE, but the gateway never asks it: readiness is /health.)
+        return {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **super().env(spec)}
 
     def request_model(self, spec: ModelSpec) -> str:
         return self.model_ref(spec)
 
     def response_model(self, spec: ModelSpec) -> str | None:
         return f"{self.model_ref(spec)}@main"
+
+
+def _transformers_cli() -> str:
+    """The CLI of the environment the gateway runs in, also when that environment is not activated."""
+    beside = os.path.join(os.path.dirname(sys.executable), "transformers")
+    return beside if os.access(beside, os.X_OK) else shutil.which("transformers") or "transformers"

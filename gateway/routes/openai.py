@@ -59,6 +59,7 @@ async def forward(request: Request, state: GatewayState, endpoint: str) -> Relay
         replica=replica,
         model_rewrite=model_rewrite(engine_name, entry.spec.name),
         retry_after=settings.retry_after,
+        stream_end=entry.adapter.stream_end,
     )
     return Relay(state.upstream.session, target, orjson.dumps(body), stream=stream, clocks=state.clocks,
                  request_id=request_id, metrics=state.metrics)

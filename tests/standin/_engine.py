@@ -281,8 +281,9 @@ class App:
     async def _inference(self, req: Request, resp: Response, faults: dict[str, Any]) -> None:
         if faults.get("crash-on-request"):
             crash(1)
+        broken = str(faults.get("health", ""))
         try:
-            if faults.get("hang-before-headers"):
+            if faults.get("hang-before-headers") or broken == "ok-but-broken:hang":
                 try:
                     await self.pause(resp, float("inf"))
                 except ClientGone:
@@ -292,10 +293,7 @@ class App:
                 return
             if self.s.engine_dead:
                 raise ApiError(500, ENGINE_500) if self.vllm else ApiError(503, "The engine is not available.")
-            broken = str(faults.get("health", ""))
-            if broken.startswith("ok-but-broken"):
-                if broken.endswith(":hang"):
-                    await self.pause(resp, float("inf"))
+            if broken == "ok-but-broken":
                 raise ApiError(500, ENGINE_500 if self.vllm else "Internal server error.")
             body = self._body(req)
             if req.path.endswith("/chat/completions"):

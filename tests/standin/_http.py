@@ -252,9 +252,9 @@ class Connection:
             while not self.server.closing or first:
                 self.idle = True
                 try:
-                    timeout = None if first else KEEP_ALIVE_TIMEOUT
-                    req = await asyncio.wait_for(self._read_request(), timeout) if not self.buffer else \
-                        await self._read_request()
+                    # uvicorn's timeout_keep_alive: only an idle connection between requests is timed
+                    timeout = None if first or self.buffer else self.server.keep_alive_timeout
+                    req = await asyncio.wait_for(self._read_request(), timeout)
                 except (TimeoutError, ClientGone):
                     return
                 except _BadRequest:
@@ -307,8 +307,10 @@ Handler = Callable[[Request, Response], Awaitable[None]]
 
 
 class HttpServer:
-    def __init__(self, handler: Handler, on_response: Callable[[Request, int], None]) -> None:
+    def __init__(self, handler: Handler, on_response: Callable[[Request, int], None],
+                 keep_alive_timeout: float = KEEP_ALIVE_TIMEOUT) -> None:
         self.handler = handler
+        self.keep_alive_timeout = keep_alive_timeout
         self.on_response = on_response
         self.connections: set[Connection] = set()
         self.closing = False
