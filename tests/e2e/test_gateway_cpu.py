@@ -83,7 +83,7 @@ def test_remote_image_is_fetched_by_the_gateway_and_inlined(client: openai.OpenA
     hits: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             hits.append(self.path)
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")  # a lie: the gateway sniffs the bytes
