@@ -1,0 +1,114 @@
+"""The gateway owns its engines: a dead engine is restarted and served again, and none outlives the gateway."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from tests.helpers import REPO, free_port, run_gateway, standin_command, tagged_pids, wait_until
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def _config(faults: str = "") -> dict[str, Any]:
+    return {
+        "server": {"retry_after": 1},
+        "models": {
+            "chat": {"engine": "vllm", "model": "org/chat", "command": standin_command("vllm"),
+                     "gpus": [0, 1],  # tensor parallel 2: the stand-in forks EngineCore and two workers
+                     "env": {"STANDIN_FAULTS": faults} if faults else {},
+                     "health": {"interval": 0.3, "startup_interval": 0.1},
+                     "restart": {"initial_delay": 0.1, "max_delay": 0.5}, "stop_grace": 2},
+        },
+    }
+
+
+def _chat(url: str) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", json={"model": "chat", "messages": MESSAGES, "max_tokens": 2},
+                      timeout=5)
+
+
+def _engine_pid(url: str) -> int:
+    return int(httpx.get(url + "/health", timeout=5).json()["models"]["chat"]["replicas"][0]["pid"])
+
+
+def test_killed_engine_is_restarted_and_served_again(tmp_path: Path) -> None:
+    with run_gateway(_config(), tmp_path) as gw:
+        assert _chat(gw.url).status_code == 200
+        first = _engine_pid(gw.url)
+        os.kill(first, signal.SIGKILL)
+        # Between the crash and the new launch being ready, requests get 503 + Retry-After, not hangs.
+        assert wait_until(lambda: _chat(gw.url).status_code == 503, 5)
+        assert _chat(gw.url).headers.get("retry-after") == "1"
+        assert wait_until(lambda: _chat(gw.url).status_code == 200, 20)
+        health = httpx.get(gw.url + "/health", timeout=5).json()["models"]["chat"]["replicas"][0]
+        assert health["restarts"] == 1 and health["last_exit_code"] == 137 and health["pid"] != first
+        # The killed API server's orphaned EngineCore and TP workers were cleaned up too.
+        assert wait_until(lambda: len(gw.engine_pids()) <= 5, 5), gw.engine_pids()
+
+
+def test_crash_loop_ends_failed_and_visible(tmp_path: Path) -> None:
+    config = _config("exit-at-startup=3")
+    config["models"]["chat"]["restart"] = {"initial_delay": 0.05, "max_delay": 0.2, "max_restarts": 2}
+    with run_gateway(config, tmp_path, wait_ready=False) as gw:
+        assert wait_until(lambda: _state(gw.url) == "failed", 20), gw.log()[-2000:]
+        response = _chat(gw.url)
+        assert response.status_code == 503 and response.json()["error"]["code"] == "engine_failed"
+        assert httpx.get(gw.url + "/ready", timeout=5).status_code == 503
+        assert not gw.engine_pids()  # FAILED means nothing left running, and no spinning
+
+
+def _state(url: str) -> str:
+    try:
+        return str(httpx.get(url + "/health", timeout=2).json()["models"]["chat"]["state"])
+    except httpx.HTTPError:
+        return "unreachable"
+
+
+def test_sigterm_stops_every_engine_process(tmp_path: Path) -> None:
+    with run_gateway(_config(), tmp_path) as gw:
+        assert len(gw.engine_pids()) >= 4  # reaper, API server, EngineCore, workers
+        gw.proc.send_signal(signal.SIGTERM)
+        # uvicorn re-raises the signal it caught once shutdown is complete, so -15 is a clean exit.
+        assert gw.proc.wait(20) in (0, -signal.SIGTERM)
+        assert wait_until(lambda: not gw.engine_pids(), 5), gw.engine_pids()
+
+
+def test_sigkilled_gateway_leaves_no_engine_behind(tmp_path: Path) -> None:
+    port = free_port()
+    config = {**_config("setsid,ignore-sigterm"), "server": {"host": "127.0.0.1", "port": port}}
+    config["models"]["chat"]["stop_grace"] = 1
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = open(tmp_path / "gateway.log", "wb")  # noqa: SIM115 (closed in finally)
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(path)], cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    owner = str(proc.pid)
+    try:
+        assert wait_until(lambda: _ready(port), 30), (tmp_path / "gateway.log").read_text()[-3000:]
+        assert len(tagged_pids(owner)) >= 4
+        proc.kill()
+        proc.wait(5)
+        # Workers that left the process group and ignore SIGTERM still go: the reaper sees its lifeline close.
+        assert wait_until(lambda: not tagged_pids(owner), 10), tagged_pids(owner)
+    finally:
+        for pid in tagged_pids(owner):
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+
+
+def _ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
