@@ -87,7 +87,7 @@ def test_sigkilled_gateway_leaves_no_engine_behind(tmp_path: Path) -> None:
     config["models"]["chat"]["stop_grace"] = 1
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
-    log = open(tmp_path / "gateway.log", "wb")  # noqa: SIM115 (closed in finally)
+    log = open(tmp_path / "gateway.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(path)], cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     owner = str(proc.pid)
