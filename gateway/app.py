@@ -19,9 +19,9 @@ from gateway.deps import GatewayState
 from gateway.errors import BadRequest, GatewayError, error_body
 from gateway.gpu import GpuProbe
 from gateway.media import MediaNormalizer
-from gateway.metrics import Metrics, engine_state_family
+from gateway.metrics import GpuCollector, Metrics, engine_state_family
 from gateway.middleware import REQUEST_ID_KEY, GatewayMiddleware
-from gateway.routes import models, openai, ops
+from gateway.routes import admin, generate, gpu, models, openai, ops, simple
 from gateway.upstream import Clocks, Upstream
 
 log = logging.getLogger("gateway")
@@ -76,9 +76,14 @@ def create_app(config: Config, *, gpus: GpuProbe | None = None) -> FastAPI:
                                       for e in state.pool.entries() for s in (r.snapshot() for r in e.replicas))
 
     metrics.add_collector(engine_states)
+    metrics.registry.register(GpuCollector(lambda: gpu_probe.read().devices))
     app.include_router(openai.router)
     app.include_router(models.router)
     app.include_router(ops.router)
+    app.include_router(gpu.router)
+    app.include_router(admin.router)
+    app.include_router(simple.router)
+    app.include_router(generate.router)
     app.add_middleware(GatewayMiddleware, keys=keys, metrics=metrics)
 
     @app.exception_handler(GatewayError)

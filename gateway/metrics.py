@@ -13,6 +13,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from engines.state import EngineState
+from gateway.gpu import GpuInfo
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -69,3 +70,39 @@ def engine_state_family(rows: Iterable[tuple[str, int, str]]) -> GaugeMetricFami
         for state in EngineState:
             family.add_metric([model, str(replica), state.value], 1.0 if state.value == current else 0.0)
     return family
+
+
+# (name, help, value of one GPU); a GPU that does not report a value is left out of that family
+_GPU_GAUGES: tuple[tuple[str, str, Callable[[GpuInfo], float | None]], ...] = (
+    ("gateway_gpu_memory_used_bytes", "GPU memory in use, as NVML reports it.", lambda g: g.memory_used),
+    ("gateway_gpu_memory_total_bytes", "GPU memory in all.", lambda g: g.memory_total),
+    ("gateway_gpu_utilization_ratio", "Share of the last sample period a kernel ran (0..1).", lambda g: g.utilization),
+    ("gateway_gpu_temperature_celsius", "GPU core temperature.", lambda g: g.temperature_c),
+    ("gateway_gpu_power_watts", "GPU board power draw.", lambda g: g.power_w),
+)
+
+
+def gpu_families(devices: Iterable[GpuInfo]) -> list[GaugeMetricFamily]:
+    families = [GaugeMetricFamily(name, doc, labels=["gpu"]) for name, doc, _ in _GPU_GAUGES]
+    for gpu in devices:
+        for family, (_, _, value_of) in zip(families, _GPU_GAUGES, strict=True):
+            value = value_of(gpu)
+            if value is not None:
+                family.add_metric([str(gpu.index)], float(value))
+    return families
+
+
+class GpuCollector(Collector):
+    """GPU gauges read at scrape time from the probe's short-lived cache.
+
+    ``describe`` answers without reading, so registering the collector does not call the driver.
+    """
+
+    def __init__(self, read: Callable[[], Iterable[GpuInfo]]) -> None:
+        self._read = read
+
+    def describe(self) -> Iterable[Metric]:
+        return gpu_families(())
+
+    def collect(self) -> Iterable[Metric]:
+        return gpu_families(self._read())

@@ -58,6 +58,10 @@ class Target:
     stream_end: str = "done"
     model_rewrite: tuple[tuple[bytes, bytes], ...] = ()  # engine's `"model":` value → the client's
     retry_after: float = 5.0
+    # Reshapes a non-stream 2xx JSON object answer (the simple endpoints); ``model_rewrite`` is then skipped,
+    # the transform writes the names it wants. Raising KeyError/IndexError/TypeError/ValueError means the
+    # answer had an unexpected shape: 502. Streams are never transformed.
+    transform: Callable[[dict[str, Any]], Any] | None = None
 
 
 @dataclass
@@ -202,8 +206,11 @@ class Relay(Response):
                                     code="bad_upstream_response") from None
             if isinstance(data, dict):
                 _count_usage(data.get("usage"), outcome)
-            for old, new in self.target.model_rewrite:
-                body = body.replace(old, new)
+            if self.target.transform is not None and status < 300:
+                body = _transformed(self.target.transform, data, outcome)
+            else:
+                for old, new in self.target.model_rewrite:
+                    body = body.replace(old, new)
             content_type = b"application/json"
         await send({"type": "http.response.start", "status": status, "headers": self._headers(content_type, extra)})
         self._started = True
@@ -338,6 +345,18 @@ def _complete(stream_end: str, last: bytes) -> bool:
     if stream_end == "finish":
         return b'"finish_reason":"' in last or b'"finish_reason": "' in last
     return True
+
+
+def _transformed(transform: Callable[[dict[str, Any]], Any], data: object, outcome: _Outcome) -> bytes:
+    try:
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        return orjson.dumps(transform(data))
+    except (KeyError, IndexError, TypeError, ValueError):
+        # Not the engine's fault as far as health goes (it answered); the client still gets a clear 502.
+        outcome.error_kind = "bad_response"
+        raise UpstreamError("The engine's answer did not have the expected shape.",
+                            code="bad_upstream_response") from None
 
 
 def _count_usage(usage: object, outcome: _Outcome) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request, Response
 
+from engines import ModelEntry
 from engines.adapters import OPENAI_PATHS
 from gateway.deps import GatewayState, StateDep
 from gateway.errors import BadRequest
@@ -34,18 +36,44 @@ async def forward(request: Request, state: GatewayState, endpoint: str) -> Relay
     settings = state.config.server
     raw = await read_body(request, limit=settings.max_body_bytes, body_timeout=settings.body_timeout)
     body = parse_json_object(request, raw)
-    entry = resolve(state.pool, model_name(body))
-    request.scope[MODEL_KEY] = entry.spec.name
-    if endpoint not in entry.adapter.endpoints:
-        raise BadRequest(f"The model '{entry.spec.name}' does not serve {OPENAI_PATHS[endpoint]}.",
-                         param="model", code="unsupported_endpoint")
+    entry = route(request, state, model_name(body), endpoint)
     stream = check_fields(body, endpoint)
     if endpoint == "chat" and MediaNormalizer.needs_work(body):
         # Before a replica is chosen: a slow image must not hold an engine's slot.
         await state.media.normalize_chat(body, entry.adapter.dialect)
+    body["model"] = entry.request_model
+    return await relay(request, state, entry, body, path=OPENAI_PATHS[endpoint], stream=stream)
+
+
+def route(request: Request, state: GatewayState, name: str, endpoint: str) -> ModelEntry:
+    """The entry serving ``name`` (404 if none); 400 when its engine does not serve ``endpoint``."""
+    entry = resolve(state.pool, name)
+    request.scope[MODEL_KEY] = entry.spec.name
+    if endpoint not in entry.adapter.endpoints:
+        shown_path = OPENAI_PATHS.get(endpoint, f"/{endpoint}")
+        raise BadRequest(f"The model '{entry.spec.name}' does not serve {shown_path}.",
+                         param="model", code="unsupported_endpoint")
+    return entry
+
+
+async def relay(
+    request: Request,
+    state: GatewayState,
+    entry: ModelEntry,
+    body: dict[str, Any],
+    *,
+    path: str,
+    stream: bool,
+    stream_end: str | None = None,
+    transform: Callable[[dict[str, Any]], Any] | None = None,
+) -> Relay:
+    """Pick a ready replica and build the ``Relay`` that posts ``body`` (final, ``model`` included) to ``path``.
+
+    ``stream_end`` overrides the adapter's; ``transform`` reshapes a non-stream 2xx answer (``Target``).
+    """
+    settings = state.config.server
     replica = await choose_replica(state.pool, entry, queue_timeout=settings.queue_timeout,
                                    retry_after=settings.retry_after, metrics=state.metrics)
-    body["model"] = entry.request_model
     request_id: str = request.scope[REQUEST_ID_KEY]
     headers = {"Content-Type": "application/json", "X-Request-Id": request_id,
                "Accept": "text/event-stream" if stream else "application/json"}
@@ -53,13 +81,14 @@ async def forward(request: Request, state: GatewayState, endpoint: str) -> Relay
         headers["Authorization"] = f"Bearer {os.environ.get(entry.spec.api_key_env, '')}"
     engine_name = entry.adapter.response_model(entry.spec)
     target = Target(
-        url=replica.base_url + OPENAI_PATHS[endpoint],
+        url=replica.base_url + path,
         model=entry.spec.name,
         headers=headers,
         replica=replica,
         model_rewrite=model_rewrite(engine_name, entry.spec.name),
         retry_after=settings.retry_after,
-        stream_end=entry.adapter.stream_end,
+        stream_end=stream_end or entry.adapter.stream_end,
+        transform=transform,
     )
     return Relay(state.upstream.session, target, orjson.dumps(body), stream=stream, clocks=state.clocks,
                  request_id=request_id, metrics=state.metrics)

@@ -221,7 +221,6 @@ def test_vl_counts_image_tokens(vl_engine: str, tiny_vl_model: Path) -> None:
 
 def test_adapter_builds_this_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The gateway's adapter spawns what these tests verified (its executable aside)."""
-    monkeypatch.setenv("HOME", str(tmp_path))  # its env() creates ~/.cache/huggingface/hub
     from engines.adapters import adapter_for
     from engines.spec import ModelSpec
 
@@ -234,4 +233,3 @@ def test_adapter_builds_this_command_line(tmp_path: Path, monkeypatch: pytest.Mo
     assert adapter.request_model(spec) == os.path.abspath(model)
     env = adapter.env(spec)
     assert env["HF_HUB_OFFLINE"] == "1" and env["TOKENIZERS_PARALLELISM"] == "false"
-    assert Path(env["HF_HUB_CACHE"]).is_dir()

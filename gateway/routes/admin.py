@@ -1,0 +1,221 @@
+"""Admin API (permission ``admin``, checked by the middleware): list engines, command them, read their logs.
+
+Commands go to each replica's supervisor and return once it has carried them out (a stop: the tree is
+gone; a start or restart: the new launch is under way, readiness follows). This module never writes an
+engine's state (DESIGN.md rule 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import APIRouter, Query, Response
+from starlette.types import Receive, Scope, Send
+
+from engines import LogRing, ModelEntry, ReplicaSnapshot, Supervisor
+from engines.logs import LogFollower
+from engines.snapshot import redact_argv
+from engines.spec import ModelSpec
+from gateway.deps import GatewayState, StateDep
+from gateway.errors import EngineUnavailable, NotFound
+from gateway.routing import resolve
+
+router = APIRouter(prefix="/admin")
+log = logging.getLogger("gateway.admin")
+
+Action = Literal["start", "stop", "restart"]
+ReplicaQuery = Annotated[int | None, Query(ge=0, description="one replica; all of them when absent")]
+KEEPALIVE_S = 15.0  # an SSE comment this often, so idle proxies keep a quiet follow open
+
+
+def _json(data: Any) -> Response:
+    return Response(orjson.dumps(data), media_type="application/json")
+
+
+def engine_row(entry: ModelEntry, snap: ReplicaSnapshot) -> dict[str, Any]:
+    spec = entry.spec
+    return {
+        "model": spec.name, "replica": snap.replica, "engine": spec.engine, "load": spec.load,
+        "state": snap.state.value, "since": snap.state_since, "ready_since": snap.ready_since,
+        "pid": snap.pid, "engine_pid": snap.engine_pid, "port": snap.port,
+        "restarts": snap.restarts, "launches": snap.launches, "last_exit_code": snap.last_exit_code,
+        "last_error": snap.last_error, "health_failures": snap.health_failures, "in_flight": snap.inflight,
+        "gpus": list(spec.gpus), "argv": snap.argv,  # argv: secrets already redacted by the snapshot
+    }
+
+
+def secret_values(spec: ModelSpec) -> tuple[str, ...]:
+    """Values the engine may echo into its log (vLLM prints its non-default args, keys included)."""
+    found: list[str] = []
+    for key, value in spec.args.items():
+        if redact_argv([f"--{key}", "x"])[1] == "***":  # the snapshot's own rule for secret flags
+            found.extend(str(v) for v in (value if isinstance(value, list | tuple) else [value]))
+    found += [v for k, v in spec.env.items() if redact_argv([f"--{k}", "x"])[1] == "***"]
+    if spec.api_key_env and os.environ.get(spec.api_key_env):
+        found.append(os.environ[spec.api_key_env])
+    # Longest first, so a secret that contains another is replaced whole; short values would hit everywhere.
+    return tuple(sorted({v for v in found if len(v) >= 6}, key=len, reverse=True))
+
+
+def scrub(line: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        if secret in line:
+            line = line.replace(secret, "***")
+    return line
+
+
+def _replicas(entry: ModelEntry, replica: int | None) -> list[Supervisor]:
+    if replica is None:
+        return list(entry.replicas)
+    chosen = [sup for sup in entry.replicas if sup.replica == replica]
+    if not chosen:
+        raise NotFound(f"The model '{entry.name}' has no replica {replica}.", code="replica_not_found",
+                       param="replica")
+    return chosen
+
+
+@router.get("/engines")
+async def list_engines(state: StateDep) -> Response:
+    rows = [engine_row(e, r.snapshot()) for e in state.pool.entries() for r in e.replicas]
+    return _json({"object": "list", "data": rows})
+
+
+async def _command(state: GatewayState, model: str, replica: int | None, action: Action) -> Response:
+    entry = resolve(state.pool, model)
+    sups = _replicas(entry, replica)
+    if state.draining:
+        raise EngineUnavailable("The gateway is shutting down.", code="shutting_down")
+    commands = {"start": Supervisor.start, "stop": Supervisor.stop, "restart": Supervisor.restart}[action]
+    results = await asyncio.gather(*(commands(sup) for sup in sups), return_exceptions=True)
+    failed = [(sup, r) for sup, r in zip(sups, results, strict=True) if isinstance(r, BaseException)]
+    for sup, exc in failed:
+        log.error("admin %s of %s/%d failed: %r", action, sup.model, sup.replica, exc)
+    if failed:
+        # The only expected cause: the supervisor shut down between our lookup and its mailbox.
+        raise EngineUnavailable(f"Could not {action} '{entry.name}': its supervisor is shutting down.",
+                                code="engine_unavailable")
+    return _json({"model": entry.name, "action": action,
+                  "data": [engine_row(entry, sup.snapshot()) for sup in sups]})
+
+
+@router.post("/engines/{model:path}/start")
+async def start(model: str, state: StateDep, replica: ReplicaQuery = None) -> Response:
+    return await _command(state, model, replica, "start")
+
+
+@router.post("/engines/{model:path}/stop")
+async def stop(model: str, state: StateDep, replica: ReplicaQuery = None) -> Response:
+    return await _command(state, model, replica, "stop")
+
+
+@router.post("/engines/{model:path}/restart")
+async def restart(model: str, state: StateDep, replica: ReplicaQuery = None) -> Response:
+    return await _command(state, model, replica, "restart")
+
+
+@router.get("/engines/{model:path}/logs")
+async def logs(model: str, state: StateDep, replica: ReplicaQuery = None,
+               tail: Annotated[int | None, Query(ge=0, le=100_000)] = None, follow: bool = False) -> Response:
+    """``tail`` lines (default 100) as JSON; with ``follow``, the last ``tail`` (default 0) then live, as SSE."""
+    entry = resolve(state.pool, model)
+    sups = _replicas(entry, replica)
+    secrets = secret_values(entry.spec)
+    if follow:
+        return LogStream([(sup.replica, sup.log) for sup in sups], tail or 0, secrets, lambda: state.draining)
+    n = 100 if tail is None else tail
+    return _json({"model": entry.name, "data": [
+        {"replica": sup.replica, "total_lines": sup.log.total_lines,
+         "lines": [scrub(line, secrets) for line in sup.log.tail(n)]} for sup in sups]})
+
+
+@router.get("/engines/{model:path}")
+async def get_engine(model: str, state: StateDep) -> Response:
+    entry = resolve(state.pool, model)
+    return _json({"object": "list", "data": [engine_row(entry, r.snapshot()) for r in entry.replicas]})
+
+
+def _event(replica: int, line: str, secrets: tuple[str, ...]) -> bytes:
+    # JSON, not the raw line: a bare \r inside an engine's line would end the SSE field early.
+    return b"data: " + orjson.dumps({"replica": replica, "line": scrub(line, secrets)}) + b"\n\n"
+
+
+class LogStream(Response):
+    """SSE of log lines, live, until the client leaves, the gateway drains, or the rings close.
+
+    Pure ASGI under a Response's name (FastAPI passes a Response through untouched): it watches
+    ``http.disconnect`` itself, since a quiet log writes nothing that could fail, and it always
+    unsubscribes its followers.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, rings: list[tuple[int, LogRing]], backlog: int, secrets: tuple[str, ...],
+                 stopping: Callable[[], bool]) -> None:
+        self._rings = rings
+        self._backlog = backlog
+        self._secrets = secrets
+        self._stopping = stopping
+        self.background = None
+        self.status_code = 200
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Subscribe and read the backlog with no await between: no line is lost or sent twice.
+        followers = [(replica, ring.subscribe()) for replica, ring in self._rings]
+        backlog = [(replica, line) for replica, ring in self._rings for line in ring.tail(self._backlog)]
+        write_lock = asyncio.Lock()
+
+        async def write(body: bytes) -> None:
+            async with write_lock:
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+
+        async def pump(replica: int, follower: LogFollower) -> None:
+            async for line in follower:
+                await write(_event(replica, line, self._secrets))
+
+        async def pumps() -> None:
+            await asyncio.gather(*(pump(replica, follower) for replica, follower in followers))
+
+        async def left() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        async def ticker() -> None:
+            waited = 0.0
+            while not self._stopping():
+                await asyncio.sleep(1.0)
+                waited += 1.0
+                if waited >= KEEPALIVE_S:
+                    waited = 0.0
+                    await write(b": keepalive\n\n")
+
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no")]})
+            for replica, line in backlog:
+                await write(_event(replica, line, self._secrets))
+            tasks = [asyncio.create_task(c) for c in (left(), pumps(), ticker())]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            gone = tasks[0].done()
+            await _end(tasks, followers)
+            if not gone:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # uvicorn's ClientDisconnected: the client left while we wrote
+        finally:
+            await _end(tasks, followers)
+
+
+async def _end(tasks: list[asyncio.Task[None]], followers: list[tuple[int, LogFollower]]) -> None:
+    """Unsubscribe (so the ring stops feeding a dead stream) and wait for the helpers to finish."""
+    for _, follower in followers:
+        follower.close()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
