@@ -24,6 +24,7 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from gateway.drain import InFlight
 from gateway.errors import (
     EngineUnavailable,
     GatewayError,
@@ -89,7 +90,7 @@ class Relay(Response):
         clocks: Clocks,
         request_id: str,
         metrics: Metrics,
-        on_done: Callable[[], None] | None = None,
+        in_flight: InFlight,
     ) -> None:
         self.session = session
         self.target = target
@@ -98,15 +99,18 @@ class Relay(Response):
         self.clocks = clocks
         self.request_id = request_id
         self.metrics = metrics
-        self.on_done = on_done
+        self.in_flight = in_flight
+        self._task: asyncio.Task[Any] | None = None
+        self._shutdown = False
         self._disconnected = False
         self._started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         t0 = scope.get("gateway.t0", loop.time())
-        task = asyncio.current_task()
+        task = self._task = asyncio.current_task()
         assert task is not None
+        self.in_flight.add(self)
         watcher = loop.create_task(self._watch(receive, task))
         target = self.target
         target.replica.inflight += 1
@@ -141,11 +145,17 @@ class Relay(Response):
         except GatewayError as exc:
             await self._fail(send, exc)
         except asyncio.CancelledError:
-            if not self._disconnected:
+            if self._shutdown:
+                task.uncancel()
+                outcome.error_kind = "shutdown"
+                await self._fail(send, EngineUnavailable("The gateway is shutting down; retry.",
+                                                         code="server_shutting_down", retry_after=1))
+            elif self._disconnected:
+                task.uncancel()
+                scope[STATUS_KEY] = 499
+                outcome.error_kind = "client_disconnected"
+            else:
                 raise
-            task.uncancel()
-            scope[STATUS_KEY] = 499
-            outcome.error_kind = "client_disconnected"
         finally:
             watcher.cancel()
             if response is not None:
@@ -153,8 +163,13 @@ class Relay(Response):
             target.replica.inflight -= 1
             in_flight.dec()
             self._record(outcome)
-            if self.on_done is not None:
-                self.on_done()
+            self.in_flight.discard(self)
+
+    def abort_for_shutdown(self) -> None:
+        """End this request now with a clean error (the drain deadline passed)."""
+        if self._task is not None and not self._task.done():
+            self._shutdown = True
+            self._task.cancel()
 
     async def _watch(self, receive: Receive, task: asyncio.Task[Any]) -> None:
         while True:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +113,51 @@ def _ready(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def _stream(url: str, out: list[bytes]) -> None:
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=30,
+                      json={"model": "chat", "messages": MESSAGES, "max_tokens": 12, "stream": True,
+                            "ignore_eos": True}) as r:
+        out.append(b"".join(r.iter_raw()))
+
+
+def test_sigterm_drains_in_flight_streams_then_stops(tmp_path: Path) -> None:
+    import threading
+
+    config = _config("token-interval=0.15")
+    config["server"]["drain_timeout"] = 10
+    with run_gateway(config, tmp_path) as gw:
+        bodies: list[bytes] = []
+        threads = [threading.Thread(target=_stream, args=(gw.url, bodies)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        assert wait_until(lambda: "in_flight\": 3" in httpx.get(gw.url + "/health", timeout=2).text.replace(
+            "in_flight\":3", "in_flight\": 3"), 5)
+        gw.proc.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: httpx.get(gw.url + "/ready", timeout=2).status_code == 503, 2)
+        late = _chat(gw.url)
+        assert late.status_code == 503 and late.json()["error"]["code"] == "server_shutting_down"
+        for t in threads:
+            t.join(20)
+        assert len(bodies) == 3 and all(b.endswith(b"data: [DONE]\n\n") for b in bodies)
+        assert gw.proc.wait(20) in (0, -signal.SIGTERM)
+        assert wait_until(lambda: not gw.engine_pids(), 5)
+
+
+def test_stream_outliving_the_drain_ends_with_an_error_event(tmp_path: Path) -> None:
+    import threading
+
+    config = _config("token-interval=0.5")
+    config["server"]["drain_timeout"] = 1
+    with run_gateway(config, tmp_path) as gw:
+        bodies: list[bytes] = []
+        thread = threading.Thread(target=_stream, args=(gw.url, bodies))
+        thread.start()
+        time.sleep(0.8)
+        started = time.monotonic()
+        gw.proc.send_signal(signal.SIGTERM)
+        thread.join(15)
+        assert gw.proc.wait(15) in (0, -signal.SIGTERM)
+        assert time.monotonic() - started < 8
+        assert bodies and b"server_shutting_down" in bodies[0] and b"[DONE]" not in bodies[0]

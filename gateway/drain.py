@@ -1,0 +1,93 @@
+"""Graceful shutdown: stop taking work, let what is in flight finish, then end the stragglers cleanly.
+
+On the first SIGTERM/SIGINT the gateway starts draining: ``/ready`` answers 503 at once (an orchestrator
+stops sending traffic), new model requests get 503, and in-flight requests — streams included — may
+finish until ``server.drain_timeout``. Streams still open then end with one SSE error event
+(``server_shutting_down``), never a silent cut. Only then does uvicorn stop and the lifespan stop the
+engines. A second signal skips the wait; the engines still go down (the lifespan, or failing that
+each engine's reaper when the gateway's lifeline closes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+log = logging.getLogger("gateway")
+
+
+class InFlight:
+    """The relays answering right now; each registers itself for the duration of its call."""
+
+    def __init__(self) -> None:
+        self.relays: set[Any] = set()  # gateway.relay.Relay (not imported: relay imports this module)
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def add(self, relay: Any) -> None:
+        self.relays.add(relay)
+        self._idle.clear()
+
+    def discard(self, relay: Any) -> None:
+        self.relays.discard(relay)
+        if not self.relays:
+            self._idle.set()
+
+    async def drain(self, grace: float) -> None:
+        self.draining = True
+        if self.relays:
+            log.info("draining: waiting up to %.0fs for %d request(s) in flight", grace, len(self.relays))
+        if await self._wait_idle(grace):
+            return
+        log.warning("drain deadline passed: ending %d request(s) still in flight", len(self.relays))
+        for relay in list(self.relays):
+            relay.abort_for_shutdown()
+        await self._wait_idle(2.0)
+
+    async def _wait_idle(self, seconds: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._idle.wait()
+        return self._idle.is_set()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a drain between the first signal and the stop."""
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self._drain = drain
+        self._drain_started = False
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_started:
+            log.warning("second signal: stopping now")
+            self.force_exit = True
+            self.should_exit = True
+            return
+        self._drain_started = True
+        log.info("%s received: draining", signal.Signals(sig).name)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # the loop is not running yet (a signal during start-up): just stop
+            self.should_exit = True
+            return
+        loop.call_soon_threadsafe(self._begin)
+
+    def _begin(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._run_drain())
+
+    async def _run_drain(self) -> None:
+        try:
+            await self._drain()
+        finally:
+            self.should_exit = True
