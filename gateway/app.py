@@ -61,7 +61,7 @@ def create_app(config: Config, *, gpus: GpuProbe | None = None) -> FastAPI:
             app.state.gateway = state
             yield
         finally:
-            state.draining = True
+            state.in_flight.draining = True
             await state.pool.stop()
             await state.media.close()
             await state.upstream.close()

@@ -30,6 +30,7 @@ _PERMISSION_BY_PATH: dict[str, str] = {
     "/analyze": "chat",
     "/analyze/upload": "chat",
     "/generate": "completions",
+    "/generate_stream": "completions",
     "/gpu/status": "admin",
 }
 

@@ -42,6 +42,7 @@ def serve(config: Config) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.drain import DrainingServer
     from gateway.logs import configure_logging
 
     s = config.server
@@ -49,12 +50,18 @@ def serve(config: Config) -> int:
     if not config.auth.api_keys and not _is_loopback(s.host):
         log.warning("NO API KEYS ARE CONFIGURED and the gateway listens on %s: anyone who can reach port %d "
                     "can use every model. Add auth.api_keys to the config.", s.host, s.port)
+    app = create_app(config)
+
+    async def drain() -> None:
+        state = getattr(app.state, "gateway", None)
+        if state is not None:
+            await state.in_flight.drain(s.drain_timeout)
+
     uv = uvicorn.Config(
-        create_app(config), host=s.host, port=s.port, loop="uvloop", http="httptools", lifespan="on",
-        access_log=s.access_log, log_config=None, timeout_graceful_shutdown=int(s.drain_timeout) or None,
-        server_header=False,
+        app, host=s.host, port=s.port, loop="uvloop", http="httptools", lifespan="on",
+        access_log=s.access_log, log_config=None, timeout_graceful_shutdown=5, server_header=False,
     )
-    uvicorn.Server(uv).run()
+    DrainingServer(uv, drain).run()
     return 0
 
 

@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from engines import EnginePool
 from gateway.auth import KeyRing
 from gateway.config import Config
+from gateway.drain import InFlight
 from gateway.gpu import GpuProbe
 from gateway.media import MediaNormalizer
 from gateway.metrics import Metrics
@@ -27,8 +28,12 @@ class GatewayState:
     keys: KeyRing
     clocks: Clocks
     gpus: GpuProbe
+    in_flight: InFlight = field(default_factory=InFlight)
     started_at: float = field(default_factory=time.time)
-    draining: bool = False
+
+    @property
+    def draining(self) -> bool:
+        return self.in_flight.draining
 
 
 def get_state(request: Request) -> GatewayState:

@@ -28,6 +28,7 @@ ENDPOINTS: dict[str, str] = {
     "/v1/rerank": "rerank",
     "/v1/models": "models",
     "/generate": "generate",
+    "/generate_stream": "generate",
     "/infer": "infer",
     "/infer/upload": "infer",
     "/analyze": "analyze",

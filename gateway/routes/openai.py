@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request, Response
 from engines import ModelEntry
 from engines.adapters import OPENAI_PATHS
 from gateway.deps import GatewayState, StateDep
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, EngineUnavailable
 from gateway.media import MediaNormalizer
 from gateway.middleware import MODEL_KEY, REQUEST_ID_KEY
 from gateway.payload import check_fields, model_name, parse_json_object, read_body
@@ -46,7 +46,13 @@ async def forward(request: Request, state: GatewayState, endpoint: str) -> Relay
 
 
 def route(request: Request, state: GatewayState, name: str, endpoint: str) -> ModelEntry:
-    """The entry serving ``name`` (404 if none); 400 when its engine does not serve ``endpoint``."""
+    """The entry serving ``name`` (404 if none); 400 when its engine does not serve ``endpoint``.
+
+    Every model endpoint passes here, so this is also where a draining gateway turns new work away.
+    """
+    if state.draining:
+        raise EngineUnavailable("The gateway is shutting down; retry on another instance.",
+                                code="server_shutting_down", retry_after=state.config.server.retry_after)
     entry = resolve(state.pool, name)
     request.scope[MODEL_KEY] = entry.spec.name
     if endpoint not in entry.adapter.endpoints:
@@ -91,7 +97,7 @@ async def relay(
         transform=transform,
     )
     return Relay(state.upstream.session, target, orjson.dumps(body), stream=stream, clocks=state.clocks,
-                 request_id=request_id, metrics=state.metrics)
+                 request_id=request_id, metrics=state.metrics, in_flight=state.in_flight)
 
 
 def model_rewrite(engine_name: str | None, served: str) -> tuple[tuple[bytes, bytes], ...]:
