@@ -25,6 +25,7 @@ from pathlib import Path
 
 from engines import procfs
 from engines.logs import LineSplitter, LogRing
+from engines.redact import scrub
 
 REAPER_PATH = Path(__file__).with_name("reaper.py")
 STOP_MARGIN = 2.0  # beyond the grace: the reaper's own SIGKILL round and reaping
@@ -82,8 +83,10 @@ class EngineProcess:
     cleanup after an exit (it verifies that nothing with the tag is left and closes the pipes)."""
 
     def __init__(self, argv: Sequence[str], *, engine_id: str, env: Mapping[str, str] | None = None,
-                 log: LogRing | None = None, logger: logging.Logger | None = None, grace: float = 20.0) -> None:
+                 log: LogRing | None = None, logger: logging.Logger | None = None, grace: float = 20.0,
+                 secrets: tuple[str, ...] = ()) -> None:
         self.argv = list(argv)
+        self.secrets = secrets
         self.engine_id = engine_id
         self.grace = grace
         self.log = log if log is not None else LogRing()
@@ -129,6 +132,8 @@ class EngineProcess:
             self._pidfd = os.pidfd_open(transport.get_pid())
 
     def _line(self, line: str) -> None:
+        if self.secrets:
+            line = scrub(line, self.secrets)
         self.log.append(line)
         if self._logger.isEnabledFor(logging.INFO):
             self._logger.info("[%s] %s", self.engine_id, line)

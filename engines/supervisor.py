@@ -33,6 +33,7 @@ from engines.health import probe
 from engines.logs import LogRing
 from engines.mailbox import Command, Mailbox
 from engines.process import EngineProcess
+from engines.redact import secret_values
 from engines.snapshot import ReplicaSnapshot, redact_argv
 from engines.spec import ModelSpec
 from engines.state import EngineState, StateChanged, can_transition
@@ -258,7 +259,7 @@ class Supervisor:
         self.health_failures = 0
         self.log.append(f"[gateway] launch {self.launches}: {' '.join(redact_argv(argv))}")
         proc = EngineProcess(argv, engine_id=engine_id, env=self.adapter.env(self.spec), log=self.log,
-                             logger=self._logger, grace=self.spec.stop_grace)
+                             logger=self._logger, grace=self.spec.stop_grace, secrets=secret_values(self.spec))
         await proc.start()
         self._proc = proc
         self._exit_task = asyncio.ensure_future(proc.wait())

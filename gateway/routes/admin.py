@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -19,8 +18,6 @@ from starlette.types import Receive, Scope, Send
 
 from engines import LogRing, ModelEntry, ReplicaSnapshot, Supervisor
 from engines.logs import LogFollower
-from engines.snapshot import redact_argv
-from engines.spec import ModelSpec
 from gateway.deps import GatewayState, StateDep
 from gateway.errors import EngineUnavailable, NotFound
 from gateway.routing import resolve
@@ -31,6 +28,7 @@ log = logging.getLogger("gateway.admin")
 Action = Literal["start", "stop", "restart"]
 ReplicaQuery = Annotated[int | None, Query(ge=0, description="one replica; all of them when absent")]
 KEEPALIVE_S = 15.0  # an SSE comment this often, so idle proxies keep a quiet follow open
+DRAIN_POLL_S = 0.5  # a follow ends this soon after SIGTERM starts the drain, so it never holds up a stop
 
 
 def _json(data: Any) -> Response:
@@ -49,24 +47,10 @@ def engine_row(entry: ModelEntry, snap: ReplicaSnapshot) -> dict[str, Any]:
     }
 
 
-def secret_values(spec: ModelSpec) -> tuple[str, ...]:
-    """Values the engine may echo into its log (vLLM prints its non-default args, keys included)."""
-    found: list[str] = []
-    for key, value in spec.args.items():
-        if redact_argv([f"--{key}", "x"])[1] == "***":  # the snapshot's own rule for secret flags
-            found.extend(str(v) for v in (value if isinstance(value, list | tuple) else [value]))
-    found += [v for k, v in spec.env.items() if redact_argv([f"--{k}", "x"])[1] == "***"]
-    if spec.api_key_env and os.environ.get(spec.api_key_env):
-        found.append(os.environ[spec.api_key_env])
-    # Longest first, so a secret that contains another is replaced whole; short values would hit everywhere.
-    return tuple(sorted({v for v in found if len(v) >= 6}, key=len, reverse=True))
-
-
-def scrub(line: str, secrets: tuple[str, ...]) -> str:
-    for secret in secrets:
-        if secret in line:
-            line = line.replace(secret, "***")
-    return line
+@router.get("/engines")
+async def list_engines(state: StateDep) -> Response:
+    rows = [engine_row(e, r.snapshot()) for e in state.pool.entries() for r in e.replicas]
+    return _json({"object": "list", "data": rows})
 
 
 def _replicas(entry: ModelEntry, replica: int | None) -> list[Supervisor]:
@@ -77,12 +61,6 @@ def _replicas(entry: ModelEntry, replica: int | None) -> list[Supervisor]:
         raise NotFound(f"The model '{entry.name}' has no replica {replica}.", code="replica_not_found",
                        param="replica")
     return chosen
-
-
-@router.get("/engines")
-async def list_engines(state: StateDep) -> Response:
-    rows = [engine_row(e, r.snapshot()) for e in state.pool.entries() for r in e.replicas]
-    return _json({"object": "list", "data": rows})
 
 
 async def _command(state: GatewayState, model: str, replica: int | None, action: Action) -> Response:
@@ -124,13 +102,12 @@ async def logs(model: str, state: StateDep, replica: ReplicaQuery = None,
     """``tail`` lines (default 100) as JSON; with ``follow``, the last ``tail`` (default 0) then live, as SSE."""
     entry = resolve(state.pool, model)
     sups = _replicas(entry, replica)
-    secrets = secret_values(entry.spec)
     if follow:
-        return LogStream([(sup.replica, sup.log) for sup in sups], tail or 0, secrets, lambda: state.draining)
+        return LogStream([(sup.replica, sup.log) for sup in sups], tail or 0, lambda: state.draining)
     n = 100 if tail is None else tail
     return _json({"model": entry.name, "data": [
         {"replica": sup.replica, "total_lines": sup.log.total_lines,
-         "lines": [scrub(line, secrets) for line in sup.log.tail(n)]} for sup in sups]})
+         "lines": sup.log.tail(n)} for sup in sups]})  # engine output is scrubbed of secrets at the pipe
 
 
 @router.get("/engines/{model:path}")
@@ -139,9 +116,9 @@ async def get_engine(model: str, state: StateDep) -> Response:
     return _json({"object": "list", "data": [engine_row(entry, r.snapshot()) for r in entry.replicas]})
 
 
-def _event(replica: int, line: str, secrets: tuple[str, ...]) -> bytes:
+def _event(replica: int, line: str) -> bytes:
     # JSON, not the raw line: a bare \r inside an engine's line would end the SSE field early.
-    return b"data: " + orjson.dumps({"replica": replica, "line": scrub(line, secrets)}) + b"\n\n"
+    return b"data: " + orjson.dumps({"replica": replica, "line": line}) + b"\n\n"
 
 
 class LogStream(Response):
@@ -154,11 +131,9 @@ class LogStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, rings: list[tuple[int, LogRing]], backlog: int, secrets: tuple[str, ...],
-                 stopping: Callable[[], bool]) -> None:
+    def __init__(self, rings: list[tuple[int, LogRing]], backlog: int, stopping: Callable[[], bool]) -> None:
         self._rings = rings
         self._backlog = backlog
-        self._secrets = secrets
         self._stopping = stopping
         self.background = None
         self.status_code = 200
@@ -175,7 +150,7 @@ class LogStream(Response):
 
         async def pump(replica: int, follower: LogFollower) -> None:
             async for line in follower:
-                await write(_event(replica, line, self._secrets))
+                await write(_event(replica, line))
 
         async def pumps() -> None:
             await asyncio.gather(*(pump(replica, follower) for replica, follower in followers))
@@ -185,12 +160,13 @@ class LogStream(Response):
                 pass
 
         async def ticker() -> None:
-            waited = 0.0
+            # Polled, not awaited: the drain flag is a plain bool set by the signal handler's drain.
+            quiet = 0.0
             while not self._stopping():
-                await asyncio.sleep(1.0)
-                waited += 1.0
-                if waited >= KEEPALIVE_S:
-                    waited = 0.0
+                await asyncio.sleep(DRAIN_POLL_S)
+                quiet += DRAIN_POLL_S
+                if quiet >= KEEPALIVE_S:
+                    quiet = 0.0
                     await write(b": keepalive\n\n")
 
         tasks: list[asyncio.Task[None]] = []
@@ -199,7 +175,7 @@ class LogStream(Response):
                 (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no")]})
             for replica, line in backlog:
-                await write(_event(replica, line, self._secrets))
+                await write(_event(replica, line))
             tasks = [asyncio.create_task(c) for c in (left(), pumps(), ticker())]
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             gone = tasks[0].done()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,8 +112,20 @@ def test_logs_tail_has_the_engine_startup_lines(gateway: Gateway) -> None:
     assert len(two) == 2
 
 
+def settled_admin_requests(gw: Gateway) -> float:
+    """The count once the requests before it have been counted (that happens just after their last byte)."""
+    last = admin_requests(gw)
+    for _ in range(20):
+        time.sleep(0.1)
+        now = admin_requests(gw)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError("the admin request count does not settle")
+
+
 def test_logs_follow_streams_new_lines_and_ends_on_disconnect(gateway: Gateway) -> None:
-    before = admin_requests(gateway)
+    before = settled_admin_requests(gateway)
     seen: list[dict[str, Any]] = []
     deadline = time.monotonic() + 10
     with httpx.Client(headers=OPS, timeout=5) as client, \
@@ -121,15 +134,18 @@ def test_logs_follow_streams_new_lines_and_ends_on_disconnect(gateway: Gateway) 
         assert stream.status_code == 200
         assert stream.headers["content-type"].startswith("text/event-stream")
         assert httpx.post(gateway.url + "/v1/chat/completions", json=CHAT, headers=APP, timeout=5).status_code == 200
-        for line in stream.iter_lines():
+        lines = stream.iter_lines()
+        for line in lines:
             if line.startswith("data: "):
                 seen.append(json.loads(line[len("data: "):]))
             if any("POST /v1/chat/completions" in e["line"] for e in seen) or time.monotonic() > deadline:
                 break
         # Still open: the follow counts as finished only once it ends.
         assert admin_requests(gateway) == before
+        lines.close()  # leaving the line iterator drops the connection (httpx closes an abandoned stream)
     assert len(seen) >= 4 and all(e["replica"] == 0 for e in seen)
     assert not any("sk-engine-secret" in e["line"] for e in seen)
+    assert "sk-engine-secret" not in gateway.log()  # scrubbed at the pipe: the gateway's own log is clean too
     assert any("POST /v1/chat/completions" in e["line"] for e in seen[3:]), seen
     # The client left: the gateway ends the stream (and unsubscribes) although the engine keeps logging.
     assert wait_until(lambda: admin_requests(gateway) == before + 1, 5)
@@ -170,3 +186,17 @@ def test_stop_start_restart(gateway: Gateway) -> None:
     assert third["launches"] == second["launches"] + 1 and third["restarts"] == 0  # commanded, not a crash
     assert httpx.post(gateway.url + "/v1/chat/completions", json=CHAT, headers=APP, timeout=5).status_code == 200
     assert len(gateway.engine_pids()) >= 1
+
+
+def test_an_open_follow_does_not_hold_up_shutdown(tmp_path: Path) -> None:
+    config = {"models": {"chat": {"engine": "vllm", "model": "org/chat-model", "command": standin_command("vllm"),
+                                  "health": {"interval": 0.5, "startup_interval": 0.1}, "stop_grace": 3}}}
+    with run_gateway(config, tmp_path, ready_timeout=20) as gw, \
+            httpx.stream("GET", gw.url + "/admin/engines/chat/logs", params={"follow": "true"}, timeout=5) as stream:
+        assert stream.status_code == 200
+        gw.proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        for _ in stream.iter_lines():  # engine lines keep coming until the drain ends the stream
+            assert time.monotonic() - started < 5, "the follow outlived the drain"
+        assert time.monotonic() - started < 3
+        assert gw.proc.wait(10) == 0
