@@ -101,6 +101,18 @@ def _gateway_vars(pid: int) -> dict[str, str] | None:
     return found
 
 
+def engine_tag(pid: int) -> Tagged | None:
+    """The launch tag a process carries in its environment, if any."""
+    tags = _gateway_vars(pid)
+    if not tags or TAG_VAR not in tags:
+        return None
+    try:
+        owner = int(tags.get(OWNER_VAR, "0"))
+    except ValueError:
+        owner = 0
+    return Tagged(pid, tags[TAG_VAR], owner, tags.get(OWNER_START_VAR))
+
+
 def tagged_processes(*, engine_id: str | None = None, owner_pid: int | None = None) -> list[Tagged]:
     """Live processes that carry an engine tag (optionally exactly this one, of this owner)."""
     me = os.getpid()
@@ -108,20 +120,26 @@ def tagged_processes(*, engine_id: str | None = None, owner_pid: int | None = No
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == me:
             continue
-        pid = int(name)
-        tags = _gateway_vars(pid)
-        if not tags or TAG_VAR not in tags or not is_alive(pid):
+        tagged = engine_tag(int(name))
+        if tagged is None or not is_alive(tagged.pid):
             continue
-        try:
-            owner = int(tags.get(OWNER_VAR, "0"))
-        except ValueError:
-            owner = 0
-        if engine_id is not None and tags[TAG_VAR] != engine_id:
+        if engine_id is not None and tagged.engine_id != engine_id:
             continue
-        if owner_pid is not None and owner != owner_pid:
+        if owner_pid is not None and tagged.owner_pid != owner_pid:
             continue
-        found.append(Tagged(pid, tags[TAG_VAR], owner, tags.get(OWNER_START_VAR)))
+        found.append(tagged)
     return found
+
+
+def descendants(root: int, limit: int = 4096) -> set[int]:
+    """``root`` and every process below it, at most ``limit`` (a fork bomb must not stall the caller)."""
+    seen, todo = {root}, [root]
+    while todo and len(seen) < limit:
+        for child in children(todo.pop()):
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
+    return seen
 
 
 def owner_alive(tagged: Tagged) -> bool:

@@ -16,8 +16,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Response
 
-from engines import EngineState, ReplicaSnapshot
-from engines.procfs import OWNER_VAR, TAG_VAR, children
+from engines import EngineState, ReplicaSnapshot, procfs
 from gateway.deps import StateDep
 from gateway.gpu import GpuInfo, GpuReport
 
@@ -37,32 +36,12 @@ class Holder:
 
 def _engine_tag(pid: int) -> tuple[str, int] | None:
     """(model, replica) from the launch tag in the process's environment, if this gateway launched it."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as fh:
-            raw = fh.read()
-    except OSError:
-        return None
-    found: dict[bytes, bytes] = {}
-    for entry in raw.split(b"\0"):
-        key, _, value = entry.partition(b"=")
-        if key in (TAG_VAR.encode(), OWNER_VAR.encode()):
-            found[key] = value
-    tag, owner = found.get(TAG_VAR.encode()), found.get(OWNER_VAR.encode())
-    if tag is None or owner != str(os.getpid()).encode():
+    tagged = procfs.engine_tag(pid)
+    if tagged is None or tagged.owner_pid != os.getpid():
         return None  # another gateway's engine (or its leftover) is not ours to name
-    head, _, _launch = tag.decode("utf-8", "replace").rpartition("/")  # <model>/<replica>/<launch>
+    head, _, _launch = tagged.engine_id.rpartition("/")  # <model>/<replica>/<launch>
     model, _, replica = head.rpartition("/")  # a model name may itself hold slashes
     return (model, int(replica)) if model and replica.isdigit() else None
-
-
-def _tree(root: int) -> set[int]:
-    seen, todo = {root}, [root]
-    while todo and len(seen) < _MAX_TREE:
-        for child in children(todo.pop()):
-            if child not in seen:
-                seen.add(child)
-                todo.append(child)
-    return seen
 
 
 def owners_of(pids: Iterable[int], holders: Sequence[Holder]) -> dict[int, tuple[str, int]]:
@@ -83,7 +62,7 @@ def owners_of(pids: Iterable[int], holders: Sequence[Holder]) -> dict[int, tuple
         for holder in holders:
             snap = holder.snapshot
             roots = {p for p in (snap.pid, snap.engine_pid) if p}
-            tree = set().union(*(_tree(root) for root in roots)) if roots else set()
+            tree = set().union(*(procfs.descendants(root, _MAX_TREE) for root in roots)) if roots else set()
             for pid in untagged:
                 if pid in tree:
                     owners.setdefault(pid, (snap.model, snap.replica))
