@@ -135,8 +135,11 @@ class EngineProcess:
         if self.secrets:
             line = scrub(line, self.secrets)
         self.log.append(line)
-        if self._logger.isEnabledFor(logging.INFO):
-            self._logger.info("[%s] %s", self.engine_id, line)
+        # The engine's access line for our own health probe, every few seconds per engine, would bury
+        # everything else in the gateway's log; it stays in the ring and at debug level.
+        level = logging.DEBUG if '"GET /health HTTP/1.1" 200' in line else logging.INFO
+        if self._logger.isEnabledFor(level):
+            self._logger.log(level, "[%s] %s", self.engine_id, line)
 
     # -- what it is -----------------------------------------------------------------------------------
 
