@@ -75,12 +75,12 @@ def check(config: Config) -> int:
         if not adapter.spawns:
             print(f"  remote: {spec.url}")
             continue
-        port = spec.port or 0
-        argv = adapter.argv(spec, spec.host, port)
-        env = adapter.env(spec)
-        shown = shlex.join(argv) if port else shlex.join(argv).replace("--port 0", "--port <free port>").replace(
-            "--server-port 0", "--server-port <free port>")
-        print("  " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())) + (" " if env else "") + shown)
+        argv = adapter.argv(spec, spec.host, spec.port or 0)
+        if spec.port is None:  # the port is picked free at each launch
+            argv = ["<free port>" if a == "0" and flag in ("--port", "--server-port") else a
+                    for flag, a in zip(["", *argv], argv, strict=False)]
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(adapter.env(spec).items()))
+        print(f"  {env} {shlex.join(argv)}" if env else f"  {shlex.join(argv)}")
     print(f"config OK: {len(config.models)} model(s)")
     return 0
 
