@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.auth import KeyRing
 from gateway.errors import GatewayError, error_body
+from gateway.logs import request_id_var
 from gateway.metrics import Metrics
 from gateway.relay import STATUS_KEY, send_error
 
@@ -76,6 +77,7 @@ class GatewayMiddleware:
         if request_id is None:
             request_id = os.urandom(12).hex()
         scope[REQUEST_ID_KEY] = request_id
+        request_id_var.set(request_id)  # this task's context only: uvicorn runs each request in its own task
         path: str = scope["path"]
         status = 500
         started = False

@@ -351,7 +351,7 @@ class Relay(Response):
         if outcome.error_kind is not None:
             m.upstream_errors.labels(model, outcome.error_kind).inc()
             if outcome.error_kind != "client_disconnected":
-                log.warning("request %s to %s failed: %s", self.request_id, model, outcome.error_kind)
+                log.warning("request to %s failed: %s", model, outcome.error_kind)
 
 
 def _complete(stream_end: str, last: bytes) -> bool:
