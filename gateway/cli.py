@@ -43,6 +43,7 @@ def serve(config: Config) -> int:
 
     from gateway.app import create_app
     from gateway.drain import DrainingServer
+    from gateway.http_protocol import GuardedHttpToolsProtocol
     from gateway.logs import configure_logging
 
     s = config.server
@@ -57,8 +58,9 @@ def serve(config: Config) -> int:
         if state is not None:
             await state.in_flight.drain(s.drain_timeout)
 
+    protocol = type("Protocol", (GuardedHttpToolsProtocol,), {"header_timeout": s.header_timeout})
     uv = uvicorn.Config(
-        app, host=s.host, port=s.port, loop="uvloop", http="httptools", lifespan="on",
+        app, host=s.host, port=s.port, loop="uvloop", http=protocol, lifespan="on",
         access_log=s.access_log, log_config=None, timeout_graceful_shutdown=5, server_header=False,
     )
     DrainingServer(uv, drain).run()

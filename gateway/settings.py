@@ -27,6 +27,8 @@ class ServerSettings(BaseSettings):
     # Client side: a body larger than this is refused before parsing; a body that trickles is cut off.
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
     body_timeout: float = Field(30.0, gt=0)
+    # From a request's first byte to the end of its headers (uvicorn itself has no such deadline).
+    header_timeout: float = Field(10.0, gt=0)
     # How long a request may wait for a model that is starting (on-demand load) before a 503.
     queue_timeout: float = Field(30.0, ge=0)
     retry_after: float = Field(5.0, gt=0)

@@ -1,0 +1,99 @@
+"""Slow and oversized request heads are refused at the HTTP layer, in the error shape (RELIABILITY G3, G5, G6)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers import Gateway, run_gateway
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with run_gateway({"server": {"header_timeout": 1}}, tmp_path_factory.mktemp("limits")) as gw:
+        yield gw
+
+
+def _exchange(gw: Gateway, data: bytes, *, wait: float = 5) -> bytes:
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=wait) as sock:
+        sock.sendall(data)
+        return _read_all(sock)
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    out = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (TimeoutError, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def _status_and_error(raw: bytes) -> tuple[int, dict[str, object]]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("headers", [
+    b"X-Big: " + b"x" * 40_000 + b"\r\n",
+    b"".join(b"X-H%d: v\r\n" % i for i in range(150)),
+])
+def test_too_many_or_too_large_headers_get_431(gateway: Gateway, headers: bytes) -> None:
+    status, error = _status_and_error(_exchange(gateway, b"GET /health HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n"))
+    assert status == 431 and error["code"] == "request_header_fields_too_large"
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"0\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n{}{}}",
+    b"GET /health HTTP/1.1\rHost: x\r\n\r\n",
+])
+def test_smuggling_shapes_get_400_and_close(gateway: Gateway, request_bytes: bytes) -> None:
+    status, error = _status_and_error(_exchange(gateway, request_bytes))
+    assert status == 400 and error["code"] == "invalid_http_request"
+
+
+def test_headers_that_trickle_get_408_and_the_socket_closed(gateway: Gateway) -> None:
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        for _ in range(3):
+            time.sleep(0.4)
+            sock.sendall(b"X-Slow: 1\r\n")
+        raw = _read_all(sock)
+        assert time.monotonic() - started < 4
+    status, error = _status_and_error(raw)
+    assert status == 408 and error["code"] == "request_timeout"
+
+
+def test_a_silent_connection_is_closed(gateway: Gateway) -> None:
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+        started = time.monotonic()
+        raw = _read_all(sock)
+        assert time.monotonic() - started < 4
+    assert raw.startswith(b"HTTP/1.1 408")
+
+
+def test_keep_alive_requests_are_not_cut(gateway: Gateway) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=5)
+    try:
+        sockets = []
+        for _ in range(2):
+            connection.request("GET", "/health")
+            response = connection.getresponse()
+            assert response.status == 200 and response.read()
+            sockets.append(connection.sock)
+            time.sleep(1.5)  # longer than the header deadline, shorter than the keep-alive timeout
+        assert sockets[0] is sockets[1]  # http.client would have reconnected had the server closed it
+    finally:
+        connection.close()
