@@ -8,6 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 EngineKind = Literal["vllm", "lmdeploy", "lightllm", "sglang", "transformers", "openai"]
 ENGINE_KINDS: tuple[str, ...] = ("vllm", "lmdeploy", "lightllm", "sglang", "transformers", "openai")
+# What a model does, as read from its own files (engines/discovery): it decides the engine and its flags.
+ModelKind = Literal["chat", "vision", "embedding", "rerank"]
+MODEL_KINDS: tuple[str, ...] = ("chat", "vision", "embedding", "rerank")
 
 
 class _Frozen(BaseModel):
@@ -36,6 +39,18 @@ class RestartPolicy(_Frozen):
     stable_after: float = Field(120.0, ge=0)  # this long READY resets the backoff
 
 
+class OutlierPolicy(_Frozen):
+    """Passive health on real traffic, Envoy's outlier detection: ``consecutive_failures`` in a row (connect
+    errors, 5xx, broken streams, timeouts) take a replica out of rotation for ``base_ejection_time`` times the
+    times it was ejected, at most ``max_ejection_time``; at most ``max_ejection_percent`` of a model's
+    replicas are out at once, and never its last healthy one."""
+
+    consecutive_failures: int = Field(5, ge=1)
+    base_ejection_time: float = Field(10.0, gt=0)
+    max_ejection_time: float = Field(300.0, gt=0)
+    max_ejection_percent: float = Field(50.0, ge=0, le=100)
+
+
 class ModelSpec(_Frozen):
     """One entry of ``models:``. ``name`` is the key clients send as ``model``."""
 
@@ -46,19 +61,31 @@ class ModelSpec(_Frozen):
     api_key_env: str | None = None  # engine "openai": the variable that holds the remote key
     aliases: tuple[str, ...] = ()
     display_name: str | None = None
+    # Flat: every GPU of the model, split evenly across its replicas. Written as one list per replica
+    # (``[[0, 1], [2, 3]]``) it is flattened here and the split kept in ``replica_gpus``.
     gpus: tuple[int, ...] = ()
+    replicas: int = Field(1, ge=1)
+    replica_gpus: tuple[tuple[int, ...], ...] = ()  # derived from gpus and replicas (one tuple per replica)
     command: tuple[str, ...] | None = None
     args: dict[str, Any] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int | None = Field(None, ge=1, le=65535)
     load: Literal["eager", "on_demand"] = "eager"
-    idle_timeout: float = Field(0, ge=0)
+    idle_timeout: float = Field(0, ge=0)  # on_demand models: stopped after this long unused (0: never)
+    # Requests wait in a FIFO queue while the model starts, swaps in, or is at max_concurrency: at most
+    # max_queue of them (then 429), each at most queue_timeout (then 503; None: server.queue_timeout).
+    max_queue: int = Field(64, ge=0)
+    queue_timeout: float | None = Field(None, ge=0)
+    max_concurrency: int = Field(0, ge=0)  # requests in flight per replica (0: no limit)
+    outlier: OutlierPolicy = OutlierPolicy()
     startup_timeout: float | None = Field(None, gt=0)  # None: the engine kind's default
     stop_grace: float = Field(20.0, ge=0)
     tensor_parallel: int | None = Field(None, ge=1)
     health: HealthPolicy = HealthPolicy()
     restart: RestartPolicy = RestartPolicy()
+    kind: ModelKind | None = None  # None: not said (explicit entries); discovered ones always say
+    source: Literal["config", "discovered"] = "config"  # discovered: made from a models_dir folder
 
     @field_validator("name", "aliases")
     @classmethod
@@ -67,6 +94,38 @@ class ModelSpec(_Frozen):
             if not name or len(name) > 256 or any(c.isspace() or ord(c) < 32 for c in name):
                 raise ValueError(f"invalid model name {name!r}: 1-256 characters, no whitespace")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_gpus(cls, data: Any) -> Any:
+        """``gpus`` as one list per replica → flat ``gpus`` + ``replica_gpus`` (+ ``replicas`` if unsaid)."""
+        if not isinstance(data, dict):
+            return data
+        gpus = data.get("gpus")
+        if isinstance(gpus, list | tuple) and gpus and all(isinstance(g, list | tuple) for g in gpus):
+            data = {**data, "gpus": [g for group in gpus for g in group], "replica_gpus": gpus}
+            data.setdefault("replicas", len(gpus))
+        return data
+
+    @model_validator(mode="after")
+    def _replicas_fit(self) -> ModelSpec:
+        if self.replicas > 1 and self.engine == "openai":
+            raise ValueError("engine 'openai' is one remote server: 'replicas' must be 1")
+        if self.replica_gpus:
+            if len(self.replica_gpus) != self.replicas:
+                raise ValueError(f"'gpus' has {len(self.replica_gpus)} lists but 'replicas' is {self.replicas}")
+            if tuple(g for group in self.replica_gpus for g in group) != self.gpus:
+                raise ValueError("'replica_gpus' must list exactly the GPUs of 'gpus', in order")
+        elif self.gpus and len(self.gpus) % self.replicas:
+            raise ValueError(f"{len(self.gpus)} GPUs cannot be split evenly across {self.replicas} replicas; "
+                             "give one list per replica (gpus: [[0, 1], [2]])")
+        if len(set(self.gpus)) != len(self.gpus):
+            raise ValueError("a GPU is listed twice: two replicas of one model never share a GPU")
+        if not self.replica_gpus:
+            size = len(self.gpus) // self.replicas
+            object.__setattr__(self, "replica_gpus",
+                               tuple(self.gpus[i * size:(i + 1) * size] for i in range(self.replicas)))
+        return self
 
     @model_validator(mode="after")
     def _engine_needs(self) -> ModelSpec:
@@ -83,4 +142,14 @@ class ModelSpec(_Frozen):
 
     @property
     def tp_size(self) -> int:
-        return self.tensor_parallel or max(1, len(self.gpus))
+        return self.tensor_parallel or max(1, len(self.gpus) // self.replicas)
+
+    def for_replica(self, index: int) -> ModelSpec:
+        """The spec one replica's supervisor runs: its own GPUs, port ``port + index``, and ``{replica}`` in
+        ``env`` values replaced by the index (a log or record file per replica)."""
+        env = {k: v.replace("{replica}", str(index)) for k, v in self.env.items()}
+        if self.replicas == 1 and env == self.env:
+            return self
+        gpus = self.replica_gpus[index]
+        return self.model_copy(update={"gpus": gpus, "replica_gpus": (gpus,), "replicas": 1, "env": env,
+                                       "port": None if self.port is None else self.port + index})

@@ -45,6 +45,7 @@ _log = logging.getLogger(__name__)
 class Supervisor:
     def __init__(self, spec: ModelSpec, adapter: EngineAdapter, *, replica: int = 0,
                  session: aiohttp.ClientSession, on_event: Callable[[StateChanged], None] | None = None,
+                 on_report: Callable[[int, bool], None] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep, log: LogRing | None = None) -> None:
         self.spec = spec
@@ -55,6 +56,7 @@ class Supervisor:
         self.inflight = 0  # advisory, kept by the request path
         self._session = session
         self._on_event = on_event
+        self._on_report = on_report
         self._clock = clock
         self._mailbox = Mailbox(sleep)
         self._logger = logging.getLogger(f"engines.{spec.name}")
@@ -120,11 +122,19 @@ class Supervisor:
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
     def report_failure(self) -> None:
-        """Passive evidence from the request path (a connect error, a 5xx). Counted; ejection is future work."""
+        """Passive evidence from the request path (a connect error, a 5xx, a broken stream, a timeout).
+
+        Routing state, not lifecycle state: the pool's scheduler counts it and may eject the replica from
+        rotation for a while; this replica's own state machine is not touched.
+        """
         self.passive_failures += 1
+        if self._on_report is not None:
+            self._on_report(self.replica, False)
 
     def report_success(self) -> None:
         self.passive_failures = 0
+        if self._on_report is not None:
+            self._on_report(self.replica, True)
 
     # -- commands -----------------------------------------------------------------------------------
 

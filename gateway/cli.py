@@ -1,4 +1,4 @@
-"""The command line: ``gateway serve | check | demo-model``."""
+"""The command line: ``gateway serve | check | download | demo-model``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import ipaddress
 import logging
 import shlex
 import sys
+from typing import Any
 
+from gateway import download
 from gateway.config import Config, ConfigError, load_config
 
 log = logging.getLogger("gateway")
@@ -22,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="override server.port")
     check = sub.add_parser("check", help="validate a config and print each engine's command line")
     check.add_argument("--config", required=True)
+    download.add_arguments(sub.add_parser("download", help="fetch model weights from the Hugging Face hub (resumable)"))
     demo = sub.add_parser("demo-model", help="make the tiny local models of the CPU demo (offline, seconds)")
     demo.add_argument("--path", required=True, help="folder for the tiny chat model")
     demo.add_argument("--vl-path", help="folder for the tiny vision-language model")
@@ -38,7 +41,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, *, config_path: str | None = None, overrides: dict[str, Any] | None = None) -> int:
     import uvicorn
 
     from gateway.app import create_app
@@ -51,7 +54,7 @@ def serve(config: Config) -> int:
     if not config.auth.api_keys and not _is_loopback(s.host):
         log.warning("NO API KEYS ARE CONFIGURED and the gateway listens on %s: anyone who can reach port %d "
                     "can use every model. Add auth.api_keys to the config.", s.host, s.port)
-    app = create_app(config)
+    app = create_app(config, config_path=config_path, server_overrides=overrides)  # the path: for reloads
 
     async def drain() -> None:
         state = getattr(app.state, "gateway", None)
@@ -59,8 +62,12 @@ def serve(config: Config) -> int:
             await state.in_flight.drain(s.drain_timeout)
 
     protocol = type("Protocol", (GuardedHttpToolsProtocol,), {"header_timeout": s.header_timeout})
+    # loop="asyncio", not uvloop: uvloop's libuv (>= 1.45, libuv/libuv#3696) accepts ONE connection per loop
+    # iteration, so on a busy loop (hundreds of streams) new clients wait seconds in the kernel's accept queue
+    # (measured: first event p99 1.6-5.9 s vs 0.21 s; tests/bench/README.md). asyncio drains the queue at once
+    # and costs the same CPU here (within +-4 % per request and per streamed event).
     uv = uvicorn.Config(
-        app, host=s.host, port=s.port, loop="uvloop", http=protocol, lifespan="on",
+        app, host=s.host, port=s.port, loop="asyncio", http=protocol, lifespan="on",
         access_log=s.access_log, log_config=None, timeout_graceful_shutdown=5, server_header=False,
     )
     DrainingServer(uv, drain).run()
@@ -69,11 +76,19 @@ def serve(config: Config) -> int:
 
 def check(config: Config) -> int:
     from engines.adapters import adapter_for
+    from engines.discovery import report
+    from engines.snapshot import redact_argv
 
+    found = config.discovered
+    if found is not None:
+        print(report.header(found))
     for spec in config.models:
         adapter = adapter_for(spec.engine)
         names = ", ".join(spec.served_names)
         print(f"{spec.name}  [{spec.engine}, {spec.load}]  serves: {names}")
+        planned = found.planned(spec.name) if found is not None and spec.source == "discovered" else None
+        if planned is not None:  # the plan: folder → kind → engine → GPUs, then the command line below
+            print(f"  {report.plan_line(planned)}")
         if not adapter.spawns:
             print(f"  remote: {spec.url}")
             continue
@@ -81,14 +96,21 @@ def check(config: Config) -> int:
         if spec.port is None:  # the port is picked free at each launch
             argv = ["<free port>" if a == "0" and flag in ("--port", "--server-port") else a
                     for flag, a in zip(["", *argv], argv, strict=False)]
-        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(adapter.env(spec).items()))
+        # Secret values (--api-key, HF_TOKEN...) hidden by the snapshot's rule: this output ends up in CI logs.
+        argv = redact_argv(argv)
+        env = " ".join(f"{k}={shlex.quote(redact_argv([f'--{k}', v])[1])}"
+                       for k, v in sorted(adapter.env(spec).items()))
         print(f"  {env} {shlex.join(argv)}" if env else f"  {shlex.join(argv)}")
+    for line in report.footer(found) if found is not None else ():
+        print(line)
     print(f"config OK: {len(config.models)} model(s)")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "download":
+        return download.run(args)
     if args.command == "demo-model":
         from gateway import demo_model
 
@@ -105,4 +127,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "check":
         return check(config)
-    return serve(config)
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    return serve(config, config_path=args.config, overrides=overrides)

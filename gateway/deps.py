@@ -15,6 +15,7 @@ from gateway.drain import InFlight
 from gateway.gpu import GpuProbe
 from gateway.media import MediaNormalizer
 from gateway.metrics import Metrics
+from gateway.reload import Reloader
 from gateway.upstream import Clocks, Upstream
 
 
@@ -30,13 +31,16 @@ class GatewayState:
     gpus: GpuProbe
     in_flight: InFlight = field(default_factory=InFlight)
     started_at: float = field(default_factory=time.time)
+    reloader: Reloader | None = None  # None: started without a config file, nothing to re-read
 
     @property
     def draining(self) -> bool:
         return self.in_flight.draining
 
 
-def get_state(request: Request) -> GatewayState:
+async def get_state(request: Request) -> GatewayState:
+    # async on purpose: FastAPI runs a plain ``def`` dependency in a worker thread, a thread hop (and a
+    # GIL handoff) on every request.
     state = getattr(request.app.state, "gateway", None)
     if state is None:
         raise RuntimeError("the gateway's lifespan has not run: build the app with create_app() and serve it")

@@ -18,6 +18,18 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
+class _AccessQueryFilter(logging.Filter):
+    """uvicorn's access line shows the query string, and clients do put keys (``?api_key=``) and signed
+    URLs there: the line keeps the path and says only that a query was sent."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+            target = record.args[2]
+            if isinstance(target, str) and "?" in target:
+                record.args = (*record.args[:2], target.split("?", 1)[0] + "?...", *record.args[3:])
+        return True
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         data = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
@@ -34,6 +46,7 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s [%(request_id)s]: %(message)s"))
     handler.addFilter(_RequestIdFilter())
+    handler.addFilter(_AccessQueryFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

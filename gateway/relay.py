@@ -43,6 +43,10 @@ _MAX_BODY_BYTES = 256 * 1024 * 1024  # a non-stream answer (embeddings of a big 
 _DONE = b"data: [DONE]\n\n"
 _Headers = list[tuple[bytes, bytes]]
 STATUS_KEY = "gateway.status"  # scope key: the status to log when the client left before an answer
+# scope key, set by the middleware: the ``send`` it was given. A stream's body events go straight to it, past
+# the wrappers in between (the middleware's own, Starlette's exception handling), which only act on the
+# response start: fewer awaits per event, the hot path of a stream.
+BODY_SEND_KEY = "gateway.body_send"
 
 
 @dataclass
@@ -52,7 +56,7 @@ class Target:
     url: str
     model: str  # the client-facing served name (metrics label)
     headers: dict[str, str]
-    replica: Any  # engines.Supervisor: `inflight`, `report_failure()`
+    replica: Any  # engines.Supervisor: `inflight`, `report_failure()`, `report_success()`
     # How a complete stream ends: "done" with `data: [DONE]` (vLLM, LMDeploy); "finish" after the event that
     # carries a finish_reason (transformers serve, which sends no [DONE]: the gateway adds it); "eof" at
     # any clean end of the body (LightLLM's /generate_stream).
@@ -63,6 +67,8 @@ class Target:
     # the transform writes the names it wants. Raising KeyError/IndexError/TypeError/ValueError means the
     # answer had an unexpected shape: 502. Streams are never transformed.
     transform: Callable[[dict[str, Any]], Any] | None = None
+    # Called once when the relay is over, whatever happened: the pool's lease release (queue, idle clock).
+    on_done: Callable[[], None] | None = None
 
 
 @dataclass
@@ -124,12 +130,14 @@ class Relay(Response):
                 try:
                     response = await self.session.post(target.url, data=self.body, headers=target.headers)
                     if self.stream and response.status == 200 and response.content_type == "text/event-stream":
-                        await self._relay_stream(response, send, clock, total_deadline, t0, outcome)
+                        await self._relay_stream(response, send, scope.get(BODY_SEND_KEY, send), clock,
+                                                 total_deadline, t0, outcome)
                     else:
                         clock.reschedule(total_deadline)
                         await self._relay_whole(response, send, outcome)
                 except aiohttp.ClientConnectorError:
                     outcome.error_kind = "connect"
+                    target.replica.report_failure()
                     raise EngineUnavailable(
                         "The engine for this model is not accepting connections; it may be restarting.",
                         retry_after=target.retry_after,
@@ -137,10 +145,12 @@ class Relay(Response):
                 except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
                         aiohttp.ClientResponseError):
                     outcome.error_kind = "disconnected"
+                    target.replica.report_failure()
                     raise UpstreamError("The engine closed the connection before the answer was complete.",
                                         code="upstream_disconnected") from None
         except TimeoutError:
             outcome.error_kind = outcome.error_kind or ("timeout_stream" if self._started else "timeout")
+            target.replica.report_failure()
             await self._fail(send, UpstreamTimeout("The engine did not answer in time.", code="upstream_timeout"))
         except GatewayError as exc:
             await self._fail(send, exc)
@@ -161,6 +171,8 @@ class Relay(Response):
             if response is not None:
                 response.close()  # a no-op after a clean read; otherwise it drops the socket, aborting the engine
             target.replica.inflight -= 1
+            if target.on_done is not None:
+                target.on_done()
             in_flight.dec()
             self._record(outcome)
             self.in_flight.discard(self)
@@ -219,6 +231,7 @@ class Relay(Response):
                 self.target.replica.report_failure()
                 raise UpstreamError("The engine sent an answer that is not valid JSON.",
                                     code="bad_upstream_response") from None
+            self.target.replica.report_success()
             if isinstance(data, dict):
                 _count_usage(data.get("usage"), outcome)
             if self.target.transform is not None and status < 300:
@@ -235,6 +248,7 @@ class Relay(Response):
         self,
         response: aiohttp.ClientResponse,
         send: Send,
+        body_send: Send,
         clock: asyncio.Timeout,
         total_deadline: float,
         t0: float,
@@ -251,12 +265,20 @@ class Relay(Response):
         now = loop.time
         read = response.content.readany
         idle = self.clocks.idle
+        # The idle clock moves only once less than ``idle`` is left, and then to ``idle + slack`` from now: a
+        # stalled stream still ends ``idle`` to ``idle + slack`` after its last event (never sooner), and a busy
+        # one changes its timer every ``slack`` seconds rather than at every event (a timer cancel + create).
+        slack = idle / 8
+        deadline = min(now() + idle + slack, total_deadline)
+        clock.reschedule(deadline)
         rewrite = self.target.model_rewrite
         pending = b""
         last = b""
         first_at = 0.0
         while True:
-            clock.reschedule(min(now() + idle, total_deadline))
+            if deadline < total_deadline and deadline - now() < idle:
+                deadline = min(now() + idle + slack, total_deadline)
+                clock.reschedule(deadline)
             chunk = await read()
             if not chunk:
                 break
@@ -283,12 +305,13 @@ class Relay(Response):
                 first_at = now()
                 outcome.ttft = first_at - t0
             outcome.events += 1
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await body_send({"type": "http.response.body", "body": chunk, "more_body": True})
             last = chunk
         if not _complete(self.target.stream_end, last):
             outcome.error_kind = "disconnected"
             self.target.replica.report_failure()
             raise UpstreamError("The engine ended the stream before it was complete.", code="upstream_disconnected")
+        self.target.replica.report_success()
         if self.target.stream_end == "finish":
             await send({"type": "http.response.body", "body": _DONE, "more_body": True})
         if outcome.events > 1:
@@ -396,8 +419,10 @@ def _peek_usage(chunk: bytes, outcome: _Outcome) -> None:
 
 
 async def send_error(send: Send, exc: GatewayError, request_id: str) -> None:
-    headers = [(b"content-type", b"application/json"), (b"x-request-id", request_id.encode())]
+    body = exc.body()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"x-request-id", request_id.encode())]
     headers += [(k.encode(), v.encode()) for k, v in exc.headers().items()]
     start: Message = {"type": "http.response.start", "status": exc.status, "headers": headers}
     await send(start)
-    await send({"type": "http.response.body", "body": exc.body(), "more_body": False})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

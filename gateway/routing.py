@@ -1,12 +1,24 @@
-"""From a ``model`` name to a ready replica, or the right error: 404 unknown, 503 not ready."""
+"""From a ``model`` name to a replica lease, or the right error: 404 unknown, 429 queue full, 503 not ready.
+
+Most requests get their replica at once (no await, no task). The others wait in the model's FIFO queue
+(the pool's scheduler: a cold start, a swap, a model at max_concurrency) for at most its queue timeout,
+while a watcher reads the client's side of the connection: a client that leaves is taken out of the
+queue and never reaches the engine (RELIABILITY.md D4). The body has been read by then, so the next
+ASGI message can only be ``http.disconnect``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 
-from engines import EnginePool, EngineState, ModelEntry, Supervisor
-from gateway.errors import EngineUnavailable, ModelNotFound
+from starlette.requests import Request
+
+from engines import EnginePool, ModelEntry
+from engines.lease import Abandoned, Lease
+from engines.scheduler import Refused
+from gateway.errors import EngineUnavailable, GatewayError, ModelNotFound, QueueFull
 from gateway.metrics import Metrics
+from gateway.relay import STATUS_KEY
 
 
 def shown(name: str) -> str:
@@ -22,31 +34,55 @@ def resolve(pool: EnginePool, name: str) -> ModelEntry:
     return entry
 
 
-async def choose_replica(pool: EnginePool, entry: ModelEntry, *, queue_timeout: float, retry_after: float,
-                         metrics: Metrics) -> Supervisor:
-    replica = pool.pick(entry)
-    if replica is not None:
-        return replica
-    states = {r.snapshot().state for r in entry.replicas}
-    if states == {EngineState.FAILED}:
-        raise EngineUnavailable(
-            f"The model '{entry.spec.name}' failed to start repeatedly and is stopped; an operator must restart it.",
-            code="engine_failed", retry_after=retry_after * 6)
-    if entry.spec.load == "on_demand" and queue_timeout > 0:
-        # A model that loads on first use: wait for it (bounded) instead of failing the first requests.
-        queued = metrics.queued.labels(entry.spec.name)
+async def acquire(pool: EnginePool, entry: ModelEntry, request: Request, *, queue_timeout: float,
+                  retry_after: float, metrics: Metrics) -> Lease:
+    """A lease on a replica of ``entry``; the caller releases it (the relay does, when it is over)."""
+    name = entry.spec.name
+    try:
+        got = pool.request(entry)
+        if isinstance(got, Lease):
+            return got
+        timeout = entry.spec.queue_timeout if entry.spec.queue_timeout is not None else queue_timeout
+        queued = metrics.queued.labels(name)
         queued.inc()
-        waiters: list[asyncio.Task[bool]] = []
+        left = asyncio.ensure_future(_client_left(request))
         try:
-            await pool.ensure_started(entry)
-            waiters = [asyncio.ensure_future(r.wait_ready(queue_timeout)) for r in entry.replicas]
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            return await got.wait(timeout, abandon=left)
         finally:
             queued.dec()
-            for waiter in waiters:
-                waiter.cancel()
-        replica = pool.pick(entry)
-        if replica is not None:
-            return replica
-    raise EngineUnavailable(f"The model '{entry.spec.name}' is not ready yet; retry shortly.",
-                            retry_after=retry_after)
+            left.cancel()
+            if left.done() and not left.cancelled():
+                left.exception()  # retrieved: a receive() that failed means the client is gone anyway
+    except Refused as refused:
+        raise refusal_error(refused, name, retry_after) from None
+    except Abandoned:
+        request.scope[STATUS_KEY] = 499  # logged as the client's leaving; nothing is sent to a closed socket
+        raise EngineUnavailable("The client left while queued.", code="client_disconnected") from None
+
+
+async def _client_left(request: Request) -> None:
+    receive = request.receive
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def refusal_error(refused: Refused, name: str, retry_after: float) -> GatewayError:
+    reason = refused.reason
+    if reason == "queue_full":
+        return QueueFull(f"Too many requests are waiting for the model '{name}'; retry shortly.",
+                         retry_after=retry_after)
+    if reason == "failed":
+        return EngineUnavailable(
+            f"The model '{name}' failed to start repeatedly and is stopped; an operator must restart it.",
+            code="engine_failed", retry_after=retry_after * 6)
+    if reason == "stopped":
+        return EngineUnavailable(f"The model '{name}' was stopped by an operator.", retry_after=retry_after * 6)
+    if reason == "removed":
+        return ModelNotFound(f"The model '{name}' was removed from the configuration.", param="model")
+    if reason == "shutdown":
+        return EngineUnavailable("The gateway is shutting down; retry on another instance.",
+                                 code="server_shutting_down", retry_after=retry_after)
+    if reason == "timeout":
+        return EngineUnavailable(f"The model '{name}' did not become available in time; retry shortly.",
+                                 retry_after=retry_after)
+    return EngineUnavailable(f"The model '{name}' is not ready yet; retry shortly.", retry_after=retry_after)

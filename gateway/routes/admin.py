@@ -1,6 +1,8 @@
-"""Admin API (permission ``admin``, checked by the middleware): list engines, command them, read their logs.
+"""Admin API (permission ``admin``, checked by the middleware): list engines, command them, read their logs,
+reload the config.
 
-Commands go to each replica's supervisor and return once it has carried them out (a stop: the tree is
+Commands go through the pool (a whole model's start follows the GPU rules: it may first drain the model
+that holds its GPUs) to the replicas' supervisors, and return once carried out (a stop: the tree is
 gone; a start or restart: the new launch is under way, readiness follows). This module never writes an
 engine's state (DESIGN.md rule 2).
 """
@@ -18,8 +20,9 @@ from starlette.types import Receive, Scope, Send
 
 from engines import LogRing, ModelEntry, ReplicaSnapshot, Supervisor
 from engines.logs import LogFollower
+from gateway.config import ConfigError
 from gateway.deps import GatewayState, StateDep
-from gateway.errors import EngineUnavailable, NotFound
+from gateway.errors import BadRequest, EngineUnavailable, NotFound
 from gateway.routing import resolve
 
 router = APIRouter(prefix="/admin")
@@ -43,8 +46,12 @@ def engine_row(entry: ModelEntry, snap: ReplicaSnapshot) -> dict[str, Any]:
         "pid": snap.pid, "engine_pid": snap.engine_pid, "port": snap.port,
         "restarts": snap.restarts, "launches": snap.launches, "last_exit_code": snap.last_exit_code,
         "last_error": snap.last_error, "health_failures": snap.health_failures, "in_flight": snap.inflight,
-        "gpus": list(spec.gpus), "argv": snap.argv,  # argv: secrets already redacted by the snapshot
+        "gpus": list(_replica_gpus(spec, snap.replica)), "argv": snap.argv,  # argv: secrets already redacted
     }
+
+
+def _replica_gpus(spec: Any, replica: int) -> tuple[int, ...]:
+    return spec.replica_gpus[replica] if replica < len(spec.replica_gpus) else spec.gpus
 
 
 @router.get("/engines")
@@ -68,15 +75,13 @@ async def _command(state: GatewayState, model: str, replica: int | None, action:
     sups = _replicas(entry, replica)
     if state.draining:
         raise EngineUnavailable("The gateway is shutting down.", code="shutting_down")
-    commands = {"start": Supervisor.start, "stop": Supervisor.stop, "restart": Supervisor.restart}[action]
-    results = await asyncio.gather(*(commands(sup) for sup in sups), return_exceptions=True)
-    failed = [(sup, r) for sup, r in zip(sups, results, strict=True) if isinstance(r, BaseException)]
-    for sup, exc in failed:
-        log.error("admin %s of %s/%d failed: %r", action, sup.model, sup.replica, exc)
-    if failed:
+    try:
+        await state.pool.command(entry, action, None if replica is None else sups)
+    except Exception as exc:
         # The only expected cause: the supervisor shut down between our lookup and its mailbox.
+        log.error("admin %s of %s failed: %r", action, entry.name, exc)
         raise EngineUnavailable(f"Could not {action} '{entry.name}': its supervisor is shutting down.",
-                                code="engine_unavailable")
+                                code="engine_unavailable") from None
     return _json({"model": entry.name, "action": action,
                   "data": [engine_row(entry, sup.snapshot()) for sup in sups]})
 
@@ -94,6 +99,20 @@ async def stop(model: str, state: StateDep, replica: ReplicaQuery = None) -> Res
 @router.post("/engines/{model:path}/restart")
 async def restart(model: str, state: StateDep, replica: ReplicaQuery = None) -> Response:
     return await _command(state, model, replica, "restart")
+
+
+@router.post("/reload")
+async def reload(state: StateDep) -> Response:
+    """Re-read the config file: models added, removed and changed are applied; see gateway/reload.py."""
+    if state.reloader is None:
+        raise BadRequest("The gateway was started without a config file: there is nothing to reload.",
+                         code="no_config_file")
+    if state.draining:
+        raise EngineUnavailable("The gateway is shutting down.", code="shutting_down")
+    try:
+        return _json(await state.reloader.reload(state))
+    except ConfigError as exc:
+        raise BadRequest(f"The config was not reloaded, nothing changed: {exc}", code="invalid_config") from None
 
 
 @router.get("/engines/{model:path}/logs")

@@ -114,7 +114,7 @@ def status_body(report: GpuReport, holders: Sequence[Holder], owners: dict[int, 
 @router.get("/gpu/status")
 async def gpu_status(state: StateDep) -> Response:
     report = await state.gpus.report()
-    holders = [Holder(e.spec.name, e.spec.gpus, r.snapshot()) for e in state.pool.entries() for r in e.replicas]
+    holders = [Holder(e.spec.name, r.spec.gpus, r.snapshot()) for e in state.pool.entries() for r in e.replicas]
     pids = {p.pid for gpu in report.devices for p in gpu.processes}
     live = [h for h in holders if h.snapshot.state is not EngineState.STOPPED]
     owners = await asyncio.to_thread(owners_of, pids, live) if pids else {}

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Response
 
-from engines import ModelEntry
+from engines import EnginePool, ModelEntry
 from gateway.deps import GatewayState, StateDep
 from gateway.routes.ops import model_state
 from gateway.routing import resolve
@@ -15,11 +15,12 @@ from gateway.routing import resolve
 router = APIRouter()
 
 
-def _cards(entry: ModelEntry, created: int) -> list[dict[str, Any]]:
+def _cards(pool: EnginePool, entry: ModelEntry, created: int) -> list[dict[str, Any]]:
     spec = entry.spec
-    state = model_state(entry)
+    status = model_state(pool, entry)  # state (stopped, starting, ready, draining, failed), queue_depth
     base = {"object": "model", "created": created, "owned_by": "gateway", "engine": spec.engine,
-            "display_name": spec.display_name or spec.name, "state": state, "loaded": state == "ready"}
+            "display_name": spec.display_name or spec.name, **status, "loaded": status["state"] == "ready",
+            "kind": spec.kind, "source": spec.source}
     return [{"id": name, **base, "root": spec.name, "alias_of": None if name == spec.name else spec.name}
             for name in spec.served_names]
 
@@ -28,14 +29,24 @@ def _created(state: GatewayState) -> int:
     return int(state.started_at)
 
 
+def _skipped(state: GatewayState) -> dict[str, Any]:
+    """Folders of ``models_dir`` that are not served, with why: beside ``data`` (not model cards, which
+    clients would try to call), and only when a models_dir is configured, so the plain list stays plain."""
+    found = state.config.discovered
+    if found is None:
+        return {}
+    return {"skipped": [{"folder": s.folder, "reason": s.reason} for s in found.skipped]}
+
+
 @router.get("/v1/models")
 async def list_models(state: StateDep) -> Response:
-    data = [card for e in state.pool.entries() for card in _cards(e, _created(state))]
-    return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+    data = [card for e in state.pool.entries() for card in _cards(state.pool, e, _created(state))]
+    body = {"object": "list", "data": data, **_skipped(state)}
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, state: StateDep) -> Response:
     entry = resolve(state.pool, model_id)
-    card = next(c for c in _cards(entry, _created(state)) if c["id"] == model_id)
+    card = next(c for c in _cards(state.pool, entry, _created(state)) if c["id"] == model_id)
     return Response(orjson.dumps(card), media_type="application/json")

@@ -17,7 +17,7 @@ from gateway.media import MediaNormalizer
 from gateway.middleware import MODEL_KEY, REQUEST_ID_KEY
 from gateway.payload import check_fields, model_name, parse_json_object, read_body
 from gateway.relay import Relay, Target
-from gateway.routing import choose_replica, resolve
+from gateway.routing import acquire, resolve
 
 router = APIRouter()
 
@@ -73,31 +73,38 @@ async def relay(
     stream_end: str | None = None,
     transform: Callable[[dict[str, Any]], Any] | None = None,
 ) -> Relay:
-    """Pick a ready replica and build the ``Relay`` that posts ``body`` (final, ``model`` included) to ``path``.
+    """Lease a replica (at once, or after a bounded FIFO wait) and build the ``Relay`` that posts ``body``
+    (final, ``model`` included) to ``path``; the relay releases the lease when it is over.
 
     ``stream_end`` overrides the adapter's; ``transform`` reshapes a non-stream 2xx answer (``Target``).
     """
     settings = state.config.server
-    replica = await choose_replica(state.pool, entry, queue_timeout=settings.queue_timeout,
-                                   retry_after=settings.retry_after, metrics=state.metrics)
-    request_id: str = request.scope[REQUEST_ID_KEY]
-    headers = {"Content-Type": "application/json", "X-Request-Id": request_id,
-               "Accept": "text/event-stream" if stream else "application/json"}
-    if entry.spec.api_key_env:
-        headers["Authorization"] = f"Bearer {os.environ.get(entry.spec.api_key_env, '')}"
-    engine_name = entry.adapter.response_model(entry.spec)
-    target = Target(
-        url=replica.base_url + path,
-        model=entry.spec.name,
-        headers=headers,
-        replica=replica,
-        model_rewrite=model_rewrite(engine_name, entry.spec.name),
-        retry_after=settings.retry_after,
-        stream_end=stream_end or entry.adapter.stream_end,
-        transform=transform,
-    )
-    return Relay(state.upstream.session, target, orjson.dumps(body), stream=stream, clocks=state.clocks,
-                 request_id=request_id, metrics=state.metrics, in_flight=state.in_flight)
+    lease = await acquire(state.pool, entry, request, queue_timeout=settings.queue_timeout,
+                          retry_after=settings.retry_after, metrics=state.metrics)
+    try:
+        replica = lease.replica
+        request_id: str = request.scope[REQUEST_ID_KEY]
+        headers = {"Content-Type": "application/json", "X-Request-Id": request_id,
+                   "Accept": "text/event-stream" if stream else "application/json"}
+        if entry.spec.api_key_env:
+            headers["Authorization"] = f"Bearer {os.environ.get(entry.spec.api_key_env, '')}"
+        engine_name = entry.adapter.response_model(entry.spec)
+        target = Target(
+            url=replica.base_url + path,
+            model=entry.spec.name,
+            headers=headers,
+            replica=replica,
+            model_rewrite=model_rewrite(engine_name, entry.spec.name),
+            retry_after=settings.retry_after,
+            stream_end=stream_end or entry.adapter.stream_end,
+            transform=transform,
+            on_done=lease.release,
+        )
+        return Relay(state.upstream.session, target, orjson.dumps(body), stream=stream, clocks=state.clocks,
+                     request_id=request_id, metrics=state.metrics, in_flight=state.in_flight)
+    except BaseException:
+        lease.release()  # the relay never got it: hand the slot back
+        raise
 
 
 def model_rewrite(engine_name: str | None, served: str) -> tuple[tuple[bytes, bytes], ...]:

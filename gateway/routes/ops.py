@@ -8,7 +8,8 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Response
 
-from engines import EngineState, ModelEntry
+from engines import EnginePool, ModelEntry
+from engines.scheduler import Phase
 from gateway.deps import GatewayState, StateDep
 
 router = APIRouter()
@@ -18,39 +19,61 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
-def model_state(entry: ModelEntry) -> str:
-    """A model's state is its best replica's."""
-    states = [r.snapshot().state for r in entry.replicas]
-    for candidate in (EngineState.READY, EngineState.STARTING, EngineState.BACKOFF, EngineState.STOPPING,
-                      EngineState.FAILED):
-        if candidate in states:
-            return candidate.value
-    return EngineState.STOPPED.value
+def model_state(pool: EnginePool, entry: ModelEntry) -> dict[str, Any]:
+    """The model as a whole (stopped, starting, ready, draining, failed) and how many requests wait for it."""
+    status = pool.status(entry)
+    row: dict[str, Any] = {"state": status.phase.value, "queue_depth": status.queued}
+    if status.draining_for is not None:
+        row["draining_for"] = status.draining_for
+    if status.phase is Phase.STARTING:
+        progress = loading_progress(entry)
+        if progress is not None:
+            row["loading"] = progress
+    return row
 
 
-def _replica_summary(entry: ModelEntry) -> list[dict[str, Any]]:
+def loading_progress(entry: ModelEntry) -> str | None:
+    """The engine's own last progress line while it loads (vLLM's "Loading safetensors checkpoint shards:
+    50% Completed | 1/2"), when it prints one: read from the log ring, never from the engine."""
+    for replica in entry.replicas:
+        for line in reversed(replica.log.tail(20)):
+            if "%" in line and ("Loading" in line or "Completed" in line):
+                return line.strip()[-160:]
+    return None
+
+
+def _replica_summary(entry: ModelEntry, ejected: tuple[int, ...]) -> list[dict[str, Any]]:
     rows = []
     for replica in entry.replicas:
         s = replica.snapshot()
         rows.append({
             "replica": s.replica, "state": s.state.value, "pid": s.engine_pid or s.pid, "restarts": s.restarts,
             "last_exit_code": s.last_exit_code, "last_error": s.last_error, "since": s.state_since,
-            "in_flight": replica.inflight,
+            "in_flight": replica.inflight, "gpus": list(replica.spec.gpus), "ejected": s.replica in ejected,
         })
     return rows
 
 
 def not_ready(state: GatewayState) -> list[str]:
-    return [e.spec.name for e in state.pool.entries()
-            if e.spec.load == "eager" and state.pool.pick(e) is None]
+    """Eager models that cannot serve. A model the scheduler stopped on purpose (idle, swapped out for
+    another) comes back on its next request, and one a config reload added or changed loads while the
+    gateway keeps serving the others: neither makes the gateway unready."""
+    waiting = []
+    for entry in state.pool.entries():
+        if entry.spec.load != "eager" or not entry.gates_ready:
+            continue
+        status = state.pool.status(entry)
+        if status.phase is not Phase.READY and not (status.phase is Phase.STOPPED and status.standby):
+            waiting.append(entry.spec.name)
+    return waiting
 
 
 @router.get("/health")
 @router.get("/v1/health")
 async def health(state: StateDep) -> Response:
     models = {
-        e.spec.name: {"engine": e.spec.engine, "load": e.spec.load, "state": model_state(e),
-                      "replicas": _replica_summary(e)}
+        e.spec.name: {"engine": e.spec.engine, "load": e.spec.load, **model_state(state.pool, e),
+                      "replicas": _replica_summary(e, state.pool.status(e).ejected)}
         for e in state.pool.entries()
     }
     return _json({

@@ -3,7 +3,12 @@
 One shared ``httpx.AsyncClient`` with its default pool; the request body is forwarded as bytes (no JSON
 parsing), the answer streamed back with ``aiter_raw`` (no decoding, no peeking). Paths under
 ``/paced/`` and ``/ttfb/`` go to ``--paced-upstream``, everything else to ``--upstream``, path kept.
-Run the way the gateway runs: uvicorn with uvloop and httptools, no access log.
+Run with uvicorn, uvloop and httptools, no access log.
+
+The alternatives the issue asks about, same proxy otherwise: ``--pool 512`` sizes httpx's pool for
+hundreds of concurrent streams (``max_connections`` and ``max_keepalive_connections``); ``--client
+httpx-aiohttp`` puts httpx on aiohttp's transport (the ``httpx-aiohttp`` package, as the openai SDK offers),
+with the same pool size.
 """
 
 from __future__ import annotations
@@ -18,15 +23,23 @@ from fastapi import FastAPI, Request
 from starlette.responses import StreamingResponse
 
 
-def create_app(upstream: str, paced_upstream: str) -> FastAPI:
+def create_app(upstream: str, paced_upstream: str, *, client: str = "httpx", pool: int | None = None) -> FastAPI:
     clients: dict[str, httpx.AsyncClient] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # httpx's default pool limits (100 connections, 20 kept alive), as a minimal proxy has them; a
+        # By default httpx's pool limits (100 connections, 20 kept alive), as a minimal proxy has them; a
         # longer timeout only, so that clients queued for a pooled connection at c=256 do not fail.
-        async with httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as client:
-            clients["shared"] = client
+        limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool) if pool else None
+        kwargs = {"limits": limits} if limits else {}
+        if client == "httpx-aiohttp":
+            from httpx_aiohttp import HttpxAiohttpClient  # optional: pip install httpx-aiohttp
+
+            shared: httpx.AsyncClient = HttpxAiohttpClient(timeout=httpx.Timeout(60.0), **kwargs)
+        else:
+            shared = httpx.AsyncClient(timeout=httpx.Timeout(60.0), **kwargs)
+        async with shared:
+            clients["shared"] = shared
             yield
 
     app = FastAPI(lifespan=lifespan)
@@ -60,8 +73,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="e.g. http://127.0.0.1:8001 (no trailing slash)")
     parser.add_argument("--paced-upstream", required=True)
+    parser.add_argument("--client", choices=("httpx", "httpx-aiohttp"), default="httpx")
+    parser.add_argument("--pool", type=int, help="max_connections = max_keepalive_connections (default: httpx's)")
     args = parser.parse_args()
-    uvicorn.run(create_app(args.upstream.rstrip("/"), args.paced_upstream.rstrip("/")), host=args.host,
+    app = create_app(args.upstream.rstrip("/"), args.paced_upstream.rstrip("/"), client=args.client, pool=args.pool)
+    uvicorn.run(app, host=args.host,
                 port=args.port, loop="uvloop", http="httptools", access_log=False, log_level="warning",
                 server_header=False)
 

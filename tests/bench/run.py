@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -333,16 +334,29 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def start_baseline(procs: Procs, up: Upstream) -> tuple[Target | None, str]:
+# The minimal proxy and the httpx alternatives the issue asks about: (extra arguments, what it is).
+BASELINES: dict[str, tuple[list[str], str]] = {
+    "baseline": ([], "FastAPI + httpx, httpx's default pool (100 connections, 20 kept alive)"),
+    "baseline+pool": (["--pool", "512"], "the baseline with httpx's pool sized for 256 streams (512 connections, "
+                      "512 kept alive)"),
+    "baseline+aiohttp": (["--client", "httpx-aiohttp", "--pool", "512"],
+                         "the baseline with httpx on aiohttp's transport (httpx-aiohttp), pool 512"),
+}
+
+
+def start_baseline(procs: Procs, up: Upstream, name: str = "baseline") -> tuple[Target | None, str]:
+    extra, _ = BASELINES[name]
+    if "httpx-aiohttp" in extra and importlib.util.find_spec("httpx_aiohttp") is None:
+        return None, "httpx-aiohttp is not installed (.venv/bin/pip install httpx-aiohttp)"
     port = free_port()
-    proc = procs.start("baseline", [PY, str(HERE / "baseline_proxy.py"), "--port", str(port),
-                                    "--upstream", up.bases["json"], "--paced-upstream", up.bases["paced"]], cpu=1)
+    proc = procs.start(name, [PY, str(HERE / "baseline_proxy.py"), "--port", str(port),
+                              "--upstream", up.bases["json"], "--paced-upstream", up.bases["paced"], *extra], cpu=1)
     why = wait_http(f"http://127.0.0.1:{port}/v1/models", proc, 30)
     if why:
-        return None, f"did not start: {why}\n{procs.tail('baseline')}"
+        return None, f"did not start: {why}\n{procs.tail(name)}"
     base = f"http://127.0.0.1:{port}"
     pid = proc.pid
-    return Target("baseline", dict.fromkeys(KINDS, base), False, lambda _k: [pid], lambda: [pid]), ""
+    return Target(name, dict.fromkeys(KINDS, base), False, lambda _k: [pid], lambda: [pid]), ""
 
 
 def start_gateway(procs: Procs, up: Upstream, variant: Variant, tmp: Path, ready_timeout: float
@@ -407,17 +421,42 @@ function response(status, headers, body)
 end"""
 
 
-def wrk_point(procs: Procs, tmp: Path, target: Target, point: Point, duration: float) -> dict[str, float]:
+def wrk_point(procs: Procs, tmp: Path, target: Target, point: Point, duration: float, *, probe_streams: int = 0,
+              gap_ms: float = 5.0) -> dict[str, float]:
+    """wrk at the point's concurrency; for token-paced streams with ``probe_streams``, that many of the
+    connections are paced_probe.py's instead (per-event timing), started together with wrk."""
+    probe = probe_streams if point.kind == "paced" and 0 < probe_streams < point.concurrency else 0
     headers = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in target.headers.items())
     check = (CHECK_JSON if point.kind == "json" else CHECK_STREAM) if target.check else ""
     script = tmp / f"{target.name}-{point.key}.lua"
     script.write_text(LUA.format(body=target.body(point.kind).decode(), headers=headers, check=check))
-    argv = ["wrk", "-t1", f"-c{point.concurrency}", f"-d{duration:g}s", "--timeout", "20s", "-s", str(script),
+    argv = ["wrk", "-t1", f"-c{point.concurrency - probe}", f"-d{duration:g}s", "--timeout", "20s", "-s", str(script),
             target.url(point.kind)]
     pids = target.pids(point.kind)
     cpu0 = cpu_seconds(pids)
+    prober = None
+    if probe:
+        body = tmp / f"{target.name}-{point.key}.body"
+        body.write_bytes(target.body(point.kind))
+        (tmp / "logs" / "probe.log").unlink(missing_ok=True)
+        prober = procs.start("probe", [PY, str(HERE / "paced_probe.py"), "--url", target.url(point.kind),
+                                       "--body-file", str(body), "--streams", str(probe), "--duration", f"{duration:g}",
+                                       "--gap-ms", f"{gap_ms:g}", "--events", str(len(canned.EVENTS)),
+                                       *[a for k, v in target.headers.items() for a in ("--header", f"{k}:{v}")]],
+                             cpu=0)
     out = procs.run("wrk", argv, cpu=0, timeout=duration + 60)
     cpu_run = cpu_seconds(pids) - cpu0
+    found: dict[str, float] = {}
+    if prober is not None:
+        try:
+            prober.wait(60)
+        finally:
+            procs.stop("probe")
+        text = (tmp / "logs" / "probe.log").read_text(errors="replace")
+        line = next((x for x in reversed(text.splitlines()) if x.startswith("PROBE ")), None)
+        if line is None:
+            raise RuntimeError(f"paced_probe printed no result for {target.name} {point.key}:\n{text[-2000:]}")
+        found = {k: (float("nan") if v is None else float(v)) for k, v in json.loads(line[6:]).items()}
     # wrk leaves with requests in flight: a proxy still busy with them would slow the next point down, and
     # their clean-up is part of this point's cost.
     settle = wait_idle(pids)
@@ -427,10 +466,17 @@ def wrk_point(procs: Procs, tmp: Path, target: Target, point: Point, duration: f
         raise RuntimeError(f"wrk printed no result for {target.name} {point.key}:\n{out[-2000:]}")
     r = json.loads(line[6:])
     seconds = r["duration_us"] / 1e6
-    return {"rate": r["requests"] / seconds, "p50": r["p50_us"] / 1e6, "p99": r["p99_us"] / 1e6,
-            "requests": r["requests"], "errors": r["errors"] + r["bad"],
-            "cpu_per_1k": cpu / r["requests"] * 1000 if r["requests"] else float("nan"),
-            "cpu_util": cpu_run / seconds, "settle_s": settle}
+    requests = r["requests"] + found.get("streams", 0)
+    result = {"rate": requests / seconds, "p50": r["p50_us"] / 1e6, "p99": r["p99_us"] / 1e6,
+              "requests": requests, "errors": r["errors"] + r["bad"] + found.get("bad", 0),
+              "cpu_per_1k": cpu / requests * 1000 if requests else float("nan"),
+              "cpu_util": cpu_run / seconds, "settle_s": settle}
+    if point.kind == "paced" and requests:  # every stream is len(EVENTS) events, [DONE] included
+        result["cpu_us_event"] = cpu / (requests * len(canned.EVENTS)) * 1e6
+    if found:
+        result.update({"first_p99": found["first_p99"], "gap_p50": found["gap_p50"], "gap_p99": found["gap_p99"],
+                       "gap_max": found["gap_max"], "merged": found["merged"]})
+    return result
 
 
 async def _one_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
@@ -539,6 +585,12 @@ def rows(paced_c: int) -> list[Row]:
         Row("CPU s / 1,000 req: non-stream, c=32", "ns_c32", "cpu_per_1k", False),
         Row("CPU s / 1,000 req: stream (burst), c=32", "st_c32", "cpu_per_1k", False),
         Row(f"CPU s / 1,000 req: token-paced, c={paced_c}", "paced", "cpu_per_1k", False),
+        Row(f"CPU µs / forwarded event: token-paced, c={paced_c} (stream's request included)", "paced",
+            "cpu_us_event", False),
+        Row("token-paced: inter-event gap p50 (probe streams; the upstream's is the gap)", "paced", "gap_p50", False),
+        Row("token-paced: inter-event gap p99 (probe streams)", "paced", "gap_p99", False),
+        Row("token-paced: time to first event p99 (probe streams)", "paced", "first_p99", False),
+        Row("token-paced: events that arrived with the one before (probe streams)", "paced", "merged", False),
         Row("peak RSS", "", "rss", False),
         # Not a figure of merit: a CPU-bound proxy well below 100 % here did not have its core to itself.
         Row("proxy CPU use at c≥32 (100% = one core)", "loaded", "cpu_util", False),
@@ -551,7 +603,7 @@ LOADED = ("ns_c32", "ns_c256", "st_c32", "st_c256", "paced")
 def fmt(metric: str, value: float) -> str:
     if value != value:  # NaN
         return "—"
-    if metric in ("p50", "p99"):
+    if metric in ("p50", "p99", "gap_p50", "gap_p99", "first_p99"):
         return f"{value * 1e6:,.0f} µs" if value < 1e-3 else f"{value * 1e3:,.3g} ms" if value < 1 else f"{value:.2f} s"
     if metric == "rate":
         return f"{value:,.0f}" if value >= 100 else f"{value:,.1f}"
@@ -559,8 +611,10 @@ def fmt(metric: str, value: float) -> str:
         return f"{value:.3g} s"
     if metric == "rss":
         return f"{value:,.0f} MB"
-    if metric == "cpu_util":
+    if metric in ("cpu_util", "merged"):
         return f"{value * 100:.0f}%"
+    if metric == "cpu_us_event":
+        return f"{value:.1f} µs"
     return f"{value:.3g}"
 
 
@@ -587,15 +641,17 @@ def report(results: dict[str, dict[str, list[dict[str, float]]]], rss: dict[str,
         if row.metric == "rss":
             return rss.get(name, float("nan")), 0.0
         mine = results.get(name, {})
+        nan = float("nan")
         if row.point == "loaded":
-            return summarize([r[row.metric] for p in LOADED for r in mine.get(p, [])])
-        return summarize([r[row.metric] for r in mine.get(row.point, [])])
+            return summarize([r.get(row.metric, nan) for p in LOADED for r in mine.get(p, [])])
+        return summarize([r.get(row.metric, nan) for r in mine.get(row.point, [])])
 
-    def has(name: str, point: str) -> bool:
+    def has(name: str, row: Row) -> bool:
         mine = results.get(name, {})
-        return any(mine.get(p) for p in LOADED) if point == "loaded" else bool(mine.get(point))
+        points = LOADED if row.point == "loaded" else (row.point,)
+        return any(row.metric in r for p in points for r in mine.get(p, []))
 
-    measured = [row for row in rows(paced_c) if row.metric == "rss" or any(has(n, row.point) for n in names)]
+    measured = [row for row in rows(paced_c) if row.metric == "rss" or any(has(n, row) for n in names)]
     lines = ["| test | better | " + " | ".join(names) + " |", "|---|:-:|" + "---:|" * len(names)]
     for row in measured:
         cells = []
@@ -615,13 +671,15 @@ def report(results: dict[str, dict[str, list[dict[str, float]]]], rss: dict[str,
             pairs += [(name, ref) for ref in ("baseline", "direct") if ref in names]
         elif name.startswith("gateway"):
             pairs.append((name, "gateway"))
+    if "gateway" in names:  # the httpx alternatives, against the gateway
+        pairs += [("gateway", name) for name in names if name.startswith("baseline+")]
     if not pairs:
         return "\n".join(lines)
     lines += ["", "Ratios (medians; for ↑ rows below 1 is worse, for ↓ rows above 1 is worse):", "",
               "| test | better | " + " | ".join(f"{a} / {b}" for a, b in pairs) + " |",
               "|---|:-:|" + "---:|" * len(pairs)]
     for row in measured:
-        if row.metric == "cpu_util":
+        if row.metric in ("cpu_util", "gap_p50", "merged", "cpu_us_event"):  # no ratio: near 0, or a row above
             continue
         cells = []
         for a, b in pairs:
@@ -640,7 +698,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="2 s per point, 1 repetition, no gateway alternatives")
     p.add_argument("--duration", type=float, help="seconds per measurement point (default 4; --quick: 2)")
     p.add_argument("--reps", type=int, help="interleaved repetitions, the table shows medians (default 3; --quick: 1)")
-    p.add_argument("--targets", help="comma-separated, from: direct, baseline, "
+    p.add_argument("--targets", help=f"comma-separated, from: direct, {', '.join(BASELINES)}, "
                    f"{', '.join(VARIANTS)} (default: {DEFAULT_TARGETS}; with --quick: {QUICK_TARGETS})")
     p.add_argument("--variant", action="append", type=parse_variant, default=[], metavar="NAME:VAR=VAL[,VAR=VAL]",
                    help="one more gateway target with extra environment, e.g. quiet:GATEWAY_LOG_LEVEL=warning")
@@ -650,6 +708,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="auto: nginx for the canned answers when installed, else the asyncio server")
     p.add_argument("--gap-ms", type=float, default=5.0, help="time between two events of a token-paced stream")
     p.add_argument("--paced-concurrency", type=int, default=256)
+    p.add_argument("--probe-streams", type=int, default=16,
+                   help="of the token-paced connections, how many are paced_probe.py's (per-event timing; 0: none)")
     p.add_argument("--gateway-timeout", type=float, default=60.0, help="seconds to wait for the gateway's /ready")
     p.add_argument("--json", type=Path, help="also write every measurement here")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, Lua scripts)")
@@ -713,9 +773,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = [n.strip() for n in args.targets.split(",") if n.strip()] + [v.name for v in args.variant]
     variants = {**VARIANTS, **{v.name: v for v in args.variant}}
-    unknown = [n for n in names if n not in ("direct", "baseline") and n not in variants]
+    unknown = [n for n in names if n != "direct" and n not in BASELINES and n not in variants]
     if unknown:
-        say(f"unknown target(s): {', '.join(unknown)}; known: direct, baseline, {', '.join(variants)}")
+        say(f"unknown target(s): {', '.join(unknown)}; known: direct, {', '.join(BASELINES)}, {', '.join(variants)}")
         return 2
     pinned = pin_self()
     tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
@@ -737,8 +797,8 @@ def main(argv: list[str] | None = None) -> int:
                     target: Target | None = Target("direct", up.bases, False, lambda k: up.pids[k],
                                                    lambda: up.pids["json"], check=False)
                     why = ""
-                elif name == "baseline":
-                    target, why = start_baseline(procs, up)
+                elif name in BASELINES:
+                    target, why = start_baseline(procs, up, name)
                 else:
                     target, why = start_gateway(procs, up, variants[name], tmp, args.gateway_timeout)
                 if target is not None:
@@ -763,12 +823,16 @@ def main(argv: list[str] | None = None) -> int:
                         if point.tool == "ttfb":
                             r = ttfb_point(t, point, args.duration)
                         else:
-                            r = wrk_point(procs, tmp, t, point, point_duration(point, args.duration))
+                            r = wrk_point(procs, tmp, t, point, point_duration(point, args.duration),
+                                          probe_streams=args.probe_streams, gap_ms=args.gap_ms)
                         results.setdefault(t.name, {}).setdefault(point.key, []).append(r)
                         say(f"[bench] rep {rep + 1}/{args.reps} {point.key:8} {t.name:18} "
                             f"{r['rate']:>9,.0f}/s p50 {r['p50'] * 1e3:8.3f} ms p99 {r['p99'] * 1e3:8.3f} ms"
                             f" cpu {r['cpu_util'] * 100:4.0f}%"
                             + (f" (busy {r['settle_s']:.1f} s after)" if r.get("settle_s", 0) > 1 else "")
+                            + (f" | probe: gap p50 {r['gap_p50'] * 1e3:.1f} p99 {r['gap_p99'] * 1e3:.1f} ms,"
+                               f" first event p99 {r['first_p99'] * 1e3:.0f} ms, merged {r['merged'] * 100:.0f}%"
+                               if "gap_p99" in r else "")
                             + (f"  ERRORS {r['errors']:.0f}" if r["errors"] else ""))
                         if r["errors"]:
                             failed = True
@@ -813,6 +877,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names_done:
         if name.startswith("gateway") and variants[name].about:
             out.append(f"- {name}: {variants[name].about}")
+        elif name in BASELINES:
+            out.append(f"- {name}: {BASELINES[name][1]}")
     out += [f"- {n}: {total_errors[n]:.0f} failed or malformed answers" for n in names_done if total_errors.get(n)]
     out += [f"- {note}" for note in notes]
     out.append(f"\nTotal time: {time.monotonic() - started:.0f} s")
