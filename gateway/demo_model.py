@@ -165,6 +165,15 @@ def _save(path: Path, *parts: Any) -> None:
     partial.rename(path)  # config.json appears only with everything else (`make` keys on it)
 
 
+def _text_shape(pad_id: int, eos_id: int) -> dict[str, Any]:
+    """The tiny decoder both demo models share: ~100k parameters, fast on one CPU core."""
+    return {
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 2048, "initializer_range": INIT_RANGE,
+        "tie_word_embeddings": True, "bos_token_id": pad_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
+    }
+
+
 def make_chat_model(path: Path) -> None:
     """Write a tiny Qwen2-shaped chat model (safetensors, tokenizer, chat template) into ``path``."""
     import torch
@@ -176,17 +185,7 @@ def make_chat_model(path: Path) -> None:
     pad_id = tokenizer.convert_tokens_to_ids(PAD)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        initializer_range=INIT_RANGE,
-        tie_word_embeddings=True,
-        bos_token_id=pad_id,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
+        **_text_shape(pad_id, eos_id),
         dtype="float32",
     )
     torch.manual_seed(SEED)
@@ -225,17 +224,7 @@ def make_vl_model(path: Path) -> None:
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        initializer_range=INIT_RANGE,
-        tie_word_embeddings=True,
-        bos_token_id=pad_id,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
+        **_text_shape(pad_id, eos_id),
     )
     config = LlavaConfig(
         vision_config=vision,

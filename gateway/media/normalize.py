@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp.abc import AbstractResolver
@@ -26,7 +26,7 @@ from gateway.media.datauri import (
     looks_like_base64,
     parse_data_url,
 )
-from gateway.media.fetch import SafeFetcher
+from gateway.media.fetch import Fetched, SafeFetcher
 from gateway.media.images import image_data_url
 from gateway.media.local import read_local_file
 from gateway.media.parts import MediaJob, plan_messages
@@ -104,18 +104,23 @@ class MediaNormalizer:
             for job in group:
                 job.target[job.key] = result
 
+    async def _fetch_cached(self, ref: str, param: str | None, convert: Callable[[Fetched], str]) -> str:
+        """Fetch an http(s) reference once per cache lifetime; ``convert`` (run in a thread) makes the data URL."""
+        url = parse_http_url(ref, self.config.allowed_domains, param)
+        key = key_for_url(str(url))
+        if (hit := self.cache.get(key)) is not None:
+            return hit
+        fetched = await self.fetcher.fetch(url, param=param)
+        result = await asyncio.to_thread(convert, fetched)
+        self.cache.put(key, result, ttl=self.config.url_cache_ttl)
+        return result
+
     async def resolve_image(self, ref: str, *, param: str | None = None) -> str:
         """Any image reference (http(s), data:, raw base64, allowed local path) → checked data URL."""
         kind = reference_kind(ref)
         if kind == "http":
-            url = parse_http_url(ref, self.config.allowed_domains, param)
-            key = key_for_url(str(url))
-            if (hit := self.cache.get(key)) is not None:
-                return hit
-            fetched = await self.fetcher.fetch(url, param=param)
-            result = await asyncio.to_thread(image_data_url, fetched.data, self.config, param)
-            self.cache.put(key, result, ttl=self.config.url_cache_ttl)
-            return result
+            return await self._fetch_cached(
+                ref, param, lambda fetched: image_data_url(fetched.data, self.config, param))
         if kind == "data":
             return await self._inline_image(parse_data_url(ref, param).payload, param)
         if kind == "other" and looks_like_base64(ref) and sniff_image(decode_head(ref)) is not None:
@@ -169,14 +174,8 @@ class MediaNormalizer:
                 await self._check_base64(chunk, param)
             return ref
         if kind == "http":
-            url = parse_http_url(ref, self.config.allowed_domains, param)
-            key = key_for_url(str(url))
-            if (hit := self.cache.get(key)) is not None:
-                return hit
-            fetched = await self.fetcher.fetch(url, param=param)
-            result = await asyncio.to_thread(self._media_data_url, fetched.data, fetched.content_type, param)
-            self.cache.put(key, result, ttl=self.config.url_cache_ttl)
-            return result
+            return await self._fetch_cached(
+                ref, param, lambda fetched: self._media_data_url(fetched.data, fetched.content_type, param))
         if kind in ("file", "other"):
             data = await self._read_local(ref, param)
             return await asyncio.to_thread(self._media_data_url, data, None, param)
