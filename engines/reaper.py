@@ -217,11 +217,17 @@ class Reaper:
                     if not data:
                         return "lifeline"
 
-    def _wait_gone(self, seconds: float) -> set[int]:
+    def _wait_gone(self, seconds: float, sig: int | None = None) -> set[int]:
+        """Wait until the tree is empty; with ``sig``, send it to every member, also those born meanwhile."""
         deadline = time.monotonic() + seconds
+        signalled: set[int] = set()
         while True:
             self.reap()
             left = self.tree.members()
+            if sig is not None and left - signalled:
+                # A process that was forking during the last scan has a child we have not told yet.
+                self.tree.signal(left - signalled, sig)
+                signalled |= left
             now = time.monotonic()
             if not left or now >= deadline:
                 return left
@@ -232,10 +238,7 @@ class Reaper:
             self._drain_wakeups()
 
     def terminate(self, grace: float) -> None:
-        left = self.tree.members()
-        if left:
-            self.tree.signal(left, signal.SIGTERM)
-            left = self._wait_gone(grace)
+        left = self._wait_gone(grace, signal.SIGTERM)
         if left:
             _say(f"{len(left)} process(es) still alive after {grace:g}s, sending SIGKILL")
             deadline = time.monotonic() + KILL_WAIT

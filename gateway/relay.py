@@ -151,7 +151,8 @@ class Relay(Response):
         except TimeoutError:
             outcome.error_kind = outcome.error_kind or ("timeout_stream" if self._started else "timeout")
             target.replica.report_failure()
-            await self._fail(send, UpstreamTimeout("The engine did not answer in time.", code="upstream_timeout"))
+            await self._fail(send, UpstreamTimeout(self._timeout_message(loop.time() >= total_deadline),
+                                                   code="upstream_timeout"))
         except GatewayError as exc:
             await self._fail(send, exc)
         except asyncio.CancelledError:
@@ -176,6 +177,14 @@ class Relay(Response):
             in_flight.dec()
             self._record(outcome)
             self.in_flight.discard(self)
+
+    def _timeout_message(self, total_spent: bool) -> str:
+        """Which clock ran out, so an operator knows which limit to look at."""
+        if total_spent:
+            return f"The engine did not finish the answer within {self.clocks.total:g} s."
+        if self._started:
+            return f"The engine's stream was silent for more than {self.clocks.idle:g} s."
+        return f"The engine sent nothing for {self.clocks.first_byte:g} s after the request."
 
     def abort_for_shutdown(self) -> None:
         """End this request now with a clean error (the drain deadline passed)."""

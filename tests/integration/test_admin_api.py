@@ -190,13 +190,13 @@ def test_stop_start_restart(gateway: Gateway) -> None:
 
 def test_an_open_follow_does_not_hold_up_shutdown(tmp_path: Path) -> None:
     config = {"models": {"chat": {"engine": "vllm", "model": "org/chat-model", "command": standin_command("vllm"),
-                                  "health": {"interval": 0.5, "startup_interval": 0.1}, "stop_grace": 3}}}
+                                  "health": {"interval": 0.5, "startup_interval": 0.1}, "stop_grace": 3}},
+              "server": {"drain_timeout": 60}}
     with run_gateway(config, tmp_path, ready_timeout=20) as gw, \
             httpx.stream("GET", gw.url + "/admin/engines/chat/logs", params={"follow": "true"}, timeout=5) as stream:
         assert stream.status_code == 200
         gw.proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
-        for _ in stream.iter_lines():  # engine lines keep coming until the drain ends the stream
-            assert time.monotonic() - started < 5, "the follow outlived the drain"
-        assert time.monotonic() - started < 3
+        for _ in stream.iter_lines():  # engine lines keep coming until shutdown ends the stream
+            assert time.monotonic() - started < 30, "the follow held the 60 s drain open"
         assert gw.proc.wait(10) == 0

@@ -44,7 +44,7 @@ class Client:
     async def wait_for(self, count: int) -> None:
         while len(self.events()) < count:
             self.got.clear()
-            await asyncio.wait_for(self.got.wait(), 2)
+            await asyncio.wait_for(self.got.wait(), 5)
 
 
 def run(coro: Any) -> Any:

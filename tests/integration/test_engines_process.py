@@ -38,7 +38,8 @@ def launch(fake: Path, model: str, env: dict[str, str], *, grace: float = 1.0, l
 @pytest.mark.parametrize("setsid", [False, True], ids=["in-group", "setsid"])
 def test_stop_ends_forked_workers_also_those_that_left_the_group(fake_engine: Path, name: str, setsid: bool) -> None:
     async def main() -> None:
-        proc = launch(fake_engine, name, {"FAKE_FORK": "2", **({"FAKE_SETSID": "1"} if setsid else {})})
+        # A grace far longer than the test may run: SIGKILL would mean a worker was never sent SIGTERM.
+        proc = launch(fake_engine, name, {"FAKE_FORK": "2", **({"FAKE_SETSID": "1"} if setsid else {})}, grace=60)
         await proc.start()
         # reaper + engine + two workers
         await wait_until(lambda: len(tagged_pids(name)) == 4)
@@ -46,10 +47,9 @@ def test_stop_ends_forked_workers_also_those_that_left_the_group(fake_engine: Pa
         assert len(workers) == 2
         if setsid:
             assert all(os.getsid(w) != proc.pid for w in workers)
-        began = time.monotonic()
         code = await proc.stop()
-        assert time.monotonic() - began < 1.0  # they all honour SIGTERM: no grace spent
         assert code == 128 + signal.SIGTERM
+        assert not any("SIGKILL" in line for line in proc.log.tail())
         assert tagged_pids(name) == [] and proc.leftovers == []
         assert all(pid_gone(w) for w in workers)
 
@@ -63,8 +63,7 @@ def test_sigterm_ignored_means_sigkill_after_the_grace(fake_engine: Path, name: 
         await wait_until(lambda: len(tagged_pids(name)) == 3)
         began = time.monotonic()
         code = await proc.stop(0.5)
-        took = time.monotonic() - began
-        assert 0.5 <= took < 2.0, took
+        assert time.monotonic() - began >= 0.5  # the grace was given
         assert code == 128 + signal.SIGKILL
         assert tagged_pids(name) == []
         assert any("SIGKILL" in line for line in proc.log.tail())

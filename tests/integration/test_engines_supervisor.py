@@ -94,14 +94,15 @@ def test_ready_only_after_the_engine_answers(fake_engine: Path, name: str) -> No
 def test_engine_sigkilled_is_restarted_with_a_new_pid(fake_engine: Path, name: str) -> None:
     async def main() -> None:
         events = Events()
-        async with supervised(fake_spec(name, fake_engine), events=events) as sup:
+        # Probes 60 s apart: the exit must be noticed from the process, not from a failed probe.
+        slow_probes = HealthPolicy(interval=60, timeout=0.5, startup_interval=0.05, unhealthy_threshold=3,
+                                   healthy_threshold=1)
+        async with supervised(fake_spec(name, fake_engine, health=slow_probes), events=events) as sup:
             assert await sup.wait_ready(10)
             first = sup.snapshot()
             assert first.engine_pid is not None
-            began = time.monotonic()
             os.kill(first.engine_pid, signal.SIGKILL)
-            await wait_until(lambda: sup.state is not S.READY, limit=2)
-            assert time.monotonic() - began < 1.0  # the exit is noticed at once, not at the next probe
+            await wait_until(lambda: sup.state is not S.READY, limit=10)
             assert await sup.wait_ready(10)
             second = sup.snapshot()
             assert second.restarts == 1 and second.launches == 2
@@ -145,14 +146,14 @@ def test_crash_loop_backs_off_longer_each_time_then_fails(fake_engine: Path, nam
 
 def test_stop_during_starting_kills_the_child(fake_engine: Path, name: str) -> None:
     async def main() -> None:
-        spec = fake_spec(name, fake_engine, {"FAKE_STARTUP_DELAY": "30", "FAKE_FORK": "1"})
+        # A 60 s grace: waiting for it (or for the 30 s load) would time the test out.
+        spec = fake_spec(name, fake_engine, {"FAKE_STARTUP_DELAY": "30", "FAKE_FORK": "1"}, stop_grace=60)
         async with supervised(spec) as sup:
             await wait_until(lambda: len(tagged_pids(name)) == 3)
             engine = sup.snapshot().engine_pid
             assert sup.state is S.STARTING and engine is not None
-            began = time.monotonic()
             await sup.stop()
-            assert time.monotonic() - began < 1.5
+            assert sup.snapshot().last_exit_code == 128 + signal.SIGTERM
             assert sup.state is S.STOPPED and not sup.ready.is_set()
             assert pid_gone(engine) and tagged_pids(name) == []
             snap = sup.snapshot()
@@ -168,7 +169,7 @@ def test_stop_while_ready_ends_an_engine_that_ignores_sigterm_after_the_grace(fa
             assert await sup.wait_ready(10)
             began = time.monotonic()
             await sup.stop()
-            assert 0.5 <= time.monotonic() - began < 2.0
+            assert time.monotonic() - began >= 0.5  # the grace was given
             assert sup.snapshot().last_exit_code == 128 + signal.SIGKILL
             assert tagged_pids(name) == []
 

@@ -125,7 +125,7 @@ def test_on_demand_start_queue_overflow_disconnect_idle_stop_and_concurrency_lim
         assert full.json()["error"]["code"] == "queue_full" and full.json()["error"]["type"] == "rate_limit_error"
         leaver[0].join(5)
         assert leaver[1] == ["left"]
-        assert wait_until(lambda: health(gw)["lazy"]["queue_depth"] == 2, 2)
+        assert wait_until(lambda: health(gw)["lazy"]["queue_depth"] == 2, 10)
         for thread, result in waiting:
             thread.join(20)
             assert result and result[0].status_code == 200, result

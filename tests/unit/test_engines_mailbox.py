@@ -18,7 +18,7 @@ def test_whichever_comes_first_and_nothing_is_lost_between_waits() -> None:
         kind, cmd = await box.wait(after=5)
         assert kind == "cmd" and cmd.kind == "stop" and not sender.done()
         cmd.finish()
-        await asyncio.wait_for(sender, 1)
+        await asyncio.wait_for(sender, 5)
 
         exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         exited.set_result(3)
