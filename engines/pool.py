@@ -213,6 +213,15 @@ class EnginePool:
             return Lease(self, entry.key, index, entry.replicas[index])
         return Waiting(self, ticket, entry.name)
 
+    def failover(self, entry: ModelEntry, failed: Supervisor) -> Lease | None:
+        """A lease on another ready replica at once, or None: where a request goes whose connection
+        ``failed`` refused (nothing was sent, so sending it elsewhere cannot run it twice)."""
+        current = self._entries.get(entry.name)
+        if current is None or current.key != entry.key:
+            return None
+        index = self._scheduler.admit_now(entry.key, self._clock(), exclude=failed.replica)
+        return None if index is None else Lease(self, entry.key, index, entry.replicas[index])
+
     def _lease(self, key: int, index: int) -> Lease:
         return Lease(self, key, index, self._by_key[key].replicas[index])
 

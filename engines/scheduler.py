@@ -158,13 +158,13 @@ class Scheduler:
 
     # -- the request path ---------------------------------------------------------------------------
 
-    def admit_now(self, key: int, now: float) -> int | None:
+    def admit_now(self, key: int, now: float, exclude: int = -1) -> int | None:
         """The common case, allocation-free: a replica when one is free and nobody waits, else None (then
-        ``request`` with a Ticket, which queues or refuses)."""
+        ``request`` with a Ticket, which queues or refuses). Never replica ``exclude`` (a failover)."""
         model = self._models.get(key)
         if model is None or self._closed or model.parked or model.drain is not None or model.queue:
             return None
-        index = self._pick(model, now)
+        index = self._pick(model, now, exclude)
         if index is not None:
             self._admit(model, index, now)
         return index
@@ -291,7 +291,7 @@ class Scheduler:
 
     # -- decisions ----------------------------------------------------------------------------------
 
-    def _pick(self, model: _Model, now: float) -> int | None:
+    def _pick(self, model: _Model, now: float, exclude: int = -1) -> int | None:
         limit = model.plan.max_concurrency
         reps = model.replicas
         best = fallback = None
@@ -299,7 +299,7 @@ class Scheduler:
         for offset in range(len(reps)):
             i = (model.turn + offset) % len(reps)
             rep = reps[i]
-            if rep.state is not S.READY:
+            if rep.state is not S.READY or i == exclude:
                 continue
             ejected = now < rep.outlier.ejected_until
             healthy = healthy or not ejected

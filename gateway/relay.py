@@ -69,6 +69,8 @@ class Target:
     transform: Callable[[dict[str, Any]], Any] | None = None
     # Called once when the relay is over, whatever happened: the pool's lease release (queue, idle clock).
     on_done: Callable[[], None] | None = None
+    # Another replica's Target, or None: asked once, when this one refused the connection (nothing was sent).
+    failover: Callable[[], Target | None] | None = None
 
 
 @dataclass
@@ -118,9 +120,8 @@ class Relay(Response):
         assert task is not None
         self.in_flight.add(self)
         watcher = loop.create_task(self._watch(receive, task))
-        target = self.target
-        target.replica.inflight += 1
-        in_flight = self.metrics.in_flight.labels(target.model)
+        self.target.replica.inflight += 1
+        in_flight = self.metrics.in_flight.labels(self.target.model)
         in_flight.inc()
         outcome = _Outcome()
         response: aiohttp.ClientResponse | None = None
@@ -128,7 +129,7 @@ class Relay(Response):
         try:
             async with asyncio.timeout_at(min(loop.time() + self.clocks.first_byte, total_deadline)) as clock:
                 try:
-                    response = await self.session.post(target.url, data=self.body, headers=target.headers)
+                    response = await self._connect()
                     if self.stream and response.status == 200 and response.content_type == "text/event-stream":
                         await self._relay_stream(response, send, scope.get(BODY_SEND_KEY, send), clock,
                                                  total_deadline, t0, outcome)
@@ -137,20 +138,20 @@ class Relay(Response):
                         await self._relay_whole(response, send, outcome)
                 except aiohttp.ClientConnectorError:
                     outcome.error_kind = "connect"
-                    target.replica.report_failure()
+                    self.target.replica.report_failure()
                     raise EngineUnavailable(
                         "The engine for this model is not accepting connections; it may be restarting.",
-                        retry_after=target.retry_after,
+                        retry_after=self.target.retry_after,
                     ) from None
                 except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
                         aiohttp.ClientResponseError):
                     outcome.error_kind = "disconnected"
-                    target.replica.report_failure()
+                    self.target.replica.report_failure()
                     raise UpstreamError("The engine closed the connection before the answer was complete.",
                                         code="upstream_disconnected") from None
         except TimeoutError:
             outcome.error_kind = outcome.error_kind or ("timeout_stream" if self._started else "timeout")
-            target.replica.report_failure()
+            self.target.replica.report_failure()
             await self._fail(send, UpstreamTimeout(self._timeout_message(loop.time() >= total_deadline),
                                                    code="upstream_timeout"))
         except GatewayError as exc:
@@ -171,12 +172,33 @@ class Relay(Response):
             watcher.cancel()
             if response is not None:
                 response.close()  # a no-op after a clean read; otherwise it drops the socket, aborting the engine
-            target.replica.inflight -= 1
-            if target.on_done is not None:
-                target.on_done()
+            self._let_go(self.target)
             in_flight.dec()
             self._record(outcome)
             self.in_flight.discard(self)
+
+    async def _connect(self) -> aiohttp.ClientResponse:
+        """POST the request; when the replica refuses the connection, once more to another ready one."""
+        target = self.target
+        try:
+            return await self.session.post(target.url, data=self.body, headers=target.headers)
+        except aiohttp.ClientConnectorError:
+            other = target.failover() if target.failover is not None else None
+            if other is None:
+                raise
+        target.replica.report_failure()
+        self._let_go(target)
+        other.replica.inflight += 1
+        self.target = other
+        log.info("replica %s of %s refused the connection; sent to replica %s", target.replica.replica,
+                 target.model, other.replica.replica)
+        return await self.session.post(other.url, data=self.body, headers=other.headers)
+
+    @staticmethod
+    def _let_go(target: Target) -> None:
+        target.replica.inflight -= 1
+        if target.on_done is not None:
+            target.on_done()
 
     def _timeout_message(self, total_spent: bool) -> str:
         """Which clock ran out, so an operator knows which limit to look at."""

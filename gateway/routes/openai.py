@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request, Response
 
 from engines import ModelEntry
 from engines.adapters import OPENAI_PATHS
+from engines.lease import Lease
 from gateway.deps import GatewayState, StateDep
 from gateway.errors import BadRequest, EngineUnavailable
 from gateway.media import MediaNormalizer
@@ -82,25 +83,33 @@ async def relay(
     lease = await acquire(state.pool, entry, request, queue_timeout=settings.queue_timeout,
                           retry_after=settings.retry_after, metrics=state.metrics)
     try:
-        replica = lease.replica
         request_id: str = request.scope[REQUEST_ID_KEY]
         headers = {"Content-Type": "application/json", "X-Request-Id": request_id,
                    "Accept": "text/event-stream" if stream else "application/json"}
         if entry.spec.api_key_env:
             headers["Authorization"] = f"Bearer {os.environ.get(entry.spec.api_key_env, '')}"
-        engine_name = entry.adapter.response_model(entry.spec)
-        target = Target(
-            url=replica.base_url + path,
-            model=entry.spec.name,
-            headers=headers,
-            replica=replica,
-            model_rewrite=model_rewrite(engine_name, entry.spec.name),
-            retry_after=settings.retry_after,
-            stream_end=stream_end or entry.adapter.stream_end,
-            transform=transform,
-            on_done=lease.release,
-        )
-        return Relay(state.upstream.session, target, orjson.dumps(body), stream=stream, clocks=state.clocks,
+        rewrite = model_rewrite(entry.adapter.response_model(entry.spec), entry.spec.name)
+
+        def target(lease: Lease, failover: Callable[[], Target | None] | None) -> Target:
+            return Target(
+                url=lease.replica.base_url + path,
+                model=entry.spec.name,
+                headers=headers,
+                replica=lease.replica,
+                model_rewrite=rewrite,
+                retry_after=settings.retry_after,
+                stream_end=stream_end or entry.adapter.stream_end,
+                transform=transform,
+                on_done=lease.release,
+                failover=failover,
+            )
+
+        def failover() -> Target | None:
+            other = state.pool.failover(entry, lease.replica)
+            return None if other is None else target(other, None)
+
+        first = target(lease, failover if len(entry.replicas) > 1 else None)
+        return Relay(state.upstream.session, first, orjson.dumps(body), stream=stream, clocks=state.clocks,
                      request_id=request_id, metrics=state.metrics, in_flight=state.in_flight)
     except BaseException:
         lease.release()  # the relay never got it: hand the slot back

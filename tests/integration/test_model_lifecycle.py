@@ -268,3 +268,35 @@ def test_reload_adds_removes_and_keeps_serving_then_sighup(tmp_path: Path) -> No
         assert wait_until(lambda: chat(gw.url, "new").status_code == 200, 10)
         assert health(gw)["keep"]["replicas"][0]["pid"] == keep_pid and gw.proc.poll() is None
         assert "config reloaded" in gw.log() and "changed ('new',)" in gw.log()
+
+
+def test_a_refused_connection_fails_over_to_another_replica_once(tmp_path: Path) -> None:
+    """C8: nothing reached the engine, so the gateway may send it elsewhere; with nowhere else, 503."""
+    faults = [tmp_path / f"faults-{i}.json" for i in (0, 1)]
+    recs = [tmp_path / f"rec-{i}.jsonl" for i in (0, 1)]
+    for f in faults:
+        write_faults(f, {})
+    # Probes a minute apart: the refusing replica stays "ready" for the whole test, as in the gap before a
+    # probe notices a listener gone.
+    config = {"models": {"r": model(
+        gpus=[[0], [1]], health={"interval": 60, "startup_interval": 0.1},
+        outlier={"consecutive_failures": 100},
+        env={"STANDIN_FAULTS_FILE": str(tmp_path / "faults-{replica}.json"),
+             "STANDIN_RECORD": str(tmp_path / "rec-{replica}.jsonl")})}}
+    with run_gateway(config, tmp_path) as gw:
+        assert wait_until(lambda: [x["state"] for x in health(gw)["r"]["replicas"]] == ["ready", "ready"], 10)
+        write_faults(faults[0], {"refuse-connections": True})
+        while not records(recs[0]):  # round robin: replica 0 answers one more, then stops listening
+            assert chat(gw.url, "r").status_code == 200
+        served = [len(records(rec)) for rec in recs]
+        statuses = [chat(gw.url, "r").status_code for _ in range(6)]
+        assert statuses == [200] * 6  # three of them were refused by replica 0 and sent to replica 1
+        assert [len(records(rec)) for rec in recs] == [served[0], served[1] + 6]  # each sent once
+        assert health(gw)["r"]["replicas"][0]["state"] == "ready"
+
+        write_faults(faults[1], {"refuse-connections": True})
+        assert chat(gw.url, "r").status_code == 200  # replica 1's last answer
+        refused = chat(gw.url, "r")  # both refuse: one failover, then the error
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        assert refused.json()["error"]["code"] == "engine_unavailable"
+    assert "refused the connection; sent to replica 1" in gw.log()

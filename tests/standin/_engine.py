@@ -9,6 +9,7 @@ import json
 import os
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,7 @@ class State:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     successes: int = 0
+    stop_listening: Callable[[], None] | None = None  # the HTTP server's, for the refuse-connections fault
 
 
 def sse(payload: Any) -> bytes:
@@ -281,6 +283,8 @@ class App:
     async def _inference(self, req: Request, resp: Response, faults: dict[str, Any]) -> None:
         if faults.get("crash-on-request"):
             crash(1)
+        if faults.get("refuse-connections") and self.s.stop_listening is not None:
+            self.s.stop_listening()  # this answer still goes out; then the connection closes
         broken = str(faults.get("health", ""))
         try:
             if faults.get("hang-before-headers") or broken == "ok-but-broken:hang":

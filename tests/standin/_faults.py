@@ -58,6 +58,7 @@ KEYS: dict[str, Callable[[Any], Any]] = {
     "garbage": _str,
     "hang-before-headers": _bool,
     "crash-on-request": _bool,
+    "refuse-connections": _bool,
     "first-token-delay": float,
     "token-interval": float,
     "crash-after-chunks": int,

@@ -233,6 +233,7 @@ class Runner:
         self.state = State(cfg, self.faults, self.record)
         keep_alive = float(os.environ.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "5")) if self.vllm else 5.0
         self.server = HttpServer(App(self.state), self.access, keep_alive)
+        self.state.stop_listening = self.server.stop_listening
         loop.add_signal_handler(signal.SIGCHLD, self.child_exit.set)
         tasks.append(asyncio.create_task(self.watch_engine()))
         sock = self.bind() if self.vllm else None

@@ -227,6 +227,17 @@ def test_replicas_share_by_in_flight_count_and_take_turns() -> None:
     assert turns in ([0, 1, 0, 1], [1, 0, 1, 0])  # equal load: in turn, not always replica 0
 
 
+def test_failover_admits_another_ready_replica_never_the_one_that_refused() -> None:
+    fx = FakeEffects()
+    s = Scheduler(fx)
+    s.add(1, plan("a", replicas=2), 0, start=True)
+    up(s, 1, replicas=2)
+    assert [s.admit_now(1, 1, exclude=0) for _ in range(3)] == [1, 1, 1]  # busier, but the only other one
+    s.replica_changed(1, 1, S.BACKOFF, 2)
+    assert s.admit_now(1, 2, exclude=0) is None  # nowhere else to go: the caller answers 503
+    assert s.status(1, 2).active == 3
+
+
 def test_ejection_grows_never_takes_the_last_healthy_replica_and_ends() -> None:
     fx = FakeEffects()
     s = Scheduler(fx)
