@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
-CommandKind = Literal["start", "stop", "restart"]
+CommandKind = Literal["start", "stop", "restart", "broken"]
 WaitKind = Literal["cmd", "exit", "work", "timeout"]
 
 
@@ -47,6 +47,14 @@ class Mailbox:
         self._queue.put_nowait(Command(kind, done))
         # The command goes on if the sender gives up waiting: a half-done stop helps nobody.
         await asyncio.shield(done)
+
+    def post(self, kind: CommandKind) -> None:
+        """Queue a command without waiting for it (from code that cannot await: the request path)."""
+        if self.closed:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it: retrieved here
+        self._queue.put_nowait(Command(kind, done))
 
     async def wait(self, *, exited: asyncio.Future[int] | None = None, after: float | None = None,
                    work: Awaitable[T] | None = None) -> tuple[WaitKind, Any]:

@@ -49,6 +49,10 @@ class OutlierPolicy(_Frozen):
     base_ejection_time: float = Field(10.0, gt=0)
     max_ejection_time: float = Field(300.0, gt=0)
     max_ejection_percent: float = Field(50.0, ge=0, le=100)
+    # This many failed requests in a row and a launched engine is restarted, though its health check passes
+    # (an engine whose /health says 200 while every answer is a 500 or never comes). Counted as a crash, so
+    # one that stays broken ends FAILED. 0: never.
+    restart_after: int = Field(10, ge=0)
 
 
 class ModelSpec(_Frozen):

@@ -130,6 +130,9 @@ class Supervisor:
         self.passive_failures += 1
         if self._on_report is not None:
             self._on_report(self.replica, False)
+        limit = self.spec.outlier.restart_after
+        if limit and self.passive_failures == limit and self._state is S.READY and self.adapter.spawns:
+            self._mailbox.post("broken")  # once per streak: the count only grows until a success or a launch
 
     def report_success(self) -> None:
         self.passive_failures = 0
@@ -266,7 +269,7 @@ class Supervisor:
         self.launches += 1
         engine_id = f"{self.model}/{self.replica}/{self.launches}"
         self._argv, self._port, self._engine_pid = argv, port, None
-        self.health_failures = 0
+        self.health_failures = self.passive_failures = 0
         self.log.append(f"[gateway] launch {self.launches}: {' '.join(redact_argv(argv))}")
         proc = EngineProcess(argv, engine_id=engine_id, env=self.adapter.env(self.spec), log=self.log,
                              logger=self._logger, grace=self.spec.stop_grace, secrets=secret_values(self.spec))
@@ -343,6 +346,10 @@ class Supervisor:
                     self._enter(S.STOPPING, "stop requested")
                     await self._end_launch()
                     self._enter(S.STOPPED, "stop requested")
+            elif cmd.kind == "broken":
+                if self._state is S.READY and self.passive_failures >= self.spec.outlier.restart_after:
+                    self._crashed(f"{self.passive_failures} requests in a row failed while its health check "
+                                  "passed")
             elif cmd.kind == "start":
                 if self._state in (S.STOPPED, S.FAILED, S.BACKOFF):
                     self._backoff.reset()

@@ -300,3 +300,25 @@ def test_a_refused_connection_fails_over_to_another_replica_once(tmp_path: Path)
         assert refused.status_code == 503 and refused.headers["retry-after"]
         assert refused.json()["error"]["code"] == "engine_unavailable"
     assert "refused the connection; sent to replica 1" in gw.log()
+
+
+def test_an_engine_healthy_to_its_probe_but_failing_every_request_is_restarted(tmp_path: Path) -> None:
+    """B3: /health says 200, yet every answer is a 500 (then: never comes). Real traffic is the evidence."""
+    faults = tmp_path / "faults.json"
+    write_faults(faults, {"health": "ok-but-broken"})
+    config = {"server": {"first_byte_timeout": 1},
+              "models": {"m": model(outlier={"restart_after": 3}, env={"STANDIN_FAULTS_FILE": str(faults)})}}
+    with run_gateway(config, tmp_path) as gw:
+        first = health(gw)["m"]["replicas"][0]
+        assert [chat(gw.url, "m").status_code for _ in range(3)] == [500] * 3
+        write_faults(faults, {"health": "ok-but-broken:hang"})  # what the next launch will do
+        assert wait_until(lambda: health(gw)["m"]["replicas"][0]["pid"] not in (None, first["pid"])
+                          and health(gw)["m"]["state"] == "ready", 15)
+        second = health(gw)["m"]["replicas"][0]
+        assert second["restarts"] == first["restarts"] + 1
+        assert [chat(gw.url, "m").status_code for _ in range(3)] == [504] * 3  # hangs end at the first-byte clock
+        write_faults(faults, {})
+        assert wait_until(lambda: health(gw)["m"]["replicas"][0]["pid"] not in (None, second["pid"])
+                          and health(gw)["m"]["state"] == "ready", 15)
+        assert chat(gw.url, "m").status_code == 200
+    assert "3 requests in a row failed while its health check passed" in gw.log()
