@@ -1,4 +1,9 @@
-"""What operators and orchestrators poll: liveness, readiness, metrics. Cached state only, never engine I/O."""
+"""What operators and orchestrators poll: liveness, readiness, metrics. Cached state only, never engine I/O.
+
+``/health`` and ``/ready`` need no key, so that a load balancer or a kubelet can probe them. With API keys
+configured, a caller without an ``admin`` key gets the verdict and counts only: model names, pids, exit
+codes and error text are for operators.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import time
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
 from engines import EnginePool, ModelEntry
 from engines.scheduler import Phase
@@ -68,16 +73,31 @@ def not_ready(state: GatewayState) -> list[str]:
     return waiting
 
 
+def detailed(state: GatewayState, request: Request) -> bool:
+    """An open gateway, or a caller whose key has the ``admin`` permission."""
+    keys = state.keys
+    if keys.open:
+        return True
+    identity = keys.identify(request.headers.get("authorization", "").encode("latin-1"))
+    return identity is not None and not {"admin", "all"}.isdisjoint(identity.permissions)
+
+
 @router.get("/health")
 @router.get("/v1/health")
-async def health(state: StateDep) -> Response:
+async def health(request: Request, state: StateDep) -> Response:
+    status = "draining" if state.draining else "ok"
+    if not detailed(state, request):
+        entries = state.pool.entries()
+        ready = sum(1 for e in entries if state.pool.status(e).phase is Phase.READY)
+        return _json({"status": status, "uptime_s": round(time.time() - state.started_at, 1),
+                      "gpus": state.gpus.count(), "models_ready": ready, "models_total": len(entries)})
     models = {
         e.spec.name: {"engine": e.spec.engine, "load": e.spec.load, **model_state(state.pool, e),
                       "replicas": _replica_summary(e, state.pool.status(e).ejected)}
         for e in state.pool.entries()
     }
     return _json({
-        "status": "draining" if state.draining else "ok",
+        "status": status,
         "uptime_s": round(time.time() - state.started_at, 1),
         "gpus": state.gpus.count(),
         "models": models,
@@ -85,11 +105,13 @@ async def health(state: StateDep) -> Response:
 
 
 @router.get("/ready")
-async def ready(state: StateDep) -> Response:
+async def ready(request: Request, state: StateDep) -> Response:
     if state.draining:
         return _json({"status": "draining"}, 503)
     waiting = not_ready(state)
     if waiting:
+        if not detailed(state, request):
+            return _json({"status": "not_ready", "waiting_for": len(waiting)}, 503)
         return _json({"status": "not_ready", "waiting_for": waiting}, 503)
     return _json({"status": "ready"})
 

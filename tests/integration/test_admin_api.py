@@ -200,3 +200,15 @@ def test_an_open_follow_does_not_hold_up_shutdown(tmp_path: Path) -> None:
         for _ in stream.iter_lines():  # engine lines keep coming until shutdown ends the stream
             assert time.monotonic() - started < 30, "the follow held the 60 s drain open"
         assert gw.proc.wait(10) == 0
+
+
+def test_probes_answer_everyone_but_only_an_admin_key_sees_the_engines(gateway: Gateway) -> None:
+    for headers in ({}, APP, {"authorization": "Bearer sk-wrong"}):
+        response = httpx.get(gateway.url + "/health", headers=headers, timeout=5)
+        assert response.status_code == 200  # a load balancer or a kubelet probes without a key
+        body = response.json()
+        assert body["status"] == "ok" and body["models_total"] == 1 and body["models_ready"] == 1
+        assert "models" not in body and "chat" not in response.text and "pid" not in response.text
+        assert httpx.get(gateway.url + "/ready", headers=headers, timeout=5).status_code == 200
+    full = httpx.get(gateway.url + "/health", headers=OPS, timeout=5).json()
+    assert full["models"]["chat"]["replicas"][0]["pid"] > 0
