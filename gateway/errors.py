@@ -99,6 +99,13 @@ class RequestTimeout(GatewayError):
     type = "invalid_request_error"
     code = "request_timeout"
 
+    def headers(self) -> dict[str, str]:
+        # The body was cut off part way, so the connection cannot carry another request; and uvicorn, left
+        # to itself, keeps it open for as long as the client trickles the rest (each byte cancels its
+        # keep-alive timer): one slow client would hold a socket for ever. ``Connection: close`` makes
+        # uvicorn close it once the 408 is sent.
+        return {**super().headers(), "connection": "close"}
+
 
 class PayloadTooLarge(GatewayError):
     status = 413
@@ -122,6 +129,15 @@ class EngineUnavailable(GatewayError):
     status = 503
     type = "service_unavailable"
     code = "engine_unavailable"
+
+
+class ShuttingDown(EngineUnavailable):
+    code = "server_shutting_down"
+
+    def headers(self) -> dict[str, str]:
+        # A keep-alive connection to a gateway on its way out would only carry the next request to the
+        # same refusal: closing it sends the client's pool to another instance.
+        return {**super().headers(), "connection": "close"}
 
 
 class UpstreamTimeout(GatewayError):

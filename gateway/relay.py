@@ -28,6 +28,7 @@ from gateway.drain import InFlight
 from gateway.errors import (
     EngineUnavailable,
     GatewayError,
+    ShuttingDown,
     UpstreamError,
     UpstreamTimeout,
     reshape_upstream_error,
@@ -160,8 +161,7 @@ class Relay(Response):
             if self._shutdown:
                 task.uncancel()
                 outcome.error_kind = "shutdown"
-                await self._fail(send, EngineUnavailable("The gateway is shutting down; retry.",
-                                                         code="server_shutting_down", retry_after=1))
+                await self._fail(send, ShuttingDown("The gateway is shutting down; retry.", retry_after=1))
             elif self._disconnected:
                 task.uncancel()
                 scope[STATUS_KEY] = 499

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from engines import EnginePool, ModelEntry
 from engines.lease import Abandoned, Lease
 from engines.scheduler import Refused
-from gateway.errors import EngineUnavailable, GatewayError, ModelNotFound, QueueFull
+from gateway.errors import EngineUnavailable, GatewayError, ModelNotFound, QueueFull, ShuttingDown
 from gateway.metrics import Metrics
 from gateway.relay import STATUS_KEY
 
@@ -80,8 +80,7 @@ def refusal_error(refused: Refused, name: str, retry_after: float) -> GatewayErr
     if reason == "removed":
         return ModelNotFound(f"The model '{name}' was removed from the configuration.", param="model")
     if reason == "shutdown":
-        return EngineUnavailable("The gateway is shutting down; retry on another instance.",
-                                 code="server_shutting_down", retry_after=retry_after)
+        return ShuttingDown("The gateway is shutting down; retry on another instance.", retry_after=retry_after)
     if reason == "timeout":
         return EngineUnavailable(f"The model '{name}' did not become available in time; retry shortly.",
                                  retry_after=retry_after)

@@ -13,7 +13,7 @@ from engines import ModelEntry
 from engines.adapters import OPENAI_PATHS
 from engines.lease import Lease
 from gateway.deps import GatewayState, StateDep
-from gateway.errors import BadRequest, EngineUnavailable
+from gateway.errors import BadRequest, ShuttingDown
 from gateway.media import MediaNormalizer
 from gateway.middleware import MODEL_KEY, REQUEST_ID_KEY
 from gateway.payload import check_fields, model_name, parse_json_object, read_body
@@ -52,8 +52,8 @@ def route(request: Request, state: GatewayState, name: str, endpoint: str) -> Mo
     Every model endpoint passes here, so this is also where a draining gateway turns new work away.
     """
     if state.draining:
-        raise EngineUnavailable("The gateway is shutting down; retry on another instance.",
-                                code="server_shutting_down", retry_after=state.config.server.retry_after)
+        raise ShuttingDown("The gateway is shutting down; retry on another instance.",
+                           retry_after=state.config.server.retry_after)
     entry = resolve(state.pool, name)
     request.scope[MODEL_KEY] = entry.spec.name
     if endpoint not in entry.adapter.endpoints:
