@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -159,3 +160,43 @@ def test_stream_outliving_the_drain_ends_with_an_error_event(tmp_path: Path) -> 
         thread.join(15)
         assert gw.proc.wait(15) in (0, -signal.SIGTERM)
         assert bodies and b"server_shutting_down" in bodies[0] and b"[DONE]" not in bodies[0]
+
+
+def test_sigint_during_the_drain_stops_at_once_and_still_ends_the_engines(tmp_path: Path) -> None:
+    """I3: the first signal drains (here for up to 120 s, and the stream in flight needs ~100 s more); the
+    second one must cut that short. Engines still go, by the lifespan or by their reapers."""
+    import threading
+
+    config = _config("token-interval=0.5")
+    config["server"]["drain_timeout"] = 120
+    with run_gateway(config, tmp_path) as gw:
+        owner = str(gw.proc.pid)
+        bodies: list[bytes] = []
+
+        def long_stream() -> None:
+            with contextlib.suppress(httpx.HTTPError):  # the forced stop may cut it anywhere
+                with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=60,
+                                  json={"model": "chat", "messages": MESSAGES, "max_tokens": 200, "stream": True,
+                                        "ignore_eos": True}) as r:
+                    for part in r.iter_raw():
+                        bodies.append(part)
+
+        thread = threading.Thread(target=long_stream, daemon=True)
+        thread.start()
+        assert wait_until(lambda: bodies, 10)  # the stream is flowing
+        assert tagged_pids(owner)
+        gw.proc.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: httpx.get(gw.url + "/ready", timeout=2).status_code == 503, 5)  # draining
+        time.sleep(0.5)
+        assert gw.proc.poll() is None  # still draining for the stream: the first signal alone does not stop it
+        gw.proc.send_signal(signal.SIGINT)
+        try:
+            code = gw.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"SIGINT did not stop the draining gateway:\n{gw.log()[-3000:]}") from None
+        assert code in (0, -signal.SIGINT, -signal.SIGTERM)  # a stop it chose, not a crash
+        assert "second signal: stopping now" in gw.log()
+        assert wait_until(lambda: not tagged_pids(owner), 10), tagged_pids(owner)
+        thread.join(10)
+        assert not thread.is_alive()  # the client's connection was closed, not left hanging
+        assert b"[DONE]" not in b"".join(bodies)

@@ -1,15 +1,20 @@
 """The request path end to end: openai SDK → gateway process → stand-in engines, over real sockets.
 
-One gateway serves the whole module (starting engines costs seconds); each test sets the stand-ins'
-faults through their faults file and resets it afterwards.
+One gateway serves most of the module (starting engines costs seconds); each test sets the stand-ins'
+faults through their faults file and resets it afterwards. Its upstream clocks are short (2 s first byte,
+1 s idle), so the client-disconnect tests use a second gateway (``patient``) with long clocks: there, only
+the client leaving can make the gateway close an upstream request within the tests' wait.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +175,27 @@ def test_stream_cut_by_engine_ends_with_error_event_and_no_done(env: Env) -> Non
     assert wait_until(lambda: _ready(env), 15), "engine not restarted after its crash"
 
 
+def test_stream_closed_mid_line_forwards_only_whole_events_then_one_error(env: Env) -> None:
+    env.set_faults(**{"close-after-chunks": 3})
+    cuts = len(env.events("closed-mid-line"))
+    with httpx.stream("POST", env.gateway.url + "/v1/chat/completions", timeout=10,
+                      json={"model": "chat", "messages": MESSAGES, "max_tokens": 20, "stream": True}) as r:
+        assert r.status_code == 200
+        body = b"".join(r.iter_raw())
+    assert len(env.events("closed-mid-line")) == cuts + 1  # the engine did cut a data: line in half
+    assert b"[DONE]" not in body
+    # Nothing after the last event separator: the engine's half line was held back, not forwarded.
+    assert body.endswith(b"\n\n")
+    events = body[:-2].split(b"\n\n")
+    assert len(events) == 4, body  # the engine's three whole events, then the gateway's own
+    for event in events:
+        assert event.startswith(b"data: {") and b"\n" not in event, event  # one complete line each
+    parsed = [json.loads(event[len(b"data: "):]) for event in events]
+    assert all("choices" in p and "error" not in p for p in parsed[:-1])
+    error = parsed[-1]["error"]
+    assert error["code"] == "upstream_disconnected" and set(error) == {"message", "type", "param", "code"}
+
+
 def _ready(env: Env) -> bool:
     return httpx.get(env.gateway.url + "/ready", timeout=2).status_code == 200
 
@@ -198,13 +224,55 @@ def test_client_disconnect_closes_upstream(env: Env) -> None:
     assert wait_until(lambda: len(env.events("disconnect")) > before, 10)
 
 
-def test_client_disconnect_during_prefill_closes_upstream(env: Env) -> None:
-    env.set_faults(**{"first-token-delay": 60, "record-disconnects": True})
-    before = len(env.events("disconnect"))
+@dataclass
+class Patient:
+    """A gateway whose upstream clocks are far longer than any test here waits: only a client leaving can make
+    it close an upstream request early. The engine takes 60 s to its first token."""
+
+    gateway: Gateway
+    record: Path
+
+    def disconnects(self) -> int:
+        if not self.record.exists():
+            return 0
+        return sum(json.loads(line)["event"] == "disconnect" for line in self.record.read_text().splitlines()
+                   if line.strip())
+
+
+@pytest.fixture(scope="module")
+def patient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Patient]:
+    tmp = tmp_path_factory.mktemp("patient")
+    record = tmp / "record.jsonl"
+    config = {
+        "server": {"first_byte_timeout": 120, "idle_timeout": 120, "total_timeout": 300},
+        "models": {"slow": {"engine": "vllm", "model": "org/slow", "command": standin_command("vllm"),
+                            "env": {"STANDIN_FAULTS": "first-token-delay=60,record-disconnects",
+                                    "STANDIN_RECORD": str(record)},
+                            "health": {"interval": 0.5, "startup_interval": 0.1}, "stop_grace": 2}},
+    }
+    with run_gateway(config, tmp) as gateway:
+        yield Patient(gateway, record)
+
+
+def test_client_disconnect_during_prefill_of_a_stream_closes_upstream(patient: Patient) -> None:
+    before = patient.disconnects()
+    with httpx.stream("POST", patient.gateway.url + "/v1/chat/completions", timeout=httpx.Timeout(5, read=1),
+                      json={"model": "slow", "messages": MESSAGES, "max_tokens": 3, "stream": True}) as r:
+        # The engine sent its headers at once, so the gateway is on its stream path, waiting for the first event.
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        with pytest.raises(httpx.ReadTimeout):
+            next(r.iter_raw())
+    # The gateway's own clocks would not close it for 120 s, the engine's first token is 60 s away.
+    assert wait_until(lambda: patient.disconnects() > before, 10)
+
+
+def test_client_disconnect_during_prefill_of_a_non_stream_request_closes_upstream(patient: Patient) -> None:
+    """D3: the answer would take 60 s; the client leaves after 0.5 s."""
+    before = patient.disconnects()
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(env.gateway.url + "/v1/chat/completions", timeout=httpx.Timeout(5, read=0.5),
-                   json={"model": "chat", "messages": MESSAGES, "max_tokens": 3})
-    assert wait_until(lambda: len(env.events("disconnect")) > before, 10)  # not at the 60 s first token
+        httpx.post(patient.gateway.url + "/v1/chat/completions", timeout=httpx.Timeout(5, read=0.5),
+                   json={"model": "slow", "messages": MESSAGES, "max_tokens": 3})
+    assert wait_until(lambda: patient.disconnects() > before, 10)
 
 
 def test_hung_upstream_gives_504_at_first_byte_timeout(env: Env) -> None:
@@ -217,6 +285,22 @@ def test_hung_upstream_gives_504_at_first_byte_timeout(env: Env) -> None:
     assert info.value.body["code"] == "upstream_timeout"  # type: ignore[index]
     assert "sent nothing for 2 s" in info.value.message  # the first-byte clock, not the 6 s total
     assert elapsed >= 2
+
+
+def test_hung_upstream_stream_gives_504_json_before_any_sse_byte_and_closes_upstream(env: Env) -> None:
+    env.set_faults(**{"hang-before-headers": True, "record-disconnects": True})
+    before = len(env.events("disconnect"))
+    response = httpx.post(env.gateway.url + "/v1/chat/completions", timeout=10,
+                          json={"model": "chat", "messages": MESSAGES, "max_tokens": 3, "stream": True})
+    # The first-byte clock ran out before the engine sent headers: a plain JSON error, never a 200 SSE
+    # stream with an error event in it, so a client's status check catches it.
+    assert response.status_code == 504
+    assert response.headers["content-type"].startswith("application/json")
+    assert not response.content.startswith(b"data:")
+    error = response.json()["error"]
+    assert error["code"] == "upstream_timeout" and set(error) == {"message", "type", "param", "code"}
+    # The engine waits for ever for its client to leave: a record here means the gateway hung up on it.
+    assert wait_until(lambda: len(env.events("disconnect")) > before, 10)
 
 
 def test_stalled_stream_ends_with_timeout_event(env: Env) -> None:
@@ -298,6 +382,86 @@ def test_engine_not_ready_gives_503_with_retry_after(env: Env) -> None:
     assert response.status_code == 503
     assert response.headers["retry-after"] == "2"
     assert response.json()["error"]["code"] == "engine_unavailable"  # after queue_timeout, not the client's 5 s
+
+
+class Canary:
+    """Listens on 127.0.0.1 and, where the host has IPv6, [::1] (same port) and counts accepted connections."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._sockets = [socket.create_server(("127.0.0.1", 0))]
+        self.port = int(self._sockets[0].getsockname()[1])
+        if socket.has_ipv6:
+            with contextlib.suppress(OSError):  # no ::1 here: the gateway cannot reach it either
+                self._sockets.append(socket.create_server(("::1", self.port), family=socket.AF_INET6))
+        for sock in self._sockets:
+            sock.settimeout(0.1)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._accept, args=(s,), daemon=True) for s in self._sockets]
+        for thread in self._threads:
+            thread.start()
+
+    def _accept(self, sock: socket.socket) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+            conn.close()
+
+    def settle(self) -> int:
+        """Stop listening and count what is left in the backlog too: a connection the gateway made just
+        before it answered must not slip past the check. Safe to call again."""
+        if self._stop.is_set():
+            return self.connections
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(2)
+        for sock in self._sockets:
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                while True:
+                    sock.accept()[0].close()
+                    self.connections += 1
+            sock.close()
+        return self.connections
+
+
+@pytest.fixture
+def canary() -> Iterator[Canary]:
+    listener = Canary()
+    try:
+        yield listener
+    finally:
+        listener.settle()
+
+
+@pytest.mark.parametrize("template", [
+    "http://127.0.0.1:{port}/x.png",
+    "http://169.254.169.254/latest",
+    "http://[::1]:{port}/",
+    "http://localhost:{port}/",
+])
+def test_private_image_urls_are_refused_by_default_without_connecting(env: Env, canary: Canary,
+                                                                      template: str) -> None:
+    """F1 through the gateway: this gateway's config has no ``media:`` block, so the defaults hold."""
+    url = template.format(port=canary.port)
+    before = len(env.events("request"))
+    messages = [{"role": "user", "content": [{"type": "text", "text": "what is this"},
+                                             {"type": "image_url", "image_url": {"url": url}}]}]
+    response = httpx.post(env.gateway.url + "/v1/chat/completions", timeout=10,
+                          json={"model": "vl", "messages": messages, "max_tokens": 3})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "image_url_forbidden" and error["type"] == "invalid_request_error"
+    assert set(error) == {"message", "type", "param", "code"}
+    assert canary.settle() == 0
+    assert len(env.events("request")) == before  # refused before a replica was even chosen
 
 
 def test_metrics_count_requests_and_tokens(env: Env) -> None:

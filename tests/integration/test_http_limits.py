@@ -1,22 +1,41 @@
-"""Slow and oversized request heads are refused at the HTTP layer, in the error shape (RELIABILITY G3, G5, G6)."""
+"""Slow and oversized requests are refused at the HTTP layer, in the error shape (RELIABILITY G3, G4, G5, G6)."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import Gateway, run_gateway
+from tests.helpers import Gateway, run_gateway, standin_command
+
+RECORD_NAME = "engine.jsonl"
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    with run_gateway({"server": {"header_timeout": 1}}, tmp_path_factory.mktemp("limits")) as gw:
+    tmp = tmp_path_factory.mktemp("limits")
+    # One engine behind the gateway, recording every request, so a test can show that nothing reached it.
+    config = {
+        "server": {"header_timeout": 1, "body_timeout": 1},
+        "models": {"chat": {"engine": "vllm", "model": "org/chat", "command": standin_command("vllm"),
+                            "env": {"STANDIN_RECORD": str(tmp / RECORD_NAME)},
+                            "health": {"interval": 0.5, "startup_interval": 0.1}, "stop_grace": 2}},
+    }
+    with run_gateway(config, tmp) as gw:
         yield gw
+
+
+def _engine_requests(gw: Gateway) -> list[dict[str, object]]:
+    record = gw.log_path.parent / RECORD_NAME
+    if not record.exists():
+        return []
+    rows = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["event"] == "request" and r["path"] != "/v1/models"]
 
 
 def _exchange(gw: Gateway, data: bytes, *, wait: float = 5) -> bytes:
@@ -56,18 +75,35 @@ def test_too_many_or_too_large_headers_get_431(gateway: Gateway, headers: bytes)
     b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
     b"0\r\n\r\n",
     b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n{}{}}",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n"
+    b"2\r\n{}\r\n0\r\n\r\n",
     b"GET /health HTTP/1.1\rHost: x\r\n\r\n",
-])
+], ids=["cl-and-te", "two-cls", "te-chunked-identity", "bare-cr"])
 def test_smuggling_shapes_get_400_and_close(gateway: Gateway, request_bytes: bytes) -> None:
-    status, error = _status_and_error(_exchange(gateway, request_bytes))
+    before = len(_engine_requests(gateway))
+    # The socket timeout is far above anything the gateway waits for: reaching it means the connection was
+    # left open after the 400, which fails the test instead of ending the read.
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=20) as sock:
+        sock.sendall(request_bytes)
+        raw = _read_to_eof(sock)
+    status, error = _status_and_error(raw)
     assert status == 400 and error["code"] == "invalid_http_request"
+    assert set(error) == {"message", "type", "param", "code"}
+    assert b"connection: close" in raw.partition(b"\r\n\r\n")[0].lower()
+    assert len(_engine_requests(gateway)) == before
 
 
 def _read_to_eof(sock: socket.socket) -> bytes:
-    """Everything until the gateway closes; a read timeout (the socket left open) fails the test."""
+    """Everything until the gateway closes; a read timeout (the socket left open) fails the test.
+
+    A reset is a close too: closing with unread request bytes (a refused body) makes the kernel send RST.
+    """
     out = b""
-    while chunk := sock.recv(65536):
-        out += chunk
+    try:
+        while chunk := sock.recv(65536):
+            out += chunk
+    except ConnectionResetError:
+        pass
     return out
 
 
@@ -80,6 +116,40 @@ def test_headers_that_trickle_get_408_and_the_socket_closed(gateway: Gateway) ->
         raw = _read_to_eof(sock)  # the 1 s header deadline, though every line came within 0.4 s
     status, error = _status_and_error(raw)
     assert status == 408 and error["code"] == "request_timeout"
+
+
+def test_body_that_trickles_gets_408_the_socket_closed_and_nothing_sent_on(gateway: Gateway) -> None:
+    body = json.dumps({"model": "chat", "messages": [{"role": "user", "content": "slow body " * 20}]}).encode()
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    stop = threading.Event()
+
+    def trickle(sock: socket.socket) -> None:
+        # One byte every 0.3 s: the whole body would take over a minute, the 1 s body deadline ends it long
+        # before. It keeps going after the answer, as a slowloris would: only a close by the gateway ends the
+        # read below before its 20 s socket timeout.
+        for i in range(len(body)):
+            if stop.wait(0.3):
+                return
+            try:
+                sock.sendall(body[i:i + 1])
+            except OSError:
+                return
+
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=20) as sock:
+        sock.sendall(head)
+        sender = threading.Thread(target=trickle, args=(sock,), daemon=True)
+        sender.start()
+        try:
+            raw = _read_to_eof(sock)
+        finally:
+            stop.set()
+            sender.join(5)
+    status, error = _status_and_error(raw)
+    assert status == 408 and error["code"] == "request_timeout"
+    assert set(error) == {"message", "type", "param", "code"}
+    assert b"connection: close" in raw.partition(b"\r\n\r\n")[0].lower()
+    assert not [r for r in _engine_requests(gateway) if r["path"] == "/v1/chat/completions"]
 
 
 def test_a_silent_connection_is_closed(gateway: Gateway) -> None:

@@ -322,3 +322,39 @@ def test_an_engine_healthy_to_its_probe_but_failing_every_request_is_restarted(t
                           and health(gw)["m"]["state"] == "ready", 15)
         assert chat(gw.url, "m").status_code == 200
     assert "3 requests in a row failed while its health check passed" in gw.log()
+
+
+def test_an_engine_4xx_is_passed_through_once_and_not_held_against_the_replica(tmp_path: Path) -> None:
+    """C7: a 400 is the client's fault. With one failure enough to eject a replica, a 400 counted as a
+    failure would take one out of rotation; the positive control at the end shows that it would show."""
+    faults = [tmp_path / f"faults-{i}.json" for i in (0, 1)]
+    recs = [tmp_path / f"rec-{i}.jsonl" for i in (0, 1)]
+    for f in faults:
+        write_faults(f, {"status": 400})
+    config = {"models": {"r": model(
+        gpus=[[0], [1]], outlier={"consecutive_failures": 1, "base_ejection_time": 60},
+        env={"STANDIN_FAULTS_FILE": str(tmp_path / "faults-{replica}.json"),
+             "STANDIN_RECORD": str(tmp_path / "rec-{replica}.jsonl")})}}
+    with run_gateway(config, tmp_path) as gw:
+        assert wait_until(lambda: [x["state"] for x in health(gw)["r"]["replicas"]] == ["ready", "ready"], 10)
+        ids = [f"c7-{i}" for i in range(4)]
+        for request_id in ids:
+            response = httpx.post(gw.url + "/v1/chat/completions", headers={"x-request-id": request_id}, timeout=20,
+                                  json={"model": "r", "messages": [{"role": "user", "content": "hi"}]})
+            assert response.status_code == 400
+            assert "maximum context length" in response.json()["error"]["message"]  # the engine's own text
+        seen = [r["headers"]["x-request-id"] for rec in recs for r in records(rec)]
+        assert sorted(seen) == ids  # each request reached an engine exactly once: no retry
+        replicas = health(gw)["r"]["replicas"]
+        assert [(x["state"], x["ejected"], x["restarts"]) for x in replicas] == [("ready", False, 0)] * 2
+        assert "gateway_upstream_errors_total{" not in metrics(gw)
+
+        for f in faults:
+            write_faults(f, {"status": 500})
+        assert chat(gw.url, "r").status_code == 500
+        assert [x["ejected"] for x in health(gw)["r"]["replicas"]].count(True) == 1
+        assert "gateway_upstream_errors_total{" in metrics(gw)
+
+
+def metrics(gw: Gateway) -> str:
+    return httpx.get(gw.url + "/metrics", timeout=5).text
