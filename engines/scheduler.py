@@ -249,6 +249,10 @@ class Scheduler:
             model.last_used = max(model.last_used, now)  # the idle clock starts when it can first serve
             if old is S.STARTING:
                 rep.outlier.reset()
+        if state is S.BACKOFF and model.cold and not any(r.state in (S.READY, S.STARTING) for r in model.replicas):
+            # It crashed before it ever served: its waiters get a 503 now, not a wait through the backoff.
+            model.cold = False
+            self._refuse_all(model, "unavailable")
         if all(r.state in _DOWN for r in model.replicas):
             if model.stop_sent:
                 self._stopped(model)

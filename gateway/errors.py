@@ -112,6 +112,13 @@ class PayloadTooLarge(GatewayError):
     type = "invalid_request_error"
     code = "request_too_large"
 
+    def headers(self) -> dict[str, str]:
+        # Refused before the body was read to its end: the rest is still on its way, so the connection cannot
+        # carry another request, and uvicorn would go on reading (and dropping) all the client sends, with its
+        # keep-alive timer cancelled by the first byte that came in: the socket stayed open for ever.
+        # ``Connection: close`` makes uvicorn close it once the 413 is sent.
+        return {**super().headers(), "connection": "close"}
+
 
 class QueueFull(GatewayError):
     status = 429

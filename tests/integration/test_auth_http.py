@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
+from gateway.app import create_app
+from gateway.config import build_config
 from tests.helpers import Gateway, run_gateway
 
 OPS, APP = "sk-ops-0123456789", "sk-app-0123456789"
+# Written out, not read from gateway/auth.py: a route made public must be added here on purpose.
+PUBLIC_ROUTES = {"/health", "/ready", "/v1/health", "/metrics"}  # /metrics: auth.metrics_public defaults to true
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +78,32 @@ def test_host_header_tricks_do_not_open_routes(gateway: Gateway) -> None:
         response = httpx.post(gateway.url + "/v1/chat/completions", headers={"host": host}, timeout=5,
                               json={"model": "x", "messages": []})
         assert response.status_code == 401  # never authorized by a public-looking Host
+
+
+def _app_routes(gw: Gateway) -> list[tuple[str, str]]:
+    """Every (method, path) the running gateway serves: its OpenAPI schema (which needs a key itself), plus
+    FastAPI's own documentation routes, which are left out of the schema; path parameters filled in."""
+    schema = _get(gw, "/openapi.json", OPS)
+    assert schema.status_code == 200
+    routes = [(method.upper(), re.sub(r"\{[^}]*\}", "x", path))
+              for path, operations in schema.json()["paths"].items() for method in operations]
+    app = create_app(build_config({}))  # not started: only read for where it serves its documentation
+    docs = (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
+    return routes + [("GET", url) for url in docs if url]
+
+
+def test_every_route_of_the_app_needs_a_key_unless_allowlisted(gateway: Gateway) -> None:
+    routes = _app_routes(gateway)
+    paths = {path for _, path in routes}
+    assert PUBLIC_ROUTES <= paths and "/v1/chat/completions" in paths and "/admin/reload" in paths
+    refusals = set()
+    for method, path in routes:
+        if path in PUBLIC_ROUTES:
+            continue
+        response = _get(gateway, path, method=method)
+        assert response.status_code == 401, (method, path, response.status_code)
+        assert response.headers["www-authenticate"] == "Bearer", (method, path)
+        refusals.add(response.content)
+    # One body for every route: which routes exist or what they need does not show before a key is checked.
+    assert len(refusals) == 1
+    assert json.loads(refusals.pop())["error"]["code"] == "invalid_api_key"

@@ -227,6 +227,19 @@ def test_replicas_share_by_in_flight_count_and_take_turns() -> None:
     assert turns in ([0, 1, 0, 1], [1, 0, 1, 0])  # equal load: in turn, not always replica 0
 
 
+def test_a_first_launch_that_crashes_refuses_its_waiters_at_once() -> None:
+    fx = FakeEffects()
+    s = Scheduler(fx)
+    s.add(1, plan("a"), 0)
+    waiter, got = ask(s, 1)  # on demand: the first request starts it and waits
+    assert got is None and fx.took("start") == [1]
+    s.replica_changed(1, 0, S.STARTING, 0)
+    s.replica_changed(1, 0, S.BACKOFF, 1)  # crashed before it ever served
+    assert fx.refused[id(waiter)] == "unavailable"  # a 503 now, not a wait through the backoff
+    with pytest.raises(Refused):
+        ask(s, 1)
+
+
 def test_failover_admits_another_ready_replica_never_the_one_that_refused() -> None:
     fx = FakeEffects()
     s = Scheduler(fx)
