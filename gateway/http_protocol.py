@@ -17,6 +17,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.errors import error_body
+from gateway.splice import CYCLE_KEY
 
 HEADER_TIMEOUT = 10.0  # seconds from the first byte of a request to the end of its headers
 MAX_HEADERS = 100
@@ -84,6 +85,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm_header_timer()
         super().on_headers_complete()
+        if self.cycle is not None and self.cycle.scope is self.scope:
+            # The relay writes a stream's body to this cycle's transport itself (gateway/splice.py).
+            self.scope[CYCLE_KEY] = self.cycle
 
     def send_400_response(self, msg: str) -> None:
         self._reject(400, "invalid_http_request", "The HTTP request is malformed.")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -35,13 +35,14 @@ from gateway.errors import (
     sse_error_event,
 )
 from gateway.metrics import Metrics
-from gateway.upstream import Clocks
+from gateway.splice import CYCLE_KEY, ClientWriter, EngineClosed, EngineConnection, request_bytes
+from gateway.sse import DONE, EventCutter, Outcome, StreamEnded, count_usage
+from gateway.upstream import Clocks, Upstream
 
 log = logging.getLogger("gateway.relay")
 
-_MAX_EVENT_BYTES = 4 * 1024 * 1024  # one SSE event larger than this is not an engine talking
 _MAX_BODY_BYTES = 256 * 1024 * 1024  # a non-stream answer (embeddings of a big batch can be large)
-_DONE = b"data: [DONE]\n\n"
+_STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _Headers = list[tuple[bytes, bytes]]
 STATUS_KEY = "gateway.status"  # scope key: the status to log when the client left before an answer
 # scope key, set by the middleware: the ``send`` it was given. A stream's body events go straight to it, past
@@ -74,14 +75,8 @@ class Target:
     failover: Callable[[], Target | None] | None = None
 
 
-@dataclass
-class _Outcome:
-    ttft: float | None = None
-    events: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error_kind: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
+class _ConnectFailed(Exception):
+    """The engine's port refused (or never answered) the connection: nothing was sent."""
 
 
 class Relay(Response):
@@ -91,7 +86,7 @@ class Relay(Response):
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        upstream: Upstream,
         target: Target,
         body: bytes,
         *,
@@ -101,7 +96,8 @@ class Relay(Response):
         metrics: Metrics,
         in_flight: InFlight,
     ) -> None:
-        self.session = session
+        self.session = upstream.session
+        self.streams = upstream.streams
         self.target = target
         self.body = body
         self.stream = stream
@@ -124,12 +120,16 @@ class Relay(Response):
         self.target.replica.inflight += 1
         in_flight = self.metrics.in_flight.labels(self.target.model)
         in_flight.inc()
-        outcome = _Outcome()
+        outcome = Outcome()
         response: aiohttp.ClientResponse | None = None
         total_deadline = t0 + self.clocks.total
+        cycle = scope.get(CYCLE_KEY) if self.stream and self.streams is not None else None
         try:
             async with asyncio.timeout_at(min(loop.time() + self.clocks.first_byte, total_deadline)) as clock:
                 try:
+                    if cycle is not None and self.target.url.startswith("http://"):
+                        await self._relay_spliced(cycle, send, clock, total_deadline, t0, outcome)
+                        return
                     response = await self._connect()
                     if self.stream and response.status == 200 and response.content_type == "text/event-stream":
                         await self._relay_stream(response, send, scope.get(BODY_SEND_KEY, send), clock,
@@ -137,7 +137,7 @@ class Relay(Response):
                     else:
                         clock.reschedule(total_deadline)
                         await self._relay_whole(response, send, outcome)
-                except aiohttp.ClientConnectorError:
+                except (aiohttp.ClientConnectorError, _ConnectFailed):
                     outcome.error_kind = "connect"
                     self.target.replica.report_failure()
                     raise EngineUnavailable(
@@ -145,7 +145,7 @@ class Relay(Response):
                         retry_after=self.target.retry_after,
                     ) from None
                 except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
-                        aiohttp.ClientResponseError):
+                        aiohttp.ClientResponseError, EngineClosed):
                     outcome.error_kind = "disconnected"
                     self.target.replica.report_failure()
                     raise UpstreamError("The engine closed the connection before the answer was complete.",
@@ -178,21 +178,41 @@ class Relay(Response):
             self.in_flight.discard(self)
 
     async def _connect(self) -> aiohttp.ClientResponse:
-        """POST the request; when the replica refuses the connection, once more to another ready one."""
-        target = self.target
+        """POST the request through aiohttp; a refused connection fails over once (``_failover``)."""
         try:
-            return await self.session.post(target.url, data=self.body, headers=target.headers)
+            return await self.session.post(self.target.url, data=self.body, headers=self.target.headers)
         except aiohttp.ClientConnectorError:
-            other = target.failover() if target.failover is not None else None
-            if other is None:
+            if not self._failover():
                 raise
+        return await self.session.post(self.target.url, data=self.body, headers=self.target.headers)
+
+    async def _open(self) -> tuple[EngineConnection, str, int]:
+        """A raw connection to the engine, and where to: refused, it fails over once (``_failover``)."""
+        assert self.streams is not None
+        while True:
+            url = self.target.url
+            host, _, port = url[7:url.index("/", 7)].rpartition(":")
+            try:
+                async with asyncio.timeout(self.clocks.connect):
+                    return await self.streams.get(host, int(port)), host, int(port)
+            except (OSError, TimeoutError):
+                if not self._failover():
+                    raise _ConnectFailed from None
+
+    def _failover(self) -> bool:
+        """Move this request to another ready replica of its model (True) when the chosen one refused the
+        connection: nothing reached it, so nothing runs twice. At most once: the new target has none."""
+        target = self.target
+        other = target.failover() if target.failover is not None else None
+        if other is None:
+            return False
         target.replica.report_failure()
         self._let_go(target)
         other.replica.inflight += 1
         self.target = other
         log.info("replica %s of %s refused the connection; sent to replica %s", target.replica.replica,
                  target.model, other.replica.replica)
-        return await self.session.post(other.url, data=self.body, headers=other.headers)
+        return True
 
     @staticmethod
     def _let_go(target: Target) -> None:
@@ -228,7 +248,7 @@ class Relay(Response):
             headers += extra
         return headers
 
-    async def _relay_whole(self, response: aiohttp.ClientResponse, send: Send, outcome: _Outcome) -> None:
+    async def _relay_whole(self, response: aiohttp.ClientResponse, send: Send, outcome: Outcome) -> None:
         if response.content_length is not None and response.content_length > _MAX_BODY_BYTES:
             outcome.error_kind = "too_large"
             raise UpstreamError("The engine's answer was too large.", code="bad_upstream_response")
@@ -240,12 +260,15 @@ class Relay(Response):
                 outcome.error_kind = "too_large"
                 raise UpstreamError("The engine's answer was too large.", code="bad_upstream_response")
             parts.append(part)
-        body = b"".join(parts)
-        status = response.status
+        await self._answer_whole(response.status, response.headers.get("retry-after"), b"".join(parts), send,
+                                 outcome)
+
+    async def _answer_whole(self, status: int, retry_after: str | None, body: bytes, send: Send,
+                            outcome: Outcome) -> None:
+        """A whole answer from the engine, as the client gets it: errors reshaped, model names rewritten."""
         extra: list[tuple[bytes, bytes]] = []
         if status >= 400:
             body = reshape_upstream_error(status, body)
-            retry_after = response.headers.get("retry-after")
             if retry_after is not None and retry_after.isdigit():
                 extra.append((b"retry-after", retry_after.encode()))
             elif status in (429, 503):
@@ -264,7 +287,7 @@ class Relay(Response):
                                     code="bad_upstream_response") from None
             self.target.replica.report_success()
             if isinstance(data, dict):
-                _count_usage(data.get("usage"), outcome)
+                count_usage(data.get("usage"), outcome)
             if self.target.transform is not None and status < 300:
                 body = _transformed(self.target.transform, data, outcome)
             else:
@@ -275,6 +298,11 @@ class Relay(Response):
         self._started = True
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
+    async def _start_stream(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": self._headers(b"text/event-stream; charset=utf-8", _STREAM_HEADERS)})
+        self._started = True
+
     async def _relay_stream(
         self,
         response: aiohttp.ClientResponse,
@@ -283,17 +311,11 @@ class Relay(Response):
         clock: asyncio.Timeout,
         total_deadline: float,
         t0: float,
-        outcome: _Outcome,
+        outcome: Outcome,
     ) -> None:
-        await send({
-            "type": "http.response.start",
-            "status": 200,
-            "headers": self._headers(b"text/event-stream; charset=utf-8",
-                                     [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]),
-        })
-        self._started = True
-        loop = asyncio.get_running_loop()
-        now = loop.time
+        """The stream through aiohttp: one read and one ``send`` per piece (the path when splicing is off)."""
+        await self._start_stream(send)
+        now = asyncio.get_running_loop().time
         read = response.content.readany
         idle = self.clocks.idle
         # The idle clock moves only once less than ``idle`` is left, and then to ``idle + slack`` from now: a
@@ -302,10 +324,7 @@ class Relay(Response):
         slack = idle / 8
         deadline = min(now() + idle + slack, total_deadline)
         clock.reschedule(deadline)
-        rewrite = self.target.model_rewrite
-        pending = b""
-        last = b""
-        first_at = 0.0
+        cutter = EventCutter(self.target.model_rewrite, outcome, t0)
         while True:
             if deadline < total_deadline and deadline - now() < idle:
                 deadline = min(now() + idle + slack, total_deadline)
@@ -313,74 +332,106 @@ class Relay(Response):
             chunk = await read()
             if not chunk:
                 break
-            if pending:
-                chunk = pending + chunk
-                pending = b""
-            cut = chunk.rfind(b"\n\n")
-            if cut < 0:
-                if len(chunk) > _MAX_EVENT_BYTES:
-                    raise UpstreamError("The engine sent a malformed stream.", code="bad_upstream_response")
-                pending = chunk
-                continue
-            cut += 2
-            if cut != len(chunk):
-                pending = chunk[cut:]
-                chunk = chunk[:cut]
-            if b'"error"' in chunk and await self._forward_until_error(chunk, send, outcome):
+            try:
+                events = cutter.feed(chunk, now())
+            except StreamEnded as end:
+                await self._end_with_error(send, end)
                 return
-            if b'"usage"' in chunk:
-                _peek_usage(chunk, outcome)
-            for old, new in rewrite:
-                chunk = chunk.replace(old, new)
-            if outcome.events == 0:
-                first_at = now()
-                outcome.ttft = first_at - t0
-            outcome.events += 1
-            await body_send({"type": "http.response.body", "body": chunk, "more_body": True})
-            last = chunk
-        if not _complete(self.target.stream_end, last):
+            if events:
+                await body_send({"type": "http.response.body", "body": events, "more_body": True})
+        await self._end_stream(send, cutter)
+
+    async def _relay_spliced(
+        self,
+        cycle: Any,
+        send: Send,
+        clock: asyncio.Timeout,
+        total_deadline: float,
+        t0: float,
+        outcome: Outcome,
+    ) -> None:
+        """A stream, or whatever the engine answers instead, over a raw connection (``gateway.splice``): the
+        body is written to the client from the connection's callbacks; this coroutine keeps the clocks."""
+        conn, host, port = await self._open()
+        target = self.target
+        conn.send(request_bytes("POST", host, port, target.url[target.url.index("/", 7):], target.headers,
+                                self.body))
+        kept = False
+        try:
+            await conn.headers_done
+            if conn.status != 200 or not conn.headers.get(b"content-type", b"").startswith(b"text/event-stream"):
+                clock.reschedule(total_deadline)
+                body = await conn.read_body(_MAX_BODY_BYTES)
+                retry_after = conn.headers.get(b"retry-after")
+                await self._answer_whole(conn.status, retry_after.decode("latin-1") if retry_after else None, body,
+                                         send, outcome)
+                kept = True
+                return
+            await self._start_stream(send)
+            clock.reschedule(total_deadline)
+            loop = asyncio.get_running_loop()
+            now = loop.time
+            cutter = EventCutter(target.model_rewrite, outcome, t0)
+            heard = [now()]  # the last byte from the engine: any byte, not a whole event, holds the idle clock
+            writer = ClientWriter(cycle, conn)
+
+            def sink(chunk: bytes) -> None:
+                t = heard[0] = now()
+                if writer.gone:
+                    # The watcher is cancelling this request (and then drops the connection): read no more.
+                    conn.pause_reading()
+                    return
+                try:
+                    events = cutter.feed(chunk, t)
+                except (StreamEnded, UpstreamError) as end:
+                    conn.finish(error=end)  # raised where the relay awaits the end; nothing more is read
+                    return
+                if events:
+                    writer.write(events)
+
+            conn.stream_to(sink)
+            idle = self.clocks.idle
+            try:
+                # Wakes once per idle period, not per event: the events never pass through here.
+                while not conn.done.done():
+                    wait = min(heard[0] + idle, total_deadline) - now()
+                    if wait <= 0:
+                        raise TimeoutError
+                    await asyncio.wait((conn.done,), timeout=wait)
+                await conn.done
+            except StreamEnded as end:
+                await self._end_with_error(send, end)
+                return
+            finally:
+                writer.close()
+            await self._end_stream(send, cutter)
+            kept = True
+        finally:
+            if kept and self.streams is not None:
+                self.streams.put(host, port, conn)
+            else:
+                conn.abort()
+
+    async def _end_stream(self, send: Send, cutter: EventCutter) -> None:
+        """After the engine's last byte: a complete answer ends as the client expects, a cut one with an error."""
+        outcome = cutter.outcome
+        if not cutter.complete(self.target.stream_end):
             outcome.error_kind = "disconnected"
             self.target.replica.report_failure()
             raise UpstreamError("The engine ended the stream before it was complete.", code="upstream_disconnected")
         self.target.replica.report_success()
         if self.target.stream_end == "finish":
-            await send({"type": "http.response.body", "body": _DONE, "more_body": True})
+            await send({"type": "http.response.body", "body": DONE, "more_body": True})
         if outcome.events > 1:
-            self.metrics.chunk_gap.labels(self.target.model).observe((now() - first_at) / (outcome.events - 1))
+            gap = (cutter.last_at - cutter.first_at) / (outcome.events - 1)
+            self.metrics.chunk_gap.labels(self.target.model).observe(gap)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _forward_until_error(self, chunk: bytes, send: Send, outcome: _Outcome) -> bool:
-        """An engine's in-band error event ends the stream here, in our shape, without its ``[DONE]``."""
-        events = chunk.split(b"\n\n")
-        for i, event in enumerate(events):
-            if not event.startswith(b"data:") or b'"error"' not in event:
-                continue
-            try:
-                data = orjson.loads(event[5:])
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(data, dict):
-                continue
-            inner = data.get("error")
-            if isinstance(inner, dict):
-                error = inner
-            elif isinstance(inner, str):  # transformers serve: {"error": "<text>"}
-                error = {"message": inner}
-            elif data.get("object") == "error":
-                error = data
-            else:
-                continue
-            before = b"\n\n".join(events[:i])
-            if before:
-                await send({"type": "http.response.body", "body": before + b"\n\n", "more_body": True})
-            message = error.get("message") if isinstance(error.get("message"), str) else "The engine failed."
-            type_ = error.get("type") if isinstance(error.get("type"), str) else "upstream_error"
-            code = error.get("code")
-            await send({"type": "http.response.body", "more_body": False,
-                        "body": sse_error_event(message, type_, code if isinstance(code, str) else "upstream_error")})
-            outcome.error_kind = "stream_error"
-            return True
-        return False
+    async def _end_with_error(self, send: Send, end: StreamEnded) -> None:
+        """The engine's in-band error event ends the stream here, in our shape, without its ``[DONE]``."""
+        if end.before:
+            await send({"type": "http.response.body", "body": end.before, "more_body": True})
+        await send({"type": "http.response.body", "body": end.final, "more_body": False})
 
     async def _fail(self, send: Send, exc: GatewayError) -> None:
         if self._disconnected:
@@ -394,7 +445,7 @@ class Relay(Response):
                         "more_body": False})
         self._started = True
 
-    def _record(self, outcome: _Outcome) -> None:
+    def _record(self, outcome: Outcome) -> None:
         m, model = self.metrics, self.target.model
         if outcome.ttft is not None:
             m.ttft.labels(model).observe(outcome.ttft)
@@ -408,15 +459,7 @@ class Relay(Response):
                 log.warning("request to %s failed: %s", model, outcome.error_kind)
 
 
-def _complete(stream_end: str, last: bytes) -> bool:
-    if stream_end == "done":
-        return last.endswith(_DONE)
-    if stream_end == "finish":
-        return b'"finish_reason":"' in last or b'"finish_reason": "' in last
-    return True
-
-
-def _transformed(transform: Callable[[dict[str, Any]], Any], data: object, outcome: _Outcome) -> bytes:
+def _transformed(transform: Callable[[dict[str, Any]], Any], data: object, outcome: Outcome) -> bytes:
     try:
         if not isinstance(data, dict):
             raise TypeError("not a JSON object")
@@ -426,27 +469,6 @@ def _transformed(transform: Callable[[dict[str, Any]], Any], data: object, outco
         outcome.error_kind = "bad_response"
         raise UpstreamError("The engine's answer did not have the expected shape.",
                             code="bad_upstream_response") from None
-
-
-def _count_usage(usage: object, outcome: _Outcome) -> None:
-    if isinstance(usage, dict):
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if isinstance(prompt, int):
-            outcome.prompt_tokens = prompt
-        if isinstance(completion, int):
-            outcome.completion_tokens = completion
-
-
-def _peek_usage(chunk: bytes, outcome: _Outcome) -> None:
-    """Usage rides on the last events only; parse just the events that carry a non-null one."""
-    for event in chunk.split(b"\n\n"):
-        if b'"usage":{' in event or b'"usage": {' in event:
-            try:
-                data = orjson.loads(event[5:])
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(data, dict):
-                _count_usage(data.get("usage"), outcome)
 
 
 async def send_error(send: Send, exc: GatewayError, request_id: str) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from gateway.settings import ServerSettings
+from gateway.splice import EngineConnections
 
 
 @dataclass(frozen=True)
@@ -30,9 +31,11 @@ class Clocks:
 
 
 class Upstream:
-    def __init__(self, clocks: Clocks) -> None:
+    def __init__(self, clocks: Clocks, *, splice: bool = True) -> None:
         self.clocks = clocks
         self._session: aiohttp.ClientSession | None = None
+        # Raw keep-alive connections for the streams relayed in callbacks; None: streams use aiohttp too.
+        self.streams: EngineConnections | None = EngineConnections() if splice else None
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -57,6 +60,8 @@ class Upstream:
         return self._session
 
     async def close(self) -> None:
+        if self.streams is not None:
+            self.streams.close()
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -109,7 +109,7 @@ async def relay(
             return None if other is None else target(other, None)
 
         first = target(lease, failover if len(entry.replicas) > 1 else None)
-        return Relay(state.upstream.session, first, orjson.dumps(body), stream=stream, clocks=state.clocks,
+        return Relay(state.upstream, first, orjson.dumps(body), stream=stream, clocks=state.clocks,
                      request_id=request_id, metrics=state.metrics, in_flight=state.in_flight)
     except BaseException:
         lease.release()  # the relay never got it: hand the slot back

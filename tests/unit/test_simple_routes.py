@@ -12,9 +12,10 @@ from PIL import Image
 
 from gateway.errors import BadRequest, MediaError, UpstreamError
 from gateway.media import MediaConfig, MediaNormalizer
-from gateway.relay import _Outcome, _transformed
+from gateway.relay import _transformed
 from gateway.routes.generate import inline_images
 from gateway.routes.simple import TASKS, analyze_instruction, chat_request, check_known, form_value, simple_answer
+from gateway.sse import Outcome
 
 pytestmark = pytest.mark.anyio
 
@@ -47,7 +48,7 @@ def test_simple_answer_shape() -> None:
 @pytest.mark.parametrize("data", [{"choices": []}, {"object": "x"}, ["not", "an", "object"],
                                   {"choices": [{"message": {"content": ["parts"]}}]}])
 def test_unexpected_answer_shape_is_502(data: Any) -> None:
-    outcome = _Outcome()
+    outcome = Outcome()
     with pytest.raises(UpstreamError) as info:
         _transformed(lambda d: simple_answer(d, model="m", task=None), data, outcome)
     assert info.value.status == 502 and outcome.error_kind == "bad_response"

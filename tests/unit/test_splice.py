@@ -1,0 +1,170 @@
+"""gateway.splice and gateway.sse against a real socket: a tiny asyncio HTTP server plays the engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from gateway.errors import UpstreamError
+from gateway.splice import EngineClosed, EngineConnections, request_bytes
+from gateway.sse import DONE, EventCutter, Outcome, StreamEnded
+
+pytestmark = pytest.mark.anyio
+
+Answer = Callable[[bytes], list[bytes]]  # request bytes → the pieces written back, one write each
+
+
+def chunked(*pieces: bytes) -> list[bytes]:
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    return [head] + [b"%x\r\n%b\r\n" % (len(p), p) for p in pieces] + [b"0\r\n\r\n"]
+
+
+@dataclass
+class Engine:
+    answer: Answer
+    port: int = 0
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+    close_after: bool = False
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[Engine]:
+    state = Engine(answer=lambda _: chunked(b"data: 1\n\n", DONE))
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        state.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                state.requests.append(head + await reader.readexactly(length))
+                for piece in state.answer(state.requests[-1]):
+                    writer.write(piece)
+                    await writer.drain()
+                if state.close_after:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    state.port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield state
+
+
+async def exchange(pool: EngineConnections, engine: Engine, body: bytes = b"{}") -> tuple[int, list[bytes]]:
+    conn = await pool.get("127.0.0.1", engine.port)
+    conn.send(request_bytes("POST", "127.0.0.1", engine.port, "/v1/chat/completions",
+                            {"Content-Type": "application/json"}, body))
+    await conn.headers_done
+    got: list[bytes] = []
+    conn.stream_to(got.append)
+    await conn.done
+    pool.put("127.0.0.1", engine.port, conn)
+    return conn.status, got
+
+
+async def test_a_chunked_stream_arrives_decoded_and_the_connection_is_kept(engine: Engine) -> None:
+    pool = EngineConnections()
+    for _ in range(3):
+        status, got = await exchange(pool, engine)
+        assert status == 200 and b"".join(got) == b"data: 1\n\n" + DONE
+    assert engine.connections == 1  # one keep-alive connection for three exchanges
+    head = engine.requests[0].split(b"\r\n\r\n")[0].decode()
+    assert head.startswith("POST /v1/chat/completions HTTP/1.1\r\n")
+    assert f"Host: 127.0.0.1:{engine.port}" in head and "Content-Length: 2" in head
+    pool.close()
+
+
+async def test_connections_idle_too_long_or_closed_by_the_engine_are_not_reused(engine: Engine) -> None:
+    pool = EngineConnections(keep_idle=0)  # what the engine's own keep-alive would have closed meanwhile
+    await exchange(pool, engine)
+    await exchange(pool, engine)
+    assert engine.connections == 2
+    engine.close_after = True
+    pool = EngineConnections()
+    await exchange(pool, engine)
+    await asyncio.sleep(0.05)
+    await exchange(pool, engine)
+    assert engine.connections == 4
+    pool.close()
+
+
+@pytest.mark.parametrize("pieces", [
+    [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nda"],  # cut inside a chunk
+    [b"<html>not http</html>\r\n\r\n"],
+])
+async def test_an_answer_cut_short_or_not_http_is_an_engine_closed_error(engine: Engine, pieces: list[bytes]) -> None:
+    engine.answer = lambda _: pieces
+    engine.close_after = True
+    with pytest.raises(EngineClosed):
+        await exchange(EngineConnections(), engine)
+
+
+async def test_a_whole_answer_is_read_with_a_cap(engine: Engine) -> None:
+    engine.answer = lambda _: [b"HTTP/1.1 400 Bad Request\r\ncontent-length: 5\r\n\r\n", b"no!!!"]
+    pool = EngineConnections()
+    conn = await pool.get("127.0.0.1", engine.port)
+    conn.send(request_bytes("POST", "127.0.0.1", engine.port, "/x", {}, b""))
+    await conn.headers_done
+    assert conn.status == 400 and await conn.read_body(100) == b"no!!!"
+    engine.answer = lambda _: [b"HTTP/1.1 200 OK\r\ncontent-length: 500\r\n\r\n", b"x" * 500]
+    conn = await pool.get("127.0.0.1", engine.port)
+    conn.send(request_bytes("POST", "127.0.0.1", engine.port, "/x", {}, b""))
+    with pytest.raises(EngineClosed):
+        await conn.headers_done
+        await conn.read_body(100)
+    pool.close()
+
+
+async def test_a_refused_connection_raises_oserror() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: refused
+        with pytest.raises(OSError):
+            await EngineConnections().get("127.0.0.1", port)
+
+
+# ---- the SSE cutter ----------------------------------------------------------------------------------------
+
+
+def test_only_whole_events_pass_and_the_model_name_is_rewritten() -> None:
+    outcome = Outcome()
+    cutter = EventCutter(((b'"model":"org/m"', b'"model":"chat"'),), outcome, t0=0.0)
+    assert cutter.feed(b'data: {"model":"org/m","x":1}\n', 1.0) == b""
+    assert cutter.feed(b'\ndata: {"model":"or', 2.0) == b'data: {"model":"chat","x":1}\n\n'
+    assert cutter.feed(b'g/m"}\n\n' + DONE, 3.0) == b'data: {"model":"chat"}\n\n' + DONE
+    assert outcome.events == 2 and outcome.ttft == 2.0 and cutter.first_at == 2.0 and cutter.last_at == 3.0
+    assert cutter.complete("done") and not cutter.complete("finish")
+
+
+def test_usage_is_read_from_the_events_that_carry_it() -> None:
+    outcome = Outcome()
+    cutter = EventCutter((), outcome, t0=0.0)
+    cutter.feed(b'data: {"usage":null}\n\ndata: {"usage":{"prompt_tokens":7,"completion_tokens":3}}\n\n', 1.0)
+    assert (outcome.prompt_tokens, outcome.completion_tokens) == (7, 3)
+
+
+@pytest.mark.parametrize("error", [b'{"error":{"message":"boom","code":"x"}}', b'{"error":"boom"}',
+                                   b'{"object":"error","message":"boom"}'])
+def test_an_error_event_ends_the_stream_in_the_gateway_shape(error: bytes) -> None:
+    outcome = Outcome()
+    cutter = EventCutter((), outcome, t0=0.0)
+    with pytest.raises(StreamEnded) as ended:
+        cutter.feed(b"data: {}\n\ndata: " + error + b"\n\ndata: {}\n\n", 1.0)
+    assert ended.value.before == b"data: {}\n\n" and b'"message":"boom"' in ended.value.final
+    assert b"[DONE]" not in ended.value.final and outcome.error_kind == "stream_error"
+
+
+def test_a_stream_that_is_not_sse_is_refused() -> None:
+    cutter = EventCutter((), Outcome(), t0=0.0)
+    with pytest.raises(UpstreamError):
+        cutter.feed(b"x" * (5 * 1024 * 1024), 1.0)
