@@ -134,6 +134,12 @@ class EnginePool:
         eager = [entry for entry in self._entries.values() if entry.spec.load == "eager"]
         await asyncio.gather(*(self._command_model(entry, "start") for entry in eager))
 
+    def hurry(self) -> None:
+        """The stop to come is in a hurry (a second signal): SIGKILL after a second, whatever stop_grace says."""
+        for entry in self._by_key.values():
+            for sup in entry.replicas:
+                sup.hurried = True
+
     async def stop(self) -> None:
         """Refuse the waiters, stop every replica in parallel (each: SIGTERM → its stop_grace → SIGKILL),
         then end the tasks and close the probe session. Safe to call twice, and after a failed start."""

@@ -40,6 +40,7 @@ from engines.state import EngineState, StateChanged, can_transition
 
 S = EngineState
 _log = logging.getLogger(__name__)
+HURRIED_GRACE = 1.0  # seconds between SIGTERM and SIGKILL when the operator said "now"
 
 
 class Supervisor:
@@ -78,6 +79,7 @@ class Supervisor:
         self.last_error: str | None = None
         self.health_failures = 0
         self.passive_failures = 0
+        self.hurried = False  # a second signal: the stop that follows gives the engine HURRIED_GRACE at most
 
     # -- reading (any task) -------------------------------------------------------------------------
 
@@ -288,7 +290,7 @@ class Supervisor:
         self._port = None
         if proc is None:
             return
-        code = await proc.stop(self.spec.stop_grace)
+        code = await proc.stop(min(self.spec.stop_grace, HURRIED_GRACE) if self.hurried else self.spec.stop_grace)
         if code is not None:
             self.last_exit_code = code
 

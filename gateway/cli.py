@@ -61,6 +61,12 @@ def serve(config: Config, *, config_path: str | None = None, overrides: dict[str
         if state is not None:
             await state.in_flight.drain(s.drain_timeout)
 
+    def abort() -> None:
+        state = getattr(app.state, "gateway", None)
+        if state is not None:
+            state.in_flight.abort_all()
+            state.pool.hurry()
+
     protocol = type("Protocol", (GuardedHttpToolsProtocol,), {"header_timeout": s.header_timeout})
     # loop="asyncio", not uvloop: uvloop's libuv (>= 1.45, libuv/libuv#3696) accepts ONE connection per loop
     # iteration, so on a busy loop (hundreds of streams) new clients wait seconds in the kernel's accept queue
@@ -70,7 +76,7 @@ def serve(config: Config, *, config_path: str | None = None, overrides: dict[str
         app, host=s.host, port=s.port, loop="asyncio", http=protocol, lifespan="on",
         access_log=s.access_log, log_config=None, timeout_graceful_shutdown=5, server_header=False,
     )
-    DrainingServer(uv, drain).run()
+    DrainingServer(uv, drain, abort).run()
     return 0
 
 

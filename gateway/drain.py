@@ -4,8 +4,9 @@ On the first SIGTERM/SIGINT the gateway starts draining: ``/ready`` answers 503 
 stops sending traffic), new model requests get 503, and in-flight requests — streams included — may
 finish until ``server.drain_timeout``. Streams still open then end with one SSE error event
 (``server_shutting_down``), never a silent cut. Only then does uvicorn stop and the lifespan stop the
-engines. A second signal skips the wait; the engines still go down (the lifespan, or failing that
-each engine's reaper when the gateway's lifeline closes).
+engines. A second signal skips the wait: requests still open end at once with their error event and each
+engine gets a second between SIGTERM and SIGKILL. A third exits without waiting for anything; the engines
+still go down, each by its reaper when the gateway's lifeline closes.
 """
 
 from __future__ import annotations
@@ -48,9 +49,13 @@ class InFlight:
         if await self._wait_idle(grace):
             return
         log.warning("drain deadline passed: ending %d request(s) still in flight", len(self.relays))
+        self.abort_all()
+        await self._wait_idle(2.0)
+
+    def abort_all(self) -> None:
+        """End every request in flight now, each with a clean error (a stream: its SSE error event)."""
         for relay in list(self.relays):
             relay.abort_for_shutdown()
-        await self._wait_idle(2.0)
 
     async def _wait_idle(self, seconds: float) -> bool:
         with contextlib.suppress(TimeoutError):
@@ -62,16 +67,25 @@ class InFlight:
 class DrainingServer(uvicorn.Server):
     """uvicorn, with a drain between the first signal and the stop."""
 
-    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]],
+                 abort: Callable[[], None] = lambda: None) -> None:
         super().__init__(config)
         self._drain = drain
+        self._abort = abort
         self._drain_started = False
         self._drain_task: asyncio.Task[None] | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_started and self.should_exit:
+            log.warning("third signal: exiting without waiting for anything")
+            self.force_exit = True
+            return
         if self._drain_started:
             log.warning("second signal: stopping now")
-            self.force_exit = True
+            with contextlib.suppress(RuntimeError):
+                # Requests still open end now, with their error event, and the engines get a second's grace;
+                # then uvicorn stops as usual, lifespan included (a forced exit would skip it).
+                asyncio.get_running_loop().call_soon_threadsafe(self._abort)
             self.should_exit = True
             return
         self._drain_started = True

@@ -139,6 +139,9 @@ def test_sigterm_drains_in_flight_streams_then_stops(tmp_path: Path) -> None:
         assert wait_until(lambda: httpx.get(gw.url + "/ready", timeout=2).status_code == 503, 10)
         late = _chat(gw.url)
         assert late.status_code == 503 and late.json()["error"]["code"] == "server_shutting_down"
+        # The client's pool should go elsewhere: no keep-alive to a gateway on its way out, and when to retry.
+        assert late.headers["connection"] == "close" and int(late.headers["retry-after"]) >= 1
+        assert httpx.get(gw.url + "/health", timeout=2).status_code == 200  # alive while it drains
         for t in threads:
             t.join(20)
         assert len(bodies) == 3 and all(b.endswith(b"data: [DONE]\n\n") for b in bodies)
@@ -196,6 +199,8 @@ def test_sigint_during_the_drain_stops_at_once_and_still_ends_the_engines(tmp_pa
             raise AssertionError(f"SIGINT did not stop the draining gateway:\n{gw.log()[-3000:]}") from None
         assert code in (0, -signal.SIGINT, -signal.SIGTERM)  # a stop it chose, not a crash
         assert "second signal: stopping now" in gw.log()
+        # The open stream was ended with its error event, not torn down with a traceback.
+        assert "Traceback" not in gw.log() and "failed: RuntimeError" not in gw.log(), gw.log()[-3000:]
         assert wait_until(lambda: not tagged_pids(owner), 10), tagged_pids(owner)
         thread.join(10)
         assert not thread.is_alive()  # the client's connection was closed, not left hanging
