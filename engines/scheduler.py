@@ -35,7 +35,7 @@ from engines.tickets import Effects, ModelStatus, Phase, Refusal, Refused, Ticke
 __all__ = ["Effects", "ModelStatus", "Phase", "Refused", "Scheduler", "Ticket"]
 
 S = EngineState
-_RUNNING = frozenset({S.STARTING, S.READY, S.BACKOFF, S.STOPPING})  # a process exists or is about to
+_RUNNING = frozenset({S.STARTING, S.READY, S.UNHEALTHY, S.BACKOFF, S.STOPPING})  # a process exists or will
 _DOWN = frozenset({S.STOPPED, S.FAILED})
 
 

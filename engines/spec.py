@@ -22,9 +22,12 @@ class HealthPolicy(_Frozen):
 
     interval: float = Field(5.0, gt=0)
     timeout: float = Field(3.0, gt=0)
-    unhealthy_threshold: int = Field(3, ge=1)  # failed probes in a row before a READY engine is restarted
-    healthy_threshold: int = Field(1, ge=1)  # passing probes in a row before it is READY
+    unhealthy_threshold: int = Field(3, ge=1)  # failed probes in a row before a READY engine leaves rotation
+    healthy_threshold: int = Field(1, ge=1)  # passing probes in a row before it is READY (again)
     startup_interval: float = Field(0.5, gt=0)  # probe period while loading
+    # How long an engine may stay UNHEALTHY (out of rotation, its requests in flight left to finish) before it
+    # is restarted: a busy engine whose probes time out for a while is not killed mid-answer. 0: at once.
+    restart_grace: float = Field(30.0, ge=0)
 
 
 class RestartPolicy(_Frozen):

@@ -10,6 +10,7 @@ class EngineState(StrEnum):
     STOPPED = "stopped"
     STARTING = "starting"
     READY = "ready"
+    UNHEALTHY = "unhealthy"  # failing its probes: out of rotation, its requests in flight left to finish
     BACKOFF = "backoff"
     FAILED = "failed"
     STOPPING = "stopping"
@@ -23,7 +24,9 @@ TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
     # FAILED straight from STARTING/READY: a crash that spends the budget skips BACKOFF.
     _S.STARTING: frozenset({_S.READY, _S.BACKOFF, _S.FAILED, _S.STOPPING}),
     # READY → STARTING only for remote engines: they cannot be restarted, only waited for again.
-    _S.READY: frozenset({_S.BACKOFF, _S.FAILED, _S.STOPPING, _S.STARTING}),
+    _S.READY: frozenset({_S.BACKOFF, _S.FAILED, _S.STOPPING, _S.STARTING, _S.UNHEALTHY}),
+    # Back in rotation when its probes pass again, restarted when they fail for health.restart_grace.
+    _S.UNHEALTHY: frozenset({_S.READY, _S.BACKOFF, _S.FAILED, _S.STOPPING}),
     _S.BACKOFF: frozenset({_S.STARTING, _S.STOPPING}),
     _S.FAILED: frozenset({_S.STARTING, _S.STOPPING}),
     # STOPPING → STARTING is a restart command: the old launch is gone, the new one begins.

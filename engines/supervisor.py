@@ -164,7 +164,7 @@ class Supervisor:
                     await self._idle()
                 elif self._state is S.STARTING:
                     await (self._launching() if self.adapter.spawns else self._connecting())
-                elif self._state is S.READY:
+                elif self._state in (S.READY, S.UNHEALTHY):
                     await self._serving()
                 elif self._state is S.BACKOFF:
                     await self._backing_off()
@@ -228,8 +228,12 @@ class Supervisor:
 
     async def _serving(self) -> None:
         proc = self._proc
-        while self._state is S.READY and self._proc is proc:
-            kind, value = await self._wait(after=self.spec.health.interval)
+        health = self.spec.health
+        loop = asyncio.get_running_loop()
+        passing = 0  # probes passed in a row while UNHEALTHY
+        failing_since = 0.0
+        while self._state in (S.READY, S.UNHEALTHY) and self._proc is proc:
+            kind, value = await self._wait(after=health.interval)
             if kind == "timeout":
                 kind, value = await self._wait(work=self._probe())
             if kind != "work":
@@ -238,15 +242,28 @@ class Supervisor:
             ok, why = value
             if ok:
                 self.health_failures = 0
+                if self._state is S.UNHEALTHY:
+                    passing += 1
+                    if passing >= health.healthy_threshold:
+                        self._enter(S.READY, "health check passes again")
                 continue
+            passing = 0
             self.health_failures += 1
-            if self.health_failures >= self.spec.health.unhealthy_threshold:
-                reason = f"health check failed {self.health_failures} times in a row ({why})"
-                if self.adapter.spawns:
-                    self._crashed(reason)
-                else:
-                    self.last_error = reason
-                    self._enter(S.STARTING, reason)
+            if self.health_failures == 1:
+                failing_since = loop.time()
+            if self.health_failures < health.unhealthy_threshold:
+                continue
+            reason = f"health check failed {self.health_failures} times in a row ({why})"
+            if not self.adapter.spawns:
+                self.last_error = reason
+                self._enter(S.STARTING, reason)
+            elif loop.time() - failing_since >= health.restart_grace:
+                self._crashed(reason if self._state is S.READY
+                              else f"{reason}, for more than {health.restart_grace:g}s")
+            elif self._state is S.READY:
+                self.last_error = reason
+                self._enter(S.UNHEALTHY, f"{reason}; out of rotation, restarted if it lasts "
+                                         f"{health.restart_grace:g}s")
 
     async def _backing_off(self) -> None:
         await self._end_launch()
@@ -338,7 +355,7 @@ class Supervisor:
             await self._command(value)
         elif kind == "exit":
             self.last_exit_code = value
-            when = "during startup" if self._state is S.STARTING else "while ready"
+            when = "during startup" if self._state is S.STARTING else f"while {self._state}"
             self._crashed(f"exited with code {value} {when}")
 
     async def _command(self, cmd: Command) -> None:

@@ -93,7 +93,7 @@ print("fake engine serving on", port, flush=True)
 server.serve_forever()
 '''
 
-FAST_HEALTH = HealthPolicy(interval=0.1, timeout=0.5, startup_interval=0.05, unhealthy_threshold=3,
+FAST_HEALTH = HealthPolicy(interval=0.1, timeout=0.5, startup_interval=0.05, unhealthy_threshold=3, restart_grace=0,
                            healthy_threshold=1)
 FAST_RESTART = RestartPolicy(initial_delay=0.05, max_delay=0.4, jitter=0, exp_base=2, max_restarts=3,
                              window=60, stable_after=60)

@@ -280,3 +280,40 @@ def test_c10_non_stream_answer_past_the_total_deadline_is_504_and_the_engine_is_
     assert wait_until(lambda: len(engine.events("disconnect")) > gone_before, 10)
     assert engine.events("disconnect")[-1]["path"] == "/v1/chat/completions"
     assert wait_until(lambda: "standin: client disconnected" in engine.gateway.log(), 10)  # its stderr, logged
+
+
+def test_b2_slow_probes_take_an_engine_out_of_rotation_before_any_restart(tmp_path: Path) -> None:
+    """B2: probes time out (the engine is busy, say). It leaves rotation at the threshold; its stream in flight
+    finishes; it is restarted only once it has failed for restart_grace, and comes back if the probes pass."""
+    faults = {name: tmp_path / f"faults-{name}.json" for name in ("patient", "quick")}
+    for path in faults.values():
+        write_faults(path, {"token-interval": 0.1})
+    health = {"interval": 0.3, "startup_interval": 0.1, "timeout": 0.5, "unhealthy_threshold": 2}
+    config = {"server": {"retry_after": 1},
+              "models": {name: model(health={**health, "restart_grace": grace},
+                                     env={"STANDIN_FAULTS_FILE": str(faults[name])})
+                         for name, grace in (("patient", 120), ("quick", 1))}}
+    with run_gateway(config, tmp_path) as gw:
+        first = replica(gw, "patient")
+        body = {"model": "patient", "messages": [{"role": "user", "content": "a b c"}], "max_tokens": 40,
+                "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=30) as stream:
+            for path in faults.values():
+                write_faults(path, {"token-interval": 0.1, "health": "slow:5"})
+            assert wait_until(lambda: replica(gw, "patient")["state"] == "unhealthy", 15)
+            refused = chat(gw.url, "patient")
+            assert_openai_error(refused, 503, "engine_unavailable")  # out of rotation: nowhere to send it
+            assert refused.headers["retry-after"] == "1"
+            streamed = b"".join(stream.iter_raw())
+        assert streamed.endswith(b"data: [DONE]\n\n")  # its answer in flight was not cut by a restart
+        # The other model's grace is 1 s: restarted. This one's is 120 s: untouched.
+        assert wait_until(lambda: replica(gw, "quick")["restarts"] >= 1, 15)
+        row = replica(gw, "patient")
+        assert row["state"] == "unhealthy" and row["restarts"] == 0 and row["engine_pid"] == first["engine_pid"]
+        write_faults(faults["patient"], {})
+        assert wait_until(lambda: replica(gw, "patient")["state"] == "ready", 10)
+        assert chat(gw.url, "patient").status_code == 200
+        assert replica(gw, "patient")["engine_pid"] == first["engine_pid"]
+        metrics = httpx.get(gw.url + "/metrics", timeout=5).text
+        assert 'gateway_engine_state{model="patient",replica="0",state="unhealthy"} 0.0' in metrics
+    assert "out of rotation, restarted if it lasts 120s" in gw.log()

@@ -4,7 +4,8 @@ S = EngineState
 
 
 def test_values_are_lowercase_names() -> None:
-    assert [s.value for s in S] == ["stopped", "starting", "ready", "backoff", "failed", "stopping"]
+    assert [s.value for s in S] == ["stopped", "starting", "ready", "unhealthy", "backoff", "failed",
+                                       "stopping"]
     assert S("ready") is S.READY and f"{S.BACKOFF}" == "backoff"
 
 
@@ -19,6 +20,8 @@ def test_the_supervision_loop_of_the_design() -> None:
         (S.STOPPED, S.STARTING),
         (S.STARTING, S.READY), (S.STARTING, S.BACKOFF), (S.STARTING, S.FAILED), (S.STARTING, S.STOPPING),
         (S.READY, S.BACKOFF), (S.READY, S.FAILED), (S.READY, S.STOPPING), (S.READY, S.STARTING),
+        (S.READY, S.UNHEALTHY),
+        (S.UNHEALTHY, S.READY), (S.UNHEALTHY, S.BACKOFF), (S.UNHEALTHY, S.FAILED), (S.UNHEALTHY, S.STOPPING),
         (S.BACKOFF, S.STARTING), (S.BACKOFF, S.STOPPING),
         (S.FAILED, S.STARTING), (S.FAILED, S.STOPPING),
         (S.STOPPING, S.STOPPED), (S.STOPPING, S.STARTING),
