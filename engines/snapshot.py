@@ -48,5 +48,6 @@ class ReplicaSnapshot:
     launches: int
     argv: list[str]  # secrets redacted
     health_failures: int  # failed probes in a row
+    probe_failures: int = 0  # failed probes since the supervisor started (flapping shows here, not in states)
     inflight: int = 0
     passive_failures: int = 0

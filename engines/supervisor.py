@@ -78,6 +78,7 @@ class Supervisor:
         self.last_exit_code: int | None = None
         self.last_error: str | None = None
         self.health_failures = 0
+        self.probe_failures = 0
         self.passive_failures = 0
         self.hurried = False  # a second signal: the stop that follows gives the engine HURRIED_GRACE at most
 
@@ -105,7 +106,8 @@ class Supervisor:
             pid=self._proc.pid if self._proc else None, engine_pid=self._engine_pid, port=self._port,
             restarts=self.restarts, last_exit_code=self.last_exit_code, last_error=self.last_error,
             state_since=self._state_since, ready_since=self._ready_since, launches=self.launches,
-            argv=redact_argv(self._argv), health_failures=self.health_failures, inflight=self.inflight,
+            argv=redact_argv(self._argv), health_failures=self.health_failures, probe_failures=self.probe_failures,
+            inflight=self.inflight,
             passive_failures=self.passive_failures)
 
     async def wait_ready(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 (the API's name)
@@ -249,6 +251,7 @@ class Supervisor:
                 continue
             passing = 0
             self.health_failures += 1
+            self.probe_failures += 1
             if self.health_failures == 1:
                 failing_since = loop.time()
             if self.health_failures < health.unhealthy_threshold:

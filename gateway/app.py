@@ -21,7 +21,7 @@ from gateway.deps import GatewayState
 from gateway.errors import BadRequest, GatewayError, error_body
 from gateway.gpu import GpuProbe
 from gateway.media import MediaNormalizer
-from gateway.metrics import GpuCollector, Metrics, engine_state_family
+from gateway.metrics import GpuCollector, Metrics, engine_state_family, probe_failures_family
 from gateway.middleware import REQUEST_ID_KEY, GatewayMiddleware
 from gateway.reload import Reloader, install_sighup
 from gateway.routes import admin, generate, gpu, models, openai, ops, simple
@@ -44,7 +44,7 @@ def create_app(config: Config, *, gpus: GpuProbe | None = None, config_path: str
     gpu_probe = gpus or GpuProbe()
 
     def on_engine_event(event: StateChanged) -> None:
-        if event.new.value == "backoff" and event.old.value in ("ready", "starting"):
+        if event.new.value == "backoff" and event.old.value in ("ready", "unhealthy", "starting"):
             metrics.restarts.labels(event.model, str(event.replica)).inc()
 
     @asynccontextmanager
@@ -88,8 +88,9 @@ def create_app(config: Config, *, gpus: GpuProbe | None = None, config_path: str
     def engine_states() -> Iterable[Metric]:
         state: GatewayState | None = getattr(app.state, "gateway", None)
         if state is not None:
-            yield engine_state_family((e.spec.name, s.replica, s.state.value)
-                                      for e in state.pool.entries() for s in (r.snapshot() for r in e.replicas))
+            snaps = [(e.spec.name, r.snapshot()) for e in state.pool.entries() for r in e.replicas]
+            yield engine_state_family((name, s.replica, s.state.value) for name, s in snaps)
+            yield probe_failures_family((name, s.replica, s.probe_failures) for name, s in snaps)
 
     metrics.add_collector(engine_states)
     metrics.registry.register(GpuCollector(lambda: gpu_probe.read().devices))

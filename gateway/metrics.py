@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from engines.state import EngineState
@@ -60,6 +60,15 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def probe_failures_family(rows: Iterable[tuple[str, int, int]]) -> CounterMetricFamily:
+    """``gateway_engine_probe_failures_total{model,replica}``: a flapping engine shows here before any state."""
+    family = CounterMetricFamily("gateway_engine_probe_failures", "Failed health probes of a running engine.",
+                                 labels=["model", "replica"])
+    for model, replica, count in rows:
+        family.add_metric([model, str(replica)], float(count))
+    return family
 
 
 def engine_state_family(rows: Iterable[tuple[str, int, str]]) -> GaugeMetricFamily:
