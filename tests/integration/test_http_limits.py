@@ -171,3 +171,30 @@ def test_keep_alive_requests_are_not_cut(gateway: Gateway) -> None:
         assert sockets[0] is sockets[1]  # http.client would have reconnected had the server closed it
     finally:
         connection.close()
+
+
+def test_a_slowloris_crowd_is_cut_off_while_real_clients_are_served(gateway: Gateway) -> None:
+    """G3: 200 sockets that each send a header byte now and then hold nothing for long: each gets its 408
+    and is closed at the header deadline, and requests from real clients are answered meanwhile."""
+    crowd = [socket.create_connection(("127.0.0.1", gateway.port), timeout=20) for _ in range(200)]
+    try:
+        for sock in crowd:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        served = []
+        for round_ in range(5):
+            # Trickling within the 1 s header deadline only: a byte sent after the gateway's close would make
+            # the kernel answer with a reset, and a reset can drop the 408 before the test reads it.
+            for sock in crowd if round_ < 2 else ():
+                sock.sendall(b"a")
+            connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+            connection.request("GET", "/health")
+            served.append(connection.getresponse().status)
+            connection.close()
+            time.sleep(0.3)
+        assert served == [200] * 5
+        for sock in crowd:  # each is answered and closed by the gateway; a read timeout would fail here
+            status, error = _status_and_error(_read_to_eof(sock))
+            assert status == 408 and error["code"] == "request_timeout"
+    finally:
+        for sock in crowd:
+            sock.close()
