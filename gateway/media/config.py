@@ -80,6 +80,9 @@ class MediaConfig(BaseModel):
     cache_max_bytes: ByteSize = 256 * 2**20
     url_cache_ttl: float = Field(default=600.0, ge=0)
     max_frames: int = Field(default=100, ge=1)
+    # Vision encoders refuse images under their patch size (Qwen2-VL: 28 px a side) with an engine error the
+    # client cannot act on; set this to the smallest side the models here accept. 1: any image.
+    min_image_side: int = Field(default=1, ge=1)
     allowed_formats: list[str] = Field(default_factory=lambda: list(KNOWN_FORMATS))
 
     @field_validator("allowed_domains")

@@ -13,6 +13,7 @@ INVALID_URL = "invalid_image_url"
 FETCH_FAILED = "image_fetch_failed"
 FETCH_TIMEOUT = "image_fetch_timeout"
 TOO_LARGE = "image_too_large"
+TOO_SMALL = "image_too_small"
 UNSUPPORTED_FORMAT = "unsupported_image_format"
 INVALID_IMAGE = "invalid_image"
 TOO_MANY = "too_many_images"
@@ -55,6 +56,11 @@ def too_large_bytes(limit: int, param: str | None = None) -> MediaError:
 
 def too_many_pixels(limit: int, param: str | None = None) -> MediaError:
     return MediaError(f"The image has more than the allowed {limit} pixels.", code=TOO_LARGE, param=param)
+
+
+def too_small(limit: int, param: str | None = None) -> MediaError:
+    return MediaError(f"The image is smaller than {limit} pixels on a side; the models here need at least that.",
+                      code=TOO_SMALL, param=param)
 
 
 def too_many_frames(limit: int, param: str | None = None) -> MediaError:

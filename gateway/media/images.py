@@ -105,6 +105,8 @@ def inspect_image(data: bytes, config: MediaConfig, param: str | None = None) ->
             raise failures.invalid_image(param)
         if width * height > config.max_image_pixels:
             raise failures.too_many_pixels(config.max_image_pixels, param)
+        if min(width, height) < config.min_image_side:
+            raise failures.too_small(config.min_image_side, param)
         if fmt == "gif":
             frames = gif_frame_count(data, config.max_frames)
         else:

@@ -320,3 +320,17 @@ async def test_big_images_are_decoded_off_the_event_loop(monkeypatch: pytest.Mon
     async with MediaNormalizer(MediaConfig()) as n:
         await n.normalize_chat(body_with(part), "openai")
     assert threads and threading.get_ident() not in threads  # a worker thread did the decoding
+
+
+async def test_images_under_the_models_minimum_side_are_refused_when_one_is_set() -> None:
+    """F10: a 1x1 image passes by default; with min_image_side (a vision encoder's patch size) it is a 400."""
+    tiny = {"type": "image_url", "image_url": {"url": data_url(encode("PNG", (1, 1)))}}
+    async with MediaNormalizer(MediaConfig()) as n:
+        await n.normalize_chat(body_with(tiny), "openai")
+    async with MediaNormalizer(MediaConfig(min_image_side=28)) as n:
+        error = await refused(n, tiny)
+        assert error.code == "image_too_small" and "28" in error.message
+        wide = {"type": "image_url", "image_url": {"url": data_url(encode("PNG", (300, 27)))}}
+        assert (await refused(n, wide)).code == "image_too_small"
+        enough = {"type": "image_url", "image_url": {"url": data_url(encode("PNG", (28, 28)))}}
+        await n.normalize_chat(body_with(enough), "openai")
