@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -146,6 +147,20 @@ class ModelSpec(_Frozen):
     @property
     def served_names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
+
+    def engine_key(self) -> str | None:
+        """The key the engine wants in ``Authorization: Bearer``: from ``api_key_env``, else the engine's own
+        ``--api-key`` (vLLM, SGLang) / ``--api-keys`` (LMDeploy) in ``args``, else ``VLLM_API_KEY`` in ``env``.
+        Without it, an engine started with a key would answer every forwarded request with its 401."""
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env) or None
+        for flag in ("api-key", "api_key", "api-keys", "api_keys"):
+            value = self.args.get(flag)
+            if isinstance(value, list | tuple):
+                value = value[0] if value else None
+            if value:
+                return str(value)
+        return self.env.get("VLLM_API_KEY") if self.engine == "vllm" else None
 
     @property
     def tp_size(self) -> int:

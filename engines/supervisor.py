@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -329,9 +328,8 @@ class Supervisor:
         if self._proc is not None and self._engine_pid is None:
             self._engine_pid = self._proc.engine_pid
         port = self._port or 0
-        headers = None
-        if self.spec.api_key_env and os.environ.get(self.spec.api_key_env):
-            headers = {"Authorization": f"Bearer {os.environ[self.spec.api_key_env]}"}
+        key = self.spec.engine_key()
+        headers = {"Authorization": f"Bearer {key}"} if key else None
         url = self.adapter.health_url(self.spec, self.spec.host, port)
         return await probe(self._session, self.adapter, url, self.spec.health.timeout, headers)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -86,8 +85,9 @@ async def relay(
         request_id: str = request.scope[REQUEST_ID_KEY]
         headers = {"Content-Type": "application/json", "X-Request-Id": request_id,
                    "Accept": "text/event-stream" if stream else "application/json"}
-        if entry.spec.api_key_env:
-            headers["Authorization"] = f"Bearer {os.environ.get(entry.spec.api_key_env, '')}"
+        key = entry.spec.engine_key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
         rewrite = model_rewrite(entry.adapter.response_model(entry.spec), entry.spec.name)
 
         def target(lease: Lease, failover: Callable[[], Target | None] | None) -> Target:

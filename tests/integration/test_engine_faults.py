@@ -317,3 +317,23 @@ def test_b2_slow_probes_take_an_engine_out_of_rotation_before_any_restart(tmp_pa
         metrics = httpx.get(gw.url + "/metrics", timeout=5).text
         assert 'gateway_engine_state{model="patient",replica="0",state="unhealthy"} 0.0' in metrics
     assert "out of rotation, restarted if it lasts 120s" in gw.log()
+
+
+@pytest.mark.parametrize("engine", ["vllm", "lmdeploy"])
+def test_an_engine_started_with_its_own_key_is_sent_that_key(tmp_path: Path, engine: str) -> None:
+    """The operator gave the engine a key in ``args`` only: probes and requests carry it (no 401 from the
+    engine), and the client's own Authorization never reaches the engine."""
+    flag = "api-key" if engine == "vllm" else "api-keys"
+    record = tmp_path / "record.jsonl"
+    config = {"models": {"m": model(engine=engine, command=standin_command(engine), args={flag: "sk-engine-own-key"},
+                                    env={"STANDIN_RECORD": str(record)})}}
+    with run_gateway(config, tmp_path) as gw:
+        answer = httpx.post(gw.url + "/v1/chat/completions", timeout=20,
+                            headers={"Authorization": "Bearer sk-client-key"},
+                            json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert answer.status_code == 200, answer.text
+    rows = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
+    sent = [r for r in rows if r["event"] == "request" and r["path"] == "/v1/chat/completions"]
+    assert len(sent) == 1
+    headers = {k.lower(): v for k, v in sent[0]["headers"].items()}
+    assert headers["authorization"] == "Bearer sk-engine-own-key"
