@@ -455,7 +455,11 @@ class Relay(Response):
             m.tokens.labels(model, "completion").inc(outcome.completion_tokens)
         if outcome.error_kind is not None:
             m.upstream_errors.labels(model, outcome.error_kind).inc()
-            if outcome.error_kind != "client_disconnected":
+            if outcome.error_kind == "client_disconnected":
+                # Not a failure (a stop button, a client timeout), but an operator looking for a request by its
+                # id must find where it went: the engine was told to stop at once.
+                log.info("client left before the answer to %s was complete (499); the engine was let go", model)
+            else:
                 log.warning("request to %s failed: %s", model, outcome.error_kind)
 
 

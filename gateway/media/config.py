@@ -75,6 +75,9 @@ class MediaConfig(BaseModel):
     max_redirects: int = Field(default=3, ge=0, le=20)
     max_images_per_request: int = Field(default=16, ge=0)
     max_concurrent_fetches: int = Field(default=16, ge=1)
+    # Of those, at most this many to one host (default: a quarter of them, at least 1): a slow image server
+    # cannot take every slot and starve the fetches from other hosts.
+    max_concurrent_fetches_per_host: int | None = Field(default=None, ge=1)
     local_media_dir: str | None = None
     cache_entries: int = Field(default=256, ge=0)
     cache_max_bytes: ByteSize = 256 * 2**20
@@ -84,6 +87,12 @@ class MediaConfig(BaseModel):
     # client cannot act on; set this to the smallest side the models here accept. 1: any image.
     min_image_side: int = Field(default=1, ge=1)
     allowed_formats: list[str] = Field(default_factory=lambda: list(KNOWN_FORMATS))
+
+    @property
+    def per_host_fetches(self) -> int:
+        if self.max_concurrent_fetches_per_host is not None:
+            return min(self.max_concurrent_fetches_per_host, self.max_concurrent_fetches)
+        return max(1, self.max_concurrent_fetches // 4)
 
     @field_validator("allowed_domains")
     @classmethod

@@ -11,8 +11,9 @@ deadline; cancelling the caller closes the socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -62,6 +63,7 @@ class SafeFetcher:
         self._session: aiohttp.ClientSession | None = None
         self._resolver: GuardedResolver | None = None
         self._semaphore = asyncio.Semaphore(config.max_concurrent_fetches)
+        self._per_host: dict[tuple[str, int], tuple[asyncio.Semaphore, list[int]]] = {}  # → (slots, [users])
 
     @property
     def started(self) -> bool:
@@ -76,6 +78,7 @@ class SafeFetcher:
             use_dns_cache=True,
             ttl_dns_cache=10,
             limit=self.config.max_concurrent_fetches,
+            limit_per_host=self.config.per_host_fetches,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -112,11 +115,27 @@ class SafeFetcher:
             target = parse_http_url(url, self.config.allowed_domains, param)
         try:
             async with asyncio.timeout(self.config.fetch_timeout):
-                async with self._semaphore:
+                async with self._host_slot(target), self._semaphore:
                     return await self._follow(target, param)
         except TimeoutError:
             log.info("media fetch timed out: %s", safe_for_logs(target))
             raise failures.fetch_timeout(self.config.fetch_timeout, param) from None
+
+    @contextlib.asynccontextmanager
+    async def _host_slot(self, url: URL) -> AsyncIterator[None]:
+        """One of the origin host's slots: its own queue first, so a slow host waits behind itself only."""
+        key = (url.raw_host or "", url.port or 0)
+        entry = self._per_host.get(key)
+        if entry is None:
+            entry = self._per_host[key] = (asyncio.Semaphore(self.config.per_host_fetches), [0])
+        entry[1][0] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1][0] -= 1
+            if not entry[1][0]:
+                del self._per_host[key]  # no host is remembered once nobody fetches from it
 
     async def _follow(self, url: URL, param: str | None) -> Fetched:
         for _hop in range(self.config.max_redirects + 1):

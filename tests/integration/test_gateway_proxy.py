@@ -9,11 +9,13 @@ the client leaving can make the gateway close an upstream request within the tes
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import Gateway, free_port, run_gateway, standin_command, wait_until
 from tests.standin.harness import launch, serve_args, standin_env, write_faults
@@ -72,6 +75,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             "remote": {"engine": "openai", "url": f"http://127.0.0.1:{remote_port}/v1", "model": "upstream-name",
                        "health": {"interval": 0.5, "startup_interval": 0.1}},
             "down": {"engine": "openai", "url": f"http://127.0.0.1:{free_port()}/v1", "load": "on_demand"},
+            # Never asked for by name in this module: a request that launched it would show in its `launches`
+            # (E1). On demand costs nothing at start-up and does not hold up /ready.
+            "lazy": {"engine": "vllm", "model": "org/lazy-model", "load": "on_demand",
+                     "command": standin_command("vllm"), "health": {"startup_interval": 0.1}, "stop_grace": 3},
         },
     }
     try:
@@ -157,7 +164,46 @@ def test_request_id_both_ways_and_client_auth_not_forwarded(env: Env) -> None:
     assert len(generated) == 24
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["aiohttp", "spliced-stream"])
+def test_hop_by_hop_headers_and_client_credentials_are_not_forwarded(env: Env, stream: bool) -> None:
+    """G6, outbound: the request to the engine is built anew (a non-stream goes through aiohttp, a stream
+    through gateway/splice.py's own request bytes); none of the client's hop-by-hop headers, the header its
+    ``Connection`` names, or its credentials may reach the engine."""
+    request_id = f"g6-hop-by-hop-{stream}"
+    sent = {"Connection": "x-foo", "X-Foo": "bar-g6", "TE": "trailers", "Keep-Alive": "5",
+            "Proxy-Authorization": "Basic proxy-secret-g6", "Authorization": "Bearer client-key-g6"}
+    body = json.dumps({"model": "chat", "messages": MESSAGES, "max_tokens": 2, "stream": stream}).encode()
+    # http.client sends exactly these headers (plus Host): httpx would add or merge its own Connection.
+    conn = http.client.HTTPConnection("127.0.0.1", env.gateway.port, timeout=10)
+    try:
+        conn.putrequest("POST", "/v1/chat/completions", skip_accept_encoding=True)
+        for name, value in {"Content-Type": "application/json", "Content-Length": str(len(body)),
+                            "X-Request-Id": request_id, **sent}.items():
+            conn.putheader(name, value)
+        conn.endheaders(body)
+        response = conn.getresponse()
+        answer = response.read()
+    finally:
+        conn.close()
+    assert response.status == 200, answer
+    if stream:
+        assert answer.rstrip().endswith(b"data: [DONE]")
+    seen = [r for r in env.events("request") if r["headers"].get("x-request-id") == request_id]
+    assert len(seen) == 1
+    raw = [(name.lower(), value) for name, value in seen[0]["raw_headers"]]  # every header line, repeats kept
+    names = {name for name, _ in raw}
+    assert not names & {"x-foo", "te", "keep-alive", "proxy-authorization", "authorization"}, raw
+    assert all("x-foo" not in value.lower() for name, value in raw if name == "connection"), raw
+    values = " ".join(value for _, value in raw)
+    for secret in ("bar-g6", "trailers", "proxy-secret-g6", "client-key-g6"):
+        assert secret not in values, raw
+
+
 def test_stream_cut_by_engine_ends_with_error_event_and_no_done(env: Env) -> None:
+    # An earlier test may have left the engine restarting; the counts below must start from a ready one.
+    assert wait_until(lambda: replica(env, "chat")["state"] == "ready", 15)
+    before = replica(env, "chat")
+    cut = metric(env, "gateway_upstream_errors_total", model="chat", kind="disconnected")
     env.set_faults(**{"crash-after-chunks": 3})
     with httpx.stream("POST", env.gateway.url + "/v1/chat/completions", timeout=10,
                       json={"model": "chat", "messages": MESSAGES, "max_tokens": 20, "stream": True}) as r:
@@ -168,11 +214,23 @@ def test_stream_cut_by_engine_ends_with_error_event_and_no_done(env: Env) -> Non
     assert b"[DONE]" not in body
     error = json.loads(events[-1][len(b"data: "):])["error"]
     assert error["code"] == "upstream_disconnected" and set(error) == {"message", "type", "param", "code"}
+    # The failure is counted against the engine, as a broken upstream (the counter is bumped as the relay ends,
+    # just after the last byte went out: hence the wait).
+    assert wait_until(
+        lambda: metric(env, "gateway_upstream_errors_total", model="chat", kind="disconnected") == cut + 1, 10)
+
+    def restarted() -> bool:
+        now = replica(env, "chat")
+        return now["state"] == "ready" and now["restarts"] == before["restarts"] + 1
+
+    # A new launch, not just /ready: /ready stays 200 until the exit is noticed, so it can pass before.
+    assert wait_until(restarted, 15), replica(env, "chat")
+    after = replica(env, "chat")
+    assert after["pid"] != before["pid"] and after["last_exit_code"] == 1  # the stand-in's os._exit(1)
     # The SDK surfaces it as an error, not as a short, clean answer.
     env.set_faults(**{"close-after-chunks": 2})
     with pytest.raises(openai.APIError):
         list(env.client().chat.completions.create(model="vl", messages=MESSAGES, max_tokens=20, stream=True))
-    assert wait_until(lambda: _ready(env), 15), "engine not restarted after its crash"
 
 
 def test_stream_closed_mid_line_forwards_only_whole_events_then_one_error(env: Env) -> None:
@@ -196,8 +254,37 @@ def test_stream_closed_mid_line_forwards_only_whole_events_then_one_error(env: E
     assert error["code"] == "upstream_disconnected" and set(error) == {"message", "type", "param", "code"}
 
 
-def _ready(env: Env) -> bool:
-    return httpx.get(env.gateway.url + "/ready", timeout=2).status_code == 200
+def replica(env: Env, model: str) -> dict[str, Any]:
+    """Replica 0 of ``model`` as ``/health`` shows it (state, pid, restarts, in_flight): this gateway has no
+    keys, so ``/health`` gives every caller the detail."""
+    return httpx.get(env.gateway.url + "/health", timeout=5).json()["models"][model]["replicas"][0]
+
+
+def engine_rows(env: Env) -> dict[str, dict[str, Any]]:
+    """``/admin/engines`` (open without keys) by model: replica 0 with ``launches`` and ``health_failures``."""
+    rows = httpx.get(env.gateway.url + "/admin/engines", timeout=5).json()["data"]
+    return {row["model"]: row for row in rows if row["replica"] == 0}
+
+
+def metric(env: Env, name: str, **labels: str) -> float:
+    """The sample ``name`` with exactly ``labels`` in ``/metrics``; 0 when absent (a labelled series appears at
+    its first use)."""
+    text = httpx.get(env.gateway.url + "/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
+
+
+def assert_let_go(env: Env, model: str, disconnects_before: int) -> None:
+    """The gateway hung up on the engine and released what the request held: its fault would have held the
+    request open for ever, so a disconnect record means the gateway closed it. The slot (the replica's
+    ``in_flight``, what ``max_concurrency`` counts) and the ``gateway_requests_in_flight`` gauge are freed
+    as the relay ends, just after the client's last byte: hence the waits."""
+    assert wait_until(lambda: len(env.events("disconnect")) > disconnects_before, 10)
+    assert wait_until(lambda: metric(env, "gateway_requests_in_flight", model=model) == 0, 10)
+    assert wait_until(lambda: replica(env, model)["in_flight"] == 0, 10)
 
 
 def test_engine_error_event_mid_stream_is_reshaped_without_done(env: Env) -> None:
@@ -210,18 +297,57 @@ def test_engine_error_event_mid_stream_is_reshaped_without_done(env: Env) -> Non
     assert set(json.loads(last[len(b"data: "):])["error"]) == {"message", "type", "param", "code"}
 
 
-def test_client_disconnect_closes_upstream(env: Env) -> None:
-    env.set_faults(**{"token-interval": 0.2, "record-disconnects": True})
-    before = len(env.events("disconnect"))
+def _leave_mid_stream(env: Env, request_id: str) -> None:
+    """Start a 200-token stream (40 s at the engine's pace) and hang up after two events."""
     with socket.create_connection(("127.0.0.1", env.gateway.port)) as sock:
         body = json.dumps({"model": "chat", "messages": MESSAGES, "max_tokens": 200, "stream": True}).encode()
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                     b"X-Request-Id: %s\r\nContent-Length: %d\r\n\r\n%s" % (request_id.encode(), len(body), body))
         received = b""
         while received.count(b"data: ") < 2:
             received += sock.recv(65536)
-    # The engine would stream for 40 s more; it sees the gateway hang up long before.
-    assert wait_until(lambda: len(env.events("disconnect")) > before, 10)
+
+
+def test_client_disconnect_closes_upstream(env: Env) -> None:
+    env.set_faults(**{"token-interval": 0.2, "record-disconnects": True})
+    assert wait_until(lambda: replica(env, "chat")["state"] == "ready", 15)
+    before = replica(env, "chat")
+    left = metric(env, "gateway_requests_total", model="chat", endpoint="chat", status="499")
+    gone = metric(env, "gateway_upstream_errors_total", model="chat", kind="client_disconnected")
+    broken = metric(env, "gateway_upstream_errors_total", model="chat", kind="disconnected")
+    disconnects = len(env.events("disconnect"))
+    _leave_mid_stream(env, "d1-leaves-mid-stream")
+    # The engine would stream for 40 s more; it sees the gateway hang up long before, and the request's slot
+    # and in-flight count are given back.
+    assert_let_go(env, "chat", disconnects)
+    # Counted as the client's leaving (499), not as an engine failure.
+    assert wait_until(lambda: metric(env, "gateway_requests_total", model="chat", endpoint="chat",
+                                     status="499") == left + 1, 10)
+    assert metric(env, "gateway_upstream_errors_total", model="chat", kind="client_disconnected") == gone + 1
+    assert metric(env, "gateway_upstream_errors_total", model="chat", kind="disconnected") == broken
+    # Nor is the engine held responsible: still the same ready launch, not ejected, its probes passing.
+    after = replica(env, "chat")
+    assert after["state"] == "ready" and not after["ejected"]
+    assert (after["pid"], after["restarts"]) == (before["pid"], before["restarts"])
+    assert engine_rows(env)["chat"]["health_failures"] == 0
+
+
+def test_client_disconnect_mid_stream_is_logged_as_499(env: Env) -> None:
+    """D1 "gateway logs 499": a line of that request (its id in brackets, the text format's request_id field)
+    that says the client left."""
+    env.set_faults(**{"token-interval": 0.2})
+    request_id = "d1-logged-499"
+    disconnects = len(env.events("disconnect"))
+    _leave_mid_stream(env, request_id)
+    assert wait_until(lambda: len(env.events("disconnect")) > disconnects, 10)
+
+    def logged() -> bool:
+        lines = [line for line in env.gateway.log().splitlines() if f"[{request_id}]" in line]
+        return any("499" in line or "client_disconnected" in line or "client disconnected" in line
+                   for line in lines)
+
+    # Logging happens as the relay ends, right after the engine was let go: 2 s is plenty.
+    assert wait_until(logged, 2), env.gateway.log()[-3000:]
 
 
 @dataclass
@@ -276,7 +402,8 @@ def test_client_disconnect_during_prefill_of_a_non_stream_request_closes_upstrea
 
 
 def test_hung_upstream_gives_504_at_first_byte_timeout(env: Env) -> None:
-    env.set_faults(**{"hang-before-headers": True})
+    env.set_faults(**{"hang-before-headers": True, "record-disconnects": True})
+    disconnects = len(env.events("disconnect"))
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as info:
         env.client().chat.completions.create(model="chat", messages=MESSAGES)
@@ -285,11 +412,12 @@ def test_hung_upstream_gives_504_at_first_byte_timeout(env: Env) -> None:
     assert info.value.body["code"] == "upstream_timeout"  # type: ignore[index]
     assert "sent nothing for 2 s" in info.value.message  # the first-byte clock, not the 6 s total
     assert elapsed >= 2
+    assert_let_go(env, "chat", disconnects)
 
 
 def test_hung_upstream_stream_gives_504_json_before_any_sse_byte_and_closes_upstream(env: Env) -> None:
     env.set_faults(**{"hang-before-headers": True, "record-disconnects": True})
-    before = len(env.events("disconnect"))
+    disconnects = len(env.events("disconnect"))
     response = httpx.post(env.gateway.url + "/v1/chat/completions", timeout=10,
                           json={"model": "chat", "messages": MESSAGES, "max_tokens": 3, "stream": True})
     # The first-byte clock ran out before the engine sent headers: a plain JSON error, never a 200 SSE
@@ -300,27 +428,36 @@ def test_hung_upstream_stream_gives_504_json_before_any_sse_byte_and_closes_upst
     error = response.json()["error"]
     assert error["code"] == "upstream_timeout" and set(error) == {"message", "type", "param", "code"}
     # The engine waits for ever for its client to leave: a record here means the gateway hung up on it.
-    assert wait_until(lambda: len(env.events("disconnect")) > before, 10)
+    assert_let_go(env, "chat", disconnects)
 
 
 def test_stalled_stream_ends_with_timeout_event(env: Env) -> None:
-    env.set_faults(**{"stall-after-chunks": 2})
+    env.set_faults(**{"stall-after-chunks": 2, "record-disconnects": True})
+    disconnects = len(env.events("disconnect"))
     with httpx.stream("POST", env.gateway.url + "/v1/chat/completions", timeout=10,
                       json={"model": "chat", "messages": MESSAGES, "max_tokens": 20, "stream": True}) as r:
+        # While it streams, this request is what the gauge counts: its return to 0 below is this request's.
+        assert metric(env, "gateway_requests_in_flight", model="chat") == 1
         body = b"".join(r.iter_raw())
     last = [e for e in body.split(b"\n\n") if e][-1]
     error = json.loads(last[len(b"data: "):])["error"]
     assert error["code"] == "upstream_timeout" and "silent for more than 1 s" in error["message"]
     assert b"[DONE]" not in body
+    # The engine keeps the stalled stream open for ever: only the gateway can have closed it.
+    assert_let_go(env, "chat", disconnects)
 
 
 def test_drip_feed_is_stopped_by_total_deadline(env: Env) -> None:
-    env.set_faults(**{"drip": 0.3})
+    env.set_faults(**{"drip": 0.3, "record-disconnects": True})
+    disconnects = len(env.events("disconnect"))
     with httpx.stream("POST", env.gateway.url + "/v1/chat/completions", timeout=15,
                       json={"model": "chat", "messages": MESSAGES, "max_tokens": 20, "stream": True}) as r:
+        assert metric(env, "gateway_requests_in_flight", model="chat") == 1
         body = b"".join(r.iter_raw())
     # Each byte came within the 1 s idle clock; the 6 s total one ended it.
     assert b"upstream_timeout" in body and b"within 6 s" in body and b"[DONE]" not in body
+    # The drip never ends by itself: the engine sees the disconnect only if the gateway closed the upstream.
+    assert_let_go(env, "chat", disconnects)
 
 
 def test_garbage_non_stream_answer_is_502(env: Env) -> None:
@@ -341,6 +478,26 @@ def test_upstream_4xx_passes_through_and_429_keeps_retry_after(env: Env) -> None
                           json={"model": "chat", "messages": MESSAGES})
     assert response.status_code == 429 and response.headers["retry-after"] == "7"
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_429_burst_is_passed_back_and_each_request_reaches_the_engine_once(env: Env) -> None:
+    """C9: the gateway has no retries, so "no retry storm" means every request reached an engine exactly once."""
+    env.set_faults(status=429, **{"retry-after": "7"})
+    ids = [f"c9-burst-{i}" for i in range(8)]
+
+    def send(request_id: str) -> httpx.Response:
+        return httpx.post(env.gateway.url + "/v1/chat/completions", timeout=10, headers={"x-request-id": request_id},
+                          json={"model": "chat", "messages": MESSAGES, "max_tokens": 2})
+
+    with ThreadPoolExecutor(len(ids)) as pool:  # at once: a burst, as an overloaded engine would see it
+        responses = list(pool.map(send, ids))
+    for request_id, response in zip(ids, responses, strict=True):
+        assert response.status_code == 429 and response.headers["retry-after"] == "7"
+        assert response.headers["x-request-id"] == request_id
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    # The engine records a request before it answers, so every attempt is in the record by now.
+    sent = [r["headers"].get("x-request-id") for r in env.events("request") if r["path"] == "/v1/chat/completions"]
+    assert {request_id: sent.count(request_id) for request_id in ids} == dict.fromkeys(ids, 1)
 
 
 @pytest.mark.parametrize(("content", "headers", "status", "code"), [
@@ -366,6 +523,48 @@ def test_bad_input_gets_error_shape(env: Env, content: bytes, headers: dict[str,
     error = response.json()["error"]
     assert error["code"] == code and set(error) == {"message", "type", "param", "code"}
     assert response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(("model", "status"), [
+    ("lazy" + "x" * 10_000, 404),  # 10 kB, starting with an on-demand model's name
+    ("lazy ", 404),
+    ("LAZY", 404),
+    ("lazy\u0000", 404),
+    ("../lazy", 404),
+    (12345, 400),
+    (["lazy"], 400),
+    ({"name": "lazy"}, 400),
+    (True, 400),
+    (None, 400),
+], ids=["10kB", "trailing-space", "upper-case", "nul", "path", "number", "list", "object", "bool", "null"])
+def test_hostile_model_names_are_refused_and_launch_nothing(env: Env, model: Any, status: int) -> None:
+    """E1. ``lazy`` is on demand and never asked for by name in this module: a name the gateway matched to it
+    loosely would launch it, which its ``launches`` count shows (the positive control is the next test)."""
+    launches = {name: row["launches"] for name, row in engine_rows(env).items()}
+    response = httpx.post(env.gateway.url + "/v1/chat/completions", timeout=10,
+                          json={"model": model, "messages": MESSAGES, "max_tokens": 1})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == "model"
+    assert error["type"] == "invalid_request_error"  # OpenAI's type for an unknown model too
+    assert len(error["message"]) < 200  # a 10 kB name is not echoed back whole
+    assert {name: row["launches"] for name, row in engine_rows(env).items()} == launches
+    assert replica(env, "lazy")["state"] == "stopped"
+
+
+def test_the_on_demand_model_by_its_own_name_is_launched(env: Env) -> None:
+    """The positive control of the test above: its exact name does launch ``lazy``, and ``launches`` shows it.
+    Stopped again afterwards so the rest of the module runs with the engines it started with."""
+    assert engine_rows(env)["lazy"]["launches"] == 0
+    try:
+        response = httpx.post(env.gateway.url + "/v1/chat/completions", timeout=10,
+                              json={"model": "lazy", "messages": MESSAGES, "max_tokens": 1})
+        # 503 if the start outlasts this gateway's 1 s queue_timeout; the launch happened either way.
+        assert response.status_code in (200, 503), response.text
+        assert wait_until(lambda: engine_rows(env)["lazy"]["launches"] == 1, 10)
+    finally:
+        httpx.post(env.gateway.url + "/admin/engines/lazy/stop", timeout=30)
+    assert replica(env, "lazy")["state"] == "stopped"
 
 
 def test_unknown_route_and_method_get_error_shape(env: Env) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gzip
 import io
 import socket
@@ -122,6 +123,8 @@ class ImageServer:
     disconnects: list[str] = field(default_factory=list)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     streaming: asyncio.Event = field(default_factory=asyncio.Event)
+    drips_open: int = 0  # /drip requests being answered now (one connection each: no pipelining)
+    drips_peak: int = 0
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}{path}"
@@ -178,7 +181,12 @@ def _image_app(server: ImageServer) -> web.Application:
     async def drip(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "image/png"})
         response.content_length = 10_000
-        await endless(request, response, 0.05, b"\x89")
+        server.drips_open += 1
+        server.drips_peak = max(server.drips_peak, server.drips_open)
+        try:
+            await endless(request, response, 0.05, b"\x89")
+        finally:
+            server.drips_open -= 1
         return response
 
     async def gzipped(request: web.Request) -> web.Response:
@@ -206,8 +214,8 @@ def _image_app(server: ImageServer) -> web.Application:
     return app
 
 
-@pytest.fixture
-async def image_server() -> AsyncIterator[ImageServer]:
+@contextlib.asynccontextmanager
+async def _serving_images() -> AsyncIterator[ImageServer]:
     server = ImageServer()
     runner = web.AppRunner(_image_app(server), shutdown_timeout=0.1)
     await runner.setup()
@@ -218,6 +226,19 @@ async def image_server() -> AsyncIterator[ImageServer]:
         yield server
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def image_server() -> AsyncIterator[ImageServer]:
+    async with _serving_images() as server:
+        yield server
+
+
+@pytest.fixture
+async def other_image_server() -> AsyncIterator[ImageServer]:
+    """A second, healthy origin: what a slow one must not starve."""
+    async with _serving_images() as server:
+        yield server
 
 
 @dataclass
@@ -663,6 +684,37 @@ async def test_many_images_fetch_concurrently(image_server: ImageServer) -> None
         await normalizer.normalize_chat(body, "openai")
     assert image_server.hits("/img/png") == 8
     assert all(p["image_url"]["url"].startswith("data:image/png") for p in body["messages"][0]["content"][1:])
+
+
+async def test_f7_slow_image_servers_do_not_starve_other_fetches(
+    image_server: ImageServer, other_image_server: ImageServer
+) -> None:
+    """F7: 20 requests whose images drip (500 s each), then one whose image is on another server and fast.
+
+    The drips' fetch_timeout is 60 s, so a fast fetch queued behind them would wait a minute; it is given 10 s.
+    """
+    limit = 4
+    trusted = (("127.0.0.1", image_server.port), ("127.0.0.1", other_image_server.port))
+    async with make({"fetch_timeout": 60, "max_concurrent_fetches": limit}, trusted=trusted) as normalizer:
+        # Distinct URLs: one fetch each, none served by the cache or merged with another.
+        drips = [asyncio.create_task(normalizer.normalize_chat(chat(image_server.url(f"/drip?n={i}")), "openai"))
+                 for i in range(20)]
+        try:
+            await asyncio.wait_for(image_server.streaming.wait(), 5)
+            await asyncio.sleep(0.3)  # every drip the fetcher lets through is connected by now
+            body = chat(other_image_server.url("/img/png"))
+            await asyncio.wait_for(normalizer.normalize_chat(body, "openai"), 10)
+            # Served while the drips still hold their connections, not after they gave up.
+            assert image_server.drips_open > 0 and image_server.disconnects == []
+            assert not any(task.done() for task in drips)
+        finally:
+            for task in drips:
+                task.cancel()
+            await asyncio.gather(*drips, return_exceptions=True)
+    _, data = data_url_bytes(body["messages"][0]["content"][1]["image_url"]["url"])
+    assert data == PNG
+    # The drips were bounded all along: never more connections to them than the fetcher's limit.
+    assert 1 <= image_server.drips_peak <= limit
 
 
 # ---------------------------------------------------------------- D5 cancellation
