@@ -307,7 +307,8 @@ def test_an_engine_healthy_to_its_probe_but_failing_every_request_is_restarted(t
     faults = tmp_path / "faults.json"
     write_faults(faults, {"health": "ok-but-broken"})
     config = {"server": {"first_byte_timeout": 1},
-              "models": {"m": model(outlier={"restart_after": 3}, env={"STANDIN_FAULTS_FILE": str(faults)})}}
+              "models": {"m": model(outlier={"restart_after": 3}, env={"STANDIN_FAULTS_FILE": str(faults)},
+                                    restart={"initial_delay": 0.1, "jitter": 0})}}
     with run_gateway(config, tmp_path) as gw:
         first = health(gw)["m"]["replicas"][0]
         assert [chat(gw.url, "m").status_code for _ in range(3)] == [500] * 3
