@@ -23,6 +23,7 @@ HEADER_TIMEOUT = 10.0  # seconds from the first byte of a request to the end of 
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 32 * 1024
 
+_CYCLE_ATTRS = ("transport", "flow", "chunked_encoding", "disconnected")  # what gateway.splice uses
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
@@ -85,9 +86,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm_header_timer()
         super().on_headers_complete()
-        if self.cycle is not None and self.cycle.scope is self.scope:
-            # The relay writes a stream's body to this cycle's transport itself (gateway/splice.py).
-            self.scope[CYCLE_KEY] = self.cycle
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope and all(hasattr(cycle, a) for a in _CYCLE_ATTRS):
+            # The relay writes a stream's body to this cycle's transport itself (gateway/splice.py); a uvicorn
+            # whose cycle looks different gets the ASGI path instead.
+            self.scope[CYCLE_KEY] = cycle
 
     def send_400_response(self, msg: str) -> None:
         self._reject(400, "invalid_http_request", "The HTTP request is malformed.")
