@@ -35,9 +35,10 @@ class EngineClosed(ConnectionError):
 class EngineConnection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection to an engine; one exchange at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_lost: Callable[[EngineConnection], None] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self._on_lost = on_lost  # the pool forgets an idle connection the engine closed (or that died with it)
         self.idle_since = 0.0
         self._reset()
 
@@ -78,6 +79,8 @@ class EngineConnection(asyncio.Protocol):
         self.closed = True
         if not self.complete:
             self._broken(EngineClosed("the engine closed the connection"))
+        if self._on_lost is not None:
+            self._on_lost(self)
 
     # -- httptools callbacks -------------------------------------------------------------------------
 
@@ -189,8 +192,17 @@ class EngineConnections:
             if conn.reusable and now - conn.idle_since < self.keep_idle:
                 return conn
             conn.abort()
-        _, protocol = await loop.create_connection(EngineConnection, host, port)
+        key = (host, port)
+        _, protocol = await loop.create_connection(lambda: EngineConnection(lambda c: self._forget(key, c)), host, port)
         return protocol
+
+    def _forget(self, key: tuple[str, int], conn: EngineConnection) -> None:
+        """An engine that restarts comes back on another port: its old connections must not pile up here."""
+        idle = self._idle.get(key)
+        if idle is not None and conn in idle:
+            idle.remove(conn)
+            if not idle:
+                del self._idle[key]
 
     def put(self, host: str, port: int, conn: EngineConnection) -> None:
         if not conn.reusable:

@@ -168,3 +168,14 @@ def test_a_stream_that_is_not_sse_is_refused() -> None:
     cutter = EventCutter((), Outcome(), t0=0.0)
     with pytest.raises(UpstreamError):
         cutter.feed(b"x" * (5 * 1024 * 1024), 1.0)
+
+
+async def test_idle_connections_the_engine_closed_are_forgotten(engine: Engine) -> None:
+    pool = EngineConnections()
+    await exchange(pool, engine)
+    assert len(pool._idle[("127.0.0.1", engine.port)]) == 1
+    engine.close_after = True  # the next exchange is the last on that connection: the engine hangs up
+    await exchange(pool, engine)
+    await asyncio.sleep(0.05)
+    assert ("127.0.0.1", engine.port) not in pool._idle  # nothing kept for an engine's old connections
+    pool.close()
