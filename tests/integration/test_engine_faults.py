@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -337,3 +338,31 @@ def test_an_engine_started_with_its_own_key_is_sent_that_key(tmp_path: Path, eng
     assert len(sent) == 1
     headers = {k.lower(): v for k, v in sent[0]["headers"].items()}
     assert headers["authorization"] == "Bearer sk-engine-own-key"
+
+
+def test_a2_an_engine_never_healthy_is_ended_at_its_startup_deadline_and_its_port_freed(tmp_path: Path) -> None:
+    """A2: /health answers 503 for ever. At the startup deadline the launch is ended (no process, the port
+    free again), the model is FAILED once its budget is spent, and no request ever reached the engine."""
+    port = free_port()
+    record = tmp_path / "record.jsonl"
+    config = {"server": {"retry_after": 1},
+              "models": {"sick": model(port=port, startup_timeout=1, restart={"max_restarts": 0},
+                                       env={"STANDIN_FAULTS": "never-ready", "STANDIN_RECORD": str(record)})}}
+    with run_gateway(config, tmp_path, wait_ready=False) as gw:
+        def failed() -> bool:
+            try:
+                return bool(replica(gw, "sick")["state"] == "failed")
+            except httpx.TransportError:  # not listening yet: the lifespan is still starting the engines
+                return False
+
+        assert wait_until(failed, 20), gw.log()[-2000:]
+        row = replica(gw, "sick")
+        assert "not ready after 1s" in (row["last_error"] or "") and row["pid"] is None
+        assert not tagged_pids(str(gw.proc.pid))
+        with socket.socket() as probe:  # nothing of the launch holds the port (TIME_WAIT left by probes aside,
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as for the engines themselves)
+            probe.bind(("127.0.0.1", port))
+            probe.listen()
+        assert_openai_error(chat(gw.url, "sick"), 503, "engine_failed")
+    rows = [json.loads(line) for line in record.read_text().splitlines() if line.strip()] if record.exists() else []
+    assert not [r for r in rows if r["event"] == "request" and r["path"].startswith("/v1/chat")]
