@@ -10,6 +10,9 @@ ASGI message can only be ``http.disconnect``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from starlette.requests import Request
 
@@ -19,6 +22,8 @@ from engines.scheduler import Refused
 from gateway.errors import EngineUnavailable, GatewayError, ModelNotFound, QueueFull, ShuttingDown
 from gateway.metrics import Metrics
 from gateway.relay import STATUS_KEY
+
+T = TypeVar("T")
 
 
 def shown(name: str) -> str:
@@ -58,6 +63,28 @@ async def acquire(pool: EnginePool, entry: ModelEntry, request: Request, *, queu
     except Abandoned:
         request.scope[STATUS_KEY] = 499  # logged as the client's leaving; nothing is sent to a closed socket
         raise EngineUnavailable("The client left while queued.", code="client_disconnected") from None
+
+
+async def while_connected(request: Request, work: Awaitable[T]) -> T:
+    """``work`` (an image fetch, before any engine is involved), cancelled the moment the client leaves: a
+    slow image server then sees its connection closed at once, not at the fetch deadline (RELIABILITY D5).
+    The body has been read, so the next ASGI message can only be ``http.disconnect``."""
+    task = asyncio.ensure_future(work)
+    left = asyncio.ensure_future(_client_left(request))
+    try:
+        await asyncio.wait({task, left}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        left.cancel()
+        if left.done() and not left.cancelled():
+            left.exception()
+    if task.cancelled():
+        request.scope[STATUS_KEY] = 499
+        raise EngineUnavailable("The client left while its images were fetched.", code="client_disconnected")
+    return task.result()
 
 
 async def _client_left(request: Request) -> None:

@@ -23,6 +23,7 @@ from gateway.payload import parse_json_object, read_body
 from gateway.relay import Relay
 from gateway.routes.openai import relay, route
 from gateway.routes.simple import chosen_model
+from gateway.routing import while_connected
 
 router = APIRouter()
 
@@ -96,7 +97,7 @@ async def generate_request(request: Request, state: GatewayState, *, stream_path
         raise BadRequest("'parameters' must be an object.", param="parameters")
     if body.get("multimodal_params") is not None:
         # Before a replica is chosen: a slow image must not hold an engine's slot.
-        await inline_images(body["multimodal_params"], state.media)
+        await while_connected(request, inline_images(body["multimodal_params"], state.media))
     return await relay(request, state, entry, body, path="/generate_stream" if stream else "/generate",
                        stream=stream, stream_end="eof")
 

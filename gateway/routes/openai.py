@@ -17,7 +17,7 @@ from gateway.media import MediaNormalizer
 from gateway.middleware import MODEL_KEY, REQUEST_ID_KEY
 from gateway.payload import check_fields, model_name, parse_json_object, read_body
 from gateway.relay import Relay, Target
-from gateway.routing import acquire, resolve
+from gateway.routing import acquire, resolve, while_connected
 
 router = APIRouter()
 
@@ -40,7 +40,7 @@ async def forward(request: Request, state: GatewayState, endpoint: str) -> Relay
     stream = check_fields(body, endpoint)
     if endpoint == "chat" and MediaNormalizer.needs_work(body):
         # Before a replica is chosen: a slow image must not hold an engine's slot.
-        await state.media.normalize_chat(body, entry.adapter.dialect)
+        await while_connected(request, state.media.normalize_chat(body, entry.adapter.dialect))
     body["model"] = entry.request_model
     return await relay(request, state, entry, body, path=OPENAI_PATHS[endpoint], stream=stream)
 

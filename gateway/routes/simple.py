@@ -27,6 +27,7 @@ from gateway.media import failures
 from gateway.payload import check_fields, model_name, parse_json_object, read_body
 from gateway.relay import Relay
 from gateway.routes.openai import relay, route
+from gateway.routing import while_connected
 
 router = APIRouter()
 
@@ -144,7 +145,7 @@ async def ask(request: Request, state: GatewayState, fields: Mapping[str, Any], 
             raise MediaError("This gateway accepts no images.", code=failures.TOO_MANY, param=image_param)
         # Resolved before a replica is chosen, as in forward(): a slow fetch must not hold an engine's slot.
         # The part is already canonical and checked, so normalize_chat has nothing left to do.
-        part = {"type": "image_url", "image_url": {"url": await image()}}
+        part = {"type": "image_url", "image_url": {"url": await while_connected(request, image())}}
         body["messages"][-1]["content"].insert(0, part)
     body["model"] = entry.request_model
     transform = None if stream else partial(simple_answer, model=entry.spec.name, task=task)

@@ -741,3 +741,29 @@ async def test_a_failing_image_cancels_the_other_fetches(image_server: ImageServ
             await normalizer.normalize_chat(body, "openai")
         assert info.value.code == "invalid_image"
         await asyncio.wait_for(image_server.disconnected.wait(), 5)
+
+
+async def test_d5_a_client_leaving_through_the_gateway_closes_the_image_fetch(
+    image_server: ImageServer, tmp_path: Any
+) -> None:
+    """D5 end to end: the gateway fetches an image that drips; the client gives up; the image server sees
+    its connection closed (not held until the 60 s fetch deadline)."""
+    import httpx
+
+    from tests.helpers import run_gateway, standin_command
+
+    config = {"media": {"allow_private_networks": True, "fetch_timeout": 60},
+              "models": {"vl": {"engine": "lmdeploy", "model": "org/vl", "command": standin_command("lmdeploy"),
+                                "health": {"interval": 0.5, "startup_interval": 0.1}}}}
+    with run_gateway(config, tmp_path) as gw:  # blocks the loop while it starts: the image server is idle then
+        body = {"model": "vl", "max_tokens": 2, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this"},
+            {"type": "image_url", "image_url": {"url": image_server.url("/drip")}}]}]}
+        async with httpx.AsyncClient(timeout=30) as client:
+            request = asyncio.create_task(client.post(gw.url + "/v1/chat/completions", json=body))
+            await asyncio.wait_for(image_server.streaming.wait(), 10)
+            request.cancel()  # the client hangs up while the gateway is still reading the image
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
+        await asyncio.wait_for(image_server.disconnected.wait(), 10)
+    assert image_server.disconnects == ["/drip"]
