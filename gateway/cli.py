@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import shlex
 import sys
 from typing import Any
@@ -122,6 +123,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_model.main(["--path", args.path, *(["--vl-path", args.vl_path] if args.vl_path else []),
                                 *(["--force"] if args.force else [])])
+    if args.command == "serve":
+        # Loading the config may already log (model discovery's warnings): in the server's format from the
+        # start, so a JSON log pipeline never sees a bare line. The config's own settings apply once it is read.
+        from gateway.logs import configure_logging
+
+        level, fmt = os.environ.get("GATEWAY_LOG_LEVEL", "info").lower(), os.environ.get("GATEWAY_LOG_FORMAT", "")
+        configure_logging(level if level in ("debug", "info", "warning", "error") else "info",
+                          "json" if fmt.lower() == "json" else "text")
     try:
         config = load_config(args.config)
         if args.command == "serve" and (args.host or args.port is not None):
