@@ -134,6 +134,11 @@ class EnginePool:
         eager = [entry for entry in self._entries.values() if entry.spec.load == "eager"]
         await asyncio.gather(*(self._command_model(entry, "start") for entry in eager))
 
+    def close_queues(self) -> None:
+        """A drain begins: the requests waiting for a model are refused now (a 503 they can retry elsewhere,
+        not a wait for an engine that will be stopped), nothing new starts; answers in flight go on."""
+        self._scheduler.shutdown()
+
     def hurry(self) -> None:
         """The stop to come is in a hurry (a second signal): SIGKILL after a second, whatever stop_grace says."""
         for entry in self._by_key.values():

@@ -60,6 +60,7 @@ def serve(config: Config, *, config_path: str | None = None, overrides: dict[str
     async def drain() -> None:
         state = getattr(app.state, "gateway", None)
         if state is not None:
+            state.pool.close_queues()
             await state.in_flight.drain(s.drain_timeout)
 
     def abort() -> None:

@@ -359,3 +359,20 @@ def test_an_engine_4xx_is_passed_through_once_and_not_held_against_the_replica(t
 
 def metrics(gw: Gateway) -> str:
     return httpx.get(gw.url + "/metrics", timeout=5).text
+
+
+def test_a_drain_refuses_the_requests_waiting_for_a_model_at_once(tmp_path: Path) -> None:
+    """SIGTERM while a request waits for an on-demand model that takes 60 s to load: it gets its 503 (retry
+    elsewhere) at once, not after its 60 s queue_timeout, and the gateway stops without waiting for the load."""
+    config = {"server": {"queue_timeout": 60, "drain_timeout": 60},
+              "models": {"slow": model(load="on_demand", env={"STANDIN_FAULTS": "startup-delay=60"})}}
+    with run_gateway(config, tmp_path) as gw:
+        thread, result = in_thread(chat, gw.url, "slow")
+        assert wait_until(lambda: health(gw)["slow"]["queue_depth"] == 1, 10)
+        gw.proc.send_signal(signal.SIGTERM)
+        thread.join(20)
+        assert not thread.is_alive() and result
+        response = result[0]
+        assert response.status_code == 503 and response.json()["error"]["code"] == "server_shutting_down"
+        assert response.headers["connection"] == "close"
+        assert gw.proc.wait(20) in (0, -signal.SIGTERM)
