@@ -73,6 +73,9 @@ class Target:
     on_done: Callable[[], None] | None = None
     # Another replica's Target, or None: asked once, when this one refused the connection (nothing was sent).
     failover: Callable[[], Target | None] | None = None
+    # Reached over raw keep-alive connections (gateway.splice): any engine on plain HTTP. TLS (a remote
+    # https:// server) goes through aiohttp.
+    raw: bool = False
 
 
 class _ConnectFailed(Exception):
@@ -123,12 +126,14 @@ class Relay(Response):
         outcome = Outcome()
         response: aiohttp.ClientResponse | None = None
         total_deadline = t0 + self.clocks.total
-        cycle = scope.get(CYCLE_KEY) if self.stream and self.streams is not None else None
+        # Raw engine connections (gateway.splice) for every plain-HTTP engine; a stream needs uvicorn's cycle too.
+        cycle = scope.get(CYCLE_KEY)
+        raw = self.target.raw and self.streams is not None and (cycle is not None or not self.stream)
         try:
             async with asyncio.timeout_at(min(loop.time() + self.clocks.first_byte, total_deadline)) as clock:
                 try:
-                    if cycle is not None and self.target.url.startswith("http://"):
-                        await self._relay_spliced(cycle, send, clock, total_deadline, t0, outcome)
+                    if raw:
+                        await self._relay_raw(cycle, send, clock, total_deadline, t0, outcome)
                         return
                     response = await self._connect()
                     if self.stream and response.status == 200 and response.content_type == "text/event-stream":
@@ -341,7 +346,7 @@ class Relay(Response):
                 await body_send({"type": "http.response.body", "body": events, "more_body": True})
         await self._end_stream(send, cutter)
 
-    async def _relay_spliced(
+    async def _relay_raw(
         self,
         cycle: Any,
         send: Send,
@@ -350,8 +355,9 @@ class Relay(Response):
         t0: float,
         outcome: Outcome,
     ) -> None:
-        """A stream, or whatever the engine answers instead, over a raw connection (``gateway.splice``): the
-        body is written to the client from the connection's callbacks; this coroutine keeps the clocks."""
+        """The request over a raw keep-alive connection (``gateway.splice``), cheaper than aiohttp's client:
+        a whole answer is read and answered in one; a stream's body is written to the client from the
+        connection's callbacks while this coroutine keeps the clocks."""
         conn, host, port = await self._open()
         target = self.target
         conn.send(request_bytes("POST", host, port, target.url[target.url.index("/", 7):], target.headers,
@@ -359,7 +365,8 @@ class Relay(Response):
         kept = False
         try:
             await conn.headers_done
-            if conn.status != 200 or not conn.headers.get(b"content-type", b"").startswith(b"text/event-stream"):
+            if (not self.stream or conn.status != 200
+                    or not conn.headers.get(b"content-type", b"").startswith(b"text/event-stream")):
                 clock.reschedule(total_deadline)
                 body = await conn.read_body(_MAX_BODY_BYTES)
                 retry_after = conn.headers.get(b"retry-after")

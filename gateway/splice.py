@@ -77,10 +77,16 @@ class EngineConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if not self.complete and exc is None and self._ends_at_close():
+            self.on_message_complete()  # an HTTP/1.0-style answer: its body ends where the connection does
         if not self.complete:
             self._broken(EngineClosed("the engine closed the connection"))
         if self._on_lost is not None:
             self._on_lost(self)
+
+    def _ends_at_close(self) -> bool:
+        return (self.headers_done.done() and b"content-length" not in self.headers
+                and b"chunked" not in self.headers.get(b"transfer-encoding", b"").lower())
 
     # -- httptools callbacks -------------------------------------------------------------------------
 

@@ -102,6 +102,7 @@ async def relay(
                 transform=transform,
                 on_done=lease.release,
                 failover=failover,
+                raw=lease.replica.base_url.startswith("http://"),
             )
 
         def failover() -> Target | None:

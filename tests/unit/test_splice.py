@@ -179,3 +179,15 @@ async def test_idle_connections_the_engine_closed_are_forgotten(engine: Engine) 
     await asyncio.sleep(0.05)
     assert ("127.0.0.1", engine.port) not in pool._idle  # nothing kept for an engine's old connections
     pool.close()
+
+
+async def test_an_answer_without_length_ends_where_the_connection_does(engine: Engine) -> None:
+    """An HTTP/1.0-style server (a remote one, say): no Content-Length, no chunks, the body runs to the close."""
+    engine.answer = lambda _: [b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n", b'{"ok":', b"true}"]
+    engine.close_after = True
+    pool = EngineConnections()
+    conn = await pool.get("127.0.0.1", engine.port)
+    conn.send(request_bytes("POST", "127.0.0.1", engine.port, "/x", {}, b""))
+    await conn.headers_done
+    assert await conn.read_body(100) == b'{"ok":true}' and not conn.reusable
+    pool.close()
