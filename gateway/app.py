@@ -53,7 +53,7 @@ def create_app(config: Config, *, gpus: GpuProbe | None = None, config_path: str
         state = GatewayState(
             config=config,
             pool=EnginePool(config.models, placement=config.placement, on_event=on_engine_event),
-            upstream=Upstream(clocks, splice=config.server.stream_splice),
+            upstream=Upstream(clocks, splice=config.server.raw_connections),
             media=MediaNormalizer(config.media),
             metrics=metrics,
             keys=keys,

@@ -100,7 +100,7 @@ class Relay(Response):
         in_flight: InFlight,
     ) -> None:
         self.session = upstream.session
-        self.streams = upstream.streams
+        self.connections = upstream.connections
         self.target = target
         self.body = body
         self.stream = stream
@@ -128,7 +128,7 @@ class Relay(Response):
         total_deadline = t0 + self.clocks.total
         # Raw engine connections (gateway.splice) for every plain-HTTP engine; a stream needs uvicorn's cycle too.
         cycle = scope.get(CYCLE_KEY)
-        raw = self.target.raw and self.streams is not None and (cycle is not None or not self.stream)
+        raw = self.target.raw and self.connections is not None and (cycle is not None or not self.stream)
         try:
             async with asyncio.timeout_at(min(loop.time() + self.clocks.first_byte, total_deadline)) as clock:
                 try:
@@ -193,13 +193,13 @@ class Relay(Response):
 
     async def _open(self) -> tuple[EngineConnection, str, int]:
         """A raw connection to the engine, and where to: refused, it fails over once (``_failover``)."""
-        assert self.streams is not None
+        assert self.connections is not None
         while True:
             url = self.target.url
             host, _, port = url[7:url.index("/", 7)].rpartition(":")
             try:
                 async with asyncio.timeout(self.clocks.connect):
-                    return await self.streams.get(host, int(port)), host, int(port)
+                    return await self.connections.get(host, int(port)), host, int(port)
             except (OSError, TimeoutError):
                 if not self._failover():
                     raise _ConnectFailed from None
@@ -414,8 +414,8 @@ class Relay(Response):
             await self._end_stream(send, cutter)
             kept = True
         finally:
-            if kept and self.streams is not None:
-                self.streams.put(host, port, conn)
+            if kept and self.connections is not None:
+                self.connections.put(host, port, conn)
             else:
                 conn.abort()
 

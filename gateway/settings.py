@@ -34,9 +34,10 @@ class ServerSettings(BaseSettings):
     retry_after: float = Field(5.0, gt=0)
     # On SIGTERM: how long in-flight requests may finish before the engines are stopped.
     drain_timeout: float = Field(30.0, ge=0)
-    # Streams from engines on plain HTTP are relayed in protocol callbacks (gateway/splice.py); false: through
-    # aiohttp, like every non-stream answer (the slower path, kept for comparison and as an escape hatch).
-    stream_splice: bool = True
+    # Requests to engines on plain HTTP go over raw keep-alive connections, a stream's body relayed in protocol
+    # callbacks (gateway/splice.py); false: through aiohttp, like https:// remotes (the slower path, kept for
+    # comparison and as an escape hatch).
+    raw_connections: bool = True
 
     @classmethod
     def settings_customise_sources(

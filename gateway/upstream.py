@@ -34,8 +34,8 @@ class Upstream:
     def __init__(self, clocks: Clocks, *, splice: bool = True) -> None:
         self.clocks = clocks
         self._session: aiohttp.ClientSession | None = None
-        # Raw keep-alive connections for the streams relayed in callbacks; None: streams use aiohttp too.
-        self.streams: EngineConnections | None = EngineConnections() if splice else None
+        # Raw keep-alive connections to engines on plain HTTP (gateway/splice.py); None: aiohttp for all.
+        self.connections: EngineConnections | None = EngineConnections() if splice else None
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -60,8 +60,8 @@ class Upstream:
         return self._session
 
     async def close(self) -> None:
-        if self.streams is not None:
-            self.streams.close()
+        if self.connections is not None:
+            self.connections.close()
         if self._session is not None:
             await self._session.close()
             self._session = None

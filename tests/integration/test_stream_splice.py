@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def config(splice: bool, faults: str = "") -> dict[str, Any]:
-    return {"server": {"stream_splice": splice},
+    return {"server": {"raw_connections": splice},
             "models": {"chat": {"engine": "vllm", "model": "org/m", "command": standin_command("vllm"),
                                 "env": {"STANDIN_FAULTS": faults} if faults else {},
                                 "health": {"interval": 0.5, "startup_interval": 0.1}}}}
