@@ -360,11 +360,22 @@ class Relay(Response):
         connection's callbacks while this coroutine keeps the clocks."""
         conn, host, port = await self._open()
         target = self.target
-        conn.send(request_bytes("POST", host, port, target.url[target.url.index("/", 7):], target.headers,
-                                self.body))
+        request = request_bytes("POST", host, port, target.url[target.url.index("/", 7):], target.headers, self.body)
+        conn.send(request)
         kept = False
         try:
-            await conn.headers_done
+            try:
+                await conn.headers_done
+            except EngineClosed:
+                if not conn.lost_when_reused:
+                    raise
+                assert self.connections is not None
+                try:
+                    conn = await self.connections.connect(host, port)
+                except OSError:
+                    raise _ConnectFailed from None
+                conn.send(request)
+                await conn.headers_done
             if (not self.stream or conn.status != 200
                     or not conn.headers.get(b"content-type", b"").startswith(b"text/event-stream")):
                 clock.reschedule(total_deadline)

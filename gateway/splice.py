@@ -40,10 +40,12 @@ class EngineConnection(asyncio.Protocol):
         self.closed = False
         self._on_lost = on_lost  # the pool forgets an idle connection the engine closed (or that died with it)
         self.idle_since = 0.0
+        self.exchanges = 0  # requests sent on it: more than one means it was kept alive and reused
         self._reset()
 
     def _reset(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
+        self.received = False  # any byte of this exchange's answer
         self.status = 0
         self.headers: dict[bytes, bytes] = {}
         self._header_bytes = 0
@@ -65,6 +67,7 @@ class EngineConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass, but the same API
 
     def data_received(self, data: bytes) -> None:
+        self.received = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -121,6 +124,7 @@ class EngineConnection(asyncio.Protocol):
     def send(self, request: bytes) -> None:
         assert self.transport is not None
         self._reset()
+        self.exchanges += 1
         self.transport.write(request)
 
     def stream_to(self, sink: Callable[[bytes], None]) -> None:
@@ -161,6 +165,13 @@ class EngineConnection(asyncio.Protocol):
             self.transport.abort()
 
     @property
+    def lost_when_reused(self) -> bool:
+        """Closed with no byte of answer on a connection kept from before: the engine's idle timer closed it
+        as the request went out, so the request never reached it and may go again on a new connection."""
+        return (self.exchanges > 1 and not self.received and self.headers_done.done()
+                and not self.headers_done.cancelled() and self.headers_done.exception() is not None)
+
+    @property
     def reusable(self) -> bool:
         return self.complete and self.keep_alive and not self.closed and self.transport is not None \
             and not self.transport.is_closing()
@@ -198,7 +209,12 @@ class EngineConnections:
             if conn.reusable and now - conn.idle_since < self.keep_idle:
                 return conn
             conn.abort()
+        return await self.connect(host, port)
+
+    async def connect(self, host: str, port: int) -> EngineConnection:
+        """A new connection (raises OSError when the engine refuses it)."""
         key = (host, port)
+        loop = asyncio.get_running_loop()
         _, protocol = await loop.create_connection(lambda: EngineConnection(lambda c: self._forget(key, c)), host, port)
         return protocol
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -78,3 +81,79 @@ def test_a_slow_reader_gets_every_event_whole(tmp_path: Path) -> None:
     tokens = [orjson.loads(e[6:]) for e in events[:-1]]
     content = [t["choices"][0]["delta"].get("content") for t in tokens if t["choices"]]
     assert sum(1 for c in content if c) == 3000
+
+
+class _ClosesKeptConnections:
+    """An OpenAI-style server whose idle timer fires just as a kept-alive connection is reused: the second
+    request on any connection is dropped unanswered (never processed); a new connection is served."""
+
+    def __init__(self) -> None:
+        self.processed = 0
+        self.dropped = 0
+        self.port = 0
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served_here = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]) \
+                    if b"content-length: " in head.lower() else 0
+                await reader.readexactly(length)
+                if head.startswith(b"POST") and served_here:
+                    self.dropped += 1
+                    break  # closed without a byte of answer
+                if head.startswith(b"POST"):
+                    self.processed += 1
+                    served_here += 1
+                body = orjson.dumps({"id": "x", "object": "chat.completion", "model": "m", "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
+                    if head.startswith(b"POST") else {"object": "list", "data": [{"id": "m", "object": "model"}]})
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b"
+                             % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+            self.port = server.sockets[0].getsockname()[1]
+            self._ready.set()
+            async with server:
+                await asyncio.Event().wait()
+
+        with contextlib.suppress(RuntimeError):  # the loop is stopped from outside at the end
+            asyncio.run(main())
+
+    def start(self) -> None:
+        threading.Thread(target=self.run, daemon=True).start()
+        self._ready.wait(5)
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def test_a_request_on_a_connection_the_engine_closed_as_it_was_reused_goes_again_on_a_new_one(
+    tmp_path: Path,
+) -> None:
+    remote = _ClosesKeptConnections()
+    remote.start()
+    try:
+        config = {"models": {"m": {"engine": "openai", "url": f"http://127.0.0.1:{remote.port}/v1",
+                                   "health": {"interval": 30, "startup_interval": 0.1}}}}
+        with run_gateway(config, tmp_path) as gw:
+            for _ in range(3):
+                answer = httpx.post(gw.url + "/v1/chat/completions", timeout=10,
+                                    json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+                assert answer.status_code == 200, answer.text
+        assert remote.dropped >= 1  # the race happened, and no client saw it
+        assert remote.processed == 3  # and each request was processed exactly once
+    finally:
+        remote.stop()
