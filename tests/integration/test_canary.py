@@ -213,6 +213,9 @@ def _drive(run: Run, faults: Path) -> None:
     run.post("wrong content type", "/v1/chat/completions", content=json.dumps(_chat("chat", text)),
              headers={"content-type": "text/plain"})
     run.post("too large", "/v1/chat/completions", json=_chat("chat", text + "x" * 300_000))
+    # Refused at the HTTP layer, before the app: too many headers, each carrying a canary.
+    run.post("too many headers", "/v1/chat/completions", json=_chat("chat", text),
+             headers={f"x-canary-{i}": f"{PROMPT}-{APP_KEY}" for i in range(150)})
     run.post("engine with its own key", "/v1/chat/completions", json=_chat("keyed", text))
     run.post("engine 400", "/v1/chat/completions", json=_chat("chat", text + " word" * 9000))
     # Engines that fail: 5xx bodies, garbage, an error event mid-stream, a crash mid-stream.
@@ -224,6 +227,7 @@ def _drive(run: Run, faults: Path) -> None:
             ("engine bad sse", {"garbage": "badsse"}, "chat", True),
             ("engine error event", {"error-after-chunks": 2}, "vl", True),
             ("engine hangs", {"hang-before-headers": True}, "chat", False),
+            ("engine stalls mid-stream", {"stall-after-chunks": 2}, "chat", True),
             ("engine crash mid-stream", {"crash-after-chunks": 2}, "chat", True),
             ("engine crash on request", {"crash-on-request": True}, "vl", False)):
         write_faults(faults, fault)
@@ -310,6 +314,9 @@ def test_the_requests_did_what_they_should(canary_run: Run) -> None:
     for name in ("wrong key", "basic auth", "key in query", "x-api-key", "wrong key on admin"):
         assert by[name].status == 401, name
     assert by["no admin permission"].status == 403
+    assert by["too many headers"].status == 431
+    assert by["engine with its own key"].status == 200  # the gateway sends the key the engine was given
+    assert "upstream_timeout" in by["engine stalls mid-stream"].body  # the idle clock's event
     for name in ("engine 500", "engine 503 lmdeploy", "engine html", "engine bad json", "engine hangs",
                  "engine crash on request"):
         assert by[name].status >= 500, (name, by[name].status)
