@@ -35,7 +35,7 @@ from gateway.errors import (
     sse_error_event,
 )
 from gateway.metrics import Metrics
-from gateway.splice import CYCLE_KEY, ClientWriter, EngineClosed, EngineConnection, request_bytes
+from gateway.splice import CYCLE_KEY, AnswerTooLarge, ClientWriter, EngineClosed, EngineConnection, request_bytes
 from gateway.sse import DONE, EventCutter, Outcome, StreamEnded, count_usage
 from gateway.upstream import Clocks, Upstream
 
@@ -379,7 +379,11 @@ class Relay(Response):
             if (not self.stream or conn.status != 200
                     or not conn.headers.get(b"content-type", b"").startswith(b"text/event-stream")):
                 clock.reschedule(total_deadline)
-                body = await conn.read_body(_MAX_BODY_BYTES)
+                try:
+                    body = await conn.read_body(_MAX_BODY_BYTES)
+                except AnswerTooLarge:
+                    outcome.error_kind = "too_large"
+                    raise UpstreamError("The engine's answer was too large.", code="bad_upstream_response") from None
                 retry_after = conn.headers.get(b"retry-after")
                 await self._answer_whole(conn.status, retry_after.decode("latin-1") if retry_after else None, body,
                                          send, outcome)

@@ -72,7 +72,7 @@ class EngineConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             self._broken(EngineClosed("the engine's answer is not valid HTTP"))
-        except _TooLarge as exc:
+        except AnswerTooLarge as exc:
             self._broken(exc)
 
     def eof_received(self) -> bool:
@@ -96,7 +96,7 @@ class EngineConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > _MAX_HEADER_BYTES:
-            raise _TooLarge("the engine's headers are too large")
+            raise AnswerTooLarge("the engine's headers are too large")
         self.headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
@@ -112,7 +112,7 @@ class EngineConnection(asyncio.Protocol):
         self.buffered.append(body)
         self.buffered_size += len(body)
         if self.limit and self.buffered_size > self.limit:
-            raise _TooLarge("the engine's answer is too large")
+            raise AnswerTooLarge("the engine's answer is too large")
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -137,7 +137,7 @@ class EngineConnection(asyncio.Protocol):
     async def read_body(self, limit: int) -> bytes:
         self.limit = limit
         if self.buffered_size > limit:
-            raise _TooLarge("the engine's answer is too large")
+            raise AnswerTooLarge("the engine's answer is too large")
         await self.done
         return b"".join(self.buffered)
 
@@ -183,8 +183,8 @@ class EngineConnection(asyncio.Protocol):
         self.abort()
 
 
-class _TooLarge(EngineClosed):
-    pass
+class AnswerTooLarge(EngineClosed):
+    """The engine's headers or whole answer went past the cap: not an engine talking; the connection is dropped."""
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
