@@ -35,7 +35,15 @@ from gateway.errors import (
     sse_error_event,
 )
 from gateway.metrics import Metrics
-from gateway.splice import CYCLE_KEY, AnswerTooLarge, ClientWriter, EngineClosed, EngineConnection, request_bytes
+from gateway.splice import (
+    CYCLE_KEY,
+    AnswerTooLarge,
+    ClientWriter,
+    EngineClosed,
+    EngineConnection,
+    request_bytes,
+    split_url,
+)
 from gateway.sse import DONE, EventCutter, Outcome, StreamEnded, count_usage
 from gateway.upstream import Clocks, Upstream
 
@@ -191,15 +199,14 @@ class Relay(Response):
                 raise
         return await self.session.post(self.target.url, data=self.body, headers=self.target.headers)
 
-    async def _open(self) -> tuple[EngineConnection, str, int]:
-        """A raw connection to the engine, and where to: refused, it fails over once (``_failover``)."""
+    async def _open(self) -> tuple[EngineConnection, str, int, str]:
+        """A raw connection to the engine, and where to (host, port, path): refused, it fails over once."""
         assert self.connections is not None
         while True:
-            url = self.target.url
-            host, _, port = url[7:url.index("/", 7)].rpartition(":")
+            host, port, path = split_url(self.target.url)
             try:
                 async with asyncio.timeout(self.clocks.connect):
-                    return await self.connections.get(host, int(port)), host, int(port)
+                    return await self.connections.get(host, port), host, port, path
             except (OSError, TimeoutError):
                 if not self._failover():
                     raise _ConnectFailed from None
@@ -358,9 +365,9 @@ class Relay(Response):
         """The request over a raw keep-alive connection (``gateway.splice``), cheaper than aiohttp's client:
         a whole answer is read and answered in one; a stream's body is written to the client from the
         connection's callbacks while this coroutine keeps the clocks."""
-        conn, host, port = await self._open()
+        conn, host, port, path = await self._open()
         target = self.target
-        request = request_bytes("POST", host, port, target.url[target.url.index("/", 7):], target.headers, self.body)
+        request = request_bytes("POST", host, port, path, target.headers, self.body)
         conn.send(request)
         kept = False
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import httptools
 
@@ -244,8 +245,18 @@ class EngineConnections:
         self._idle.clear()
 
 
+def split_url(url: str) -> tuple[str, int, str]:
+    """``http://host[:port]/path?query`` → (host, port, "/path?query"); an IPv6 host without its brackets."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"not a plain-HTTP URL: {url!r}")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return parts.hostname, parts.port or 80, path
+
+
 def request_bytes(method: str, host: str, port: int, path: str, headers: dict[str, str], body: bytes) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(body)}"]
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {authority}", f"Content-Length: {len(body)}"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from gateway.errors import UpstreamError
-from gateway.splice import EngineClosed, EngineConnections, request_bytes
+from gateway.splice import EngineClosed, EngineConnections, request_bytes, split_url
 from gateway.sse import DONE, EventCutter, Outcome, StreamEnded
 
 pytestmark = pytest.mark.anyio
@@ -191,3 +191,21 @@ async def test_an_answer_without_length_ends_where_the_connection_does(engine: E
     await conn.headers_done
     assert await conn.read_body(100) == b'{"ok":true}' and not conn.reusable
     pool.close()
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("http://127.0.0.1:8001/v1/chat/completions", ("127.0.0.1", 8001, "/v1/chat/completions")),
+    ("http://remote.example/v1/completions", ("remote.example", 80, "/v1/completions")),
+    ("http://[::1]:9000/v1/embeddings?x=1", ("::1", 9000, "/v1/embeddings?x=1")),
+])
+def test_engine_urls_split_into_where_to_connect_and_what_to_ask(url: str, expected: tuple[str, int, str]) -> None:
+    assert split_url(url) == expected
+    host, port, path = expected
+    head = request_bytes("POST", host, port, path, {}, b"").decode()
+    assert head.startswith(f"POST {path} HTTP/1.1\r\n")
+    assert ("Host: [::1]:9000" if host == "::1" else f"Host: {host}:{port}") in head
+
+
+def test_only_plain_http_is_split() -> None:
+    with pytest.raises(ValueError):
+        split_url("https://api.example/v1/chat/completions")
