@@ -40,6 +40,9 @@ class Identity:
     name: str
     permissions: frozenset[str]
 
+    def grants(self, permission: str) -> bool:
+        return permission == ANY or "all" in self.permissions or permission in self.permissions
+
 
 def required_permission(path: str, *, metrics_public: bool) -> str:
     """From ``scope["path"]`` (never the Host header or the raw URL): exact matches, or a known prefix."""
@@ -87,6 +90,6 @@ class KeyRing:
         identity = self.identify(authorization)
         if identity is None:
             raise Unauthorized("Invalid or missing API key. Send it as 'Authorization: Bearer <key>'.")
-        if needed != ANY and "all" not in identity.permissions and needed not in identity.permissions:
+        if not identity.grants(needed):
             raise PermissionDenied(f"This API key does not have the '{needed}' permission.")
         return identity

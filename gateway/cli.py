@@ -58,14 +58,12 @@ def serve(config: Config, *, config_path: str | None = None, overrides: dict[str
     app = create_app(config, config_path=config_path, server_overrides=overrides)  # the path: for reloads
 
     async def drain() -> None:
-        state = getattr(app.state, "gateway", None)
-        if state is not None:
+        if (state := getattr(app.state, "gateway", None)) is not None:
             state.pool.close_queues()
             await state.in_flight.drain(s.drain_timeout)
 
     def abort() -> None:
-        state = getattr(app.state, "gateway", None)
-        if state is not None:
+        if (state := getattr(app.state, "gateway", None)) is not None:
             state.in_flight.abort_all()
             state.pool.hurry()
 

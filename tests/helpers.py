@@ -32,6 +32,18 @@ def standin_command(kind: str) -> list[str]:
     return [sys.executable, str(STANDIN / kind)]
 
 
+def standin_model(**kw: Any) -> dict[str, Any]:
+    """A ``models:`` entry for a vLLM stand-in probed often (``kw`` overrides or adds keys)."""
+    return {"engine": "vllm", "model": "org/m", "command": standin_command("vllm"),
+            "health": {"interval": 0.3, "startup_interval": 0.1}, "stop_grace": 2, **kw}
+
+
+def chat(url: str, name: str, text: str = "hello there", *, timeout: float = 20, **kw: Any) -> httpx.Response:
+    """One short non-stream chat request through the gateway at ``url`` (``kw``: more body fields)."""
+    return httpx.post(url + "/v1/chat/completions", timeout=timeout,
+                      json={"model": name, "messages": [{"role": "user", "content": text}], "max_tokens": 2, **kw})
+
+
 def tagged_pids(tag_value: str, key: str = "GATEWAY_OWNER_PID") -> list[int]:
     """Processes whose environment carries ``key=tag_value`` (how the gateway tags its engines)."""
     needle = f"{key}={tag_value}".encode()

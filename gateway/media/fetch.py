@@ -43,6 +43,12 @@ class Fetched:
     content_type: str | None  # the server's claim: logged, used only as a hint for audio/video
 
 
+@dataclass
+class _HostSlots:
+    semaphore: asyncio.Semaphore
+    users: int = 0  # fetches holding or waiting for a slot
+
+
 class SafeFetcher:
     """Fetch http(s) URLs safely. ``start()`` before use, ``close()`` after (or ``async with``).
 
@@ -63,7 +69,7 @@ class SafeFetcher:
         self._session: aiohttp.ClientSession | None = None
         self._resolver: GuardedResolver | None = None
         self._semaphore = asyncio.Semaphore(config.max_concurrent_fetches)
-        self._per_host: dict[tuple[str, int], tuple[asyncio.Semaphore, list[int]]] = {}  # → (slots, [users])
+        self._per_host: dict[tuple[str, int], _HostSlots] = {}
 
     @property
     def started(self) -> bool:
@@ -125,16 +131,16 @@ class SafeFetcher:
     async def _host_slot(self, url: URL) -> AsyncIterator[None]:
         """One of the origin host's slots: its own queue first, so a slow host waits behind itself only."""
         key = (url.raw_host or "", url.port or 0)
-        entry = self._per_host.get(key)
-        if entry is None:
-            entry = self._per_host[key] = (asyncio.Semaphore(self.config.per_host_fetches), [0])
-        entry[1][0] += 1
+        slots = self._per_host.get(key)
+        if slots is None:
+            slots = self._per_host[key] = _HostSlots(asyncio.Semaphore(self.config.per_host_fetches))
+        slots.users += 1
         try:
-            async with entry[0]:
+            async with slots.semaphore:
                 yield
         finally:
-            entry[1][0] -= 1
-            if not entry[1][0]:
+            slots.users -= 1
+            if not slots.users:
                 del self._per_host[key]  # no host is remembered once nobody fetches from it
 
     async def _follow(self, url: URL, param: str | None) -> Fetched:

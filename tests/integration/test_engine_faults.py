@@ -7,7 +7,6 @@ recorded (STANDIN_RECORD).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -20,8 +19,9 @@ import pytest
 
 from engines.logs import LogRing
 from engines.ports import listener_pids
-from tests.helpers import Gateway, free_port, run_gateway, standin_command, tagged_pids, wait_until
-from tests.standin.harness import write_faults
+from tests.helpers import Gateway, chat, free_port, run_gateway, standin_command, tagged_pids, wait_until
+from tests.helpers import standin_model as model
+from tests.standin.harness import read_records, write_faults
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,16 +34,6 @@ BAD_SSE = (b"data:" + GARBAGE_CHUNK + b"\n" + b"event: weird\n\n" + GARBAGE_CHUN
            + b"data: " + GARBAGE_CHUNK + b"\r" + b"data: {not json}\n\n" + b"data: [DONE]\n\n")
 # The start of the stand-in's exit-at-startup stderr (tests/standin/_main.py): none of it may reach a client.
 ENGINE_STDERR = ("Traceback", "RuntimeError", "Engine core initialization failed", "exit-at-startup")
-
-
-def model(**kw: Any) -> dict[str, Any]:
-    return {"engine": "vllm", "model": "org/m", "command": standin_command("vllm"),
-            "health": {"interval": 0.3, "startup_interval": 0.1}, "stop_grace": 2, **kw}
-
-
-def chat(url: str, name: str, text: str = "hello there", *, timeout: float = 20, **kw: Any) -> httpx.Response:
-    return httpx.post(url + "/v1/chat/completions", timeout=timeout,
-                      json={"model": name, "messages": [{"role": "user", "content": text}], "max_tokens": 2, **kw})
 
 
 def replica(gw: Gateway, name: str) -> dict[str, Any]:
@@ -224,10 +214,7 @@ class Engine:
         self.gateway, self.faults, self.record = gateway, faults, record
 
     def events(self, kind: str) -> list[dict[str, Any]]:
-        if not self.record.exists():
-            return []
-        rows = [json.loads(line) for line in self.record.read_text().splitlines() if line.strip()]
-        return [r for r in rows if r["event"] == kind]
+        return read_records(self.record, kind)
 
 
 @pytest.fixture(scope="module")
@@ -333,8 +320,7 @@ def test_an_engine_started_with_its_own_key_is_sent_that_key(tmp_path: Path, eng
                             headers={"Authorization": "Bearer sk-client-key"},
                             json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert answer.status_code == 200, answer.text
-    rows = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
-    sent = [r for r in rows if r["event"] == "request" and r["path"] == "/v1/chat/completions"]
+    sent = [r for r in read_records(record, "request") if r["path"] == "/v1/chat/completions"]
     assert len(sent) == 1
     headers = {k.lower(): v for k, v in sent[0]["headers"].items()}
     assert headers["authorization"] == "Bearer sk-engine-own-key"
@@ -364,5 +350,4 @@ def test_a2_an_engine_never_healthy_is_ended_at_its_startup_deadline_and_its_por
             probe.bind(("127.0.0.1", port))
             probe.listen()
         assert_openai_error(chat(gw.url, "sick"), 503, "engine_failed")
-    rows = [json.loads(line) for line in record.read_text().splitlines() if line.strip()] if record.exists() else []
-    assert not [r for r in rows if r["event"] == "request" and r["path"].startswith("/v1/chat")]
+    assert not [r for r in read_records(record, "request") if r["path"].startswith("/v1/chat")]

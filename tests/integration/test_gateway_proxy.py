@@ -26,7 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import Gateway, free_port, run_gateway, standin_command, wait_until
-from tests.standin.harness import launch, serve_args, standin_env, write_faults
+from tests.standin.harness import launch, read_records, serve_args, standin_env, write_faults
 
 
 class Env:
@@ -47,10 +47,7 @@ class Env:
         write_faults(self.faults, faults)
 
     def events(self, kind: str) -> list[dict[str, Any]]:
-        if not self.record.exists():
-            return []
-        rows = [json.loads(line) for line in self.record.read_text().splitlines() if line.strip()]
-        return [r for r in rows if r["event"] == kind]
+        return read_records(self.record, kind)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.helpers import Gateway, run_gateway, standin_command
+from tests.standin.harness import read_records
 
 RECORD_NAME = "engine.jsonl"
 
@@ -31,30 +32,14 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 
 def _engine_requests(gw: Gateway) -> list[dict[str, object]]:
-    record = gw.log_path.parent / RECORD_NAME
-    if not record.exists():
-        return []
-    rows = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["event"] == "request" and r["path"] != "/v1/models"]
+    return read_records(gw.log_path.parent / RECORD_NAME, "request")
 
 
-def _exchange(gw: Gateway, data: bytes, *, wait: float = 5) -> bytes:
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=wait) as sock:
+def _exchange(gw: Gateway, data: bytes) -> bytes:
+    """Send ``data`` and read until the gateway closes: every refusal here closes the connection."""
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=20) as sock:
         sock.sendall(data)
-        return _read_all(sock)
-
-
-def _read_all(sock: socket.socket) -> bytes:
-    out = b""
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except (TimeoutError, ConnectionResetError):
-            break
-        if not chunk:
-            break
-        out += chunk
-    return out
+        return _read_to_eof(sock)
 
 
 def _status_and_error(raw: bytes) -> tuple[int, dict[str, object]]:

@@ -7,7 +7,6 @@ Which engine processes exist is read from /proc (every process of a launch carri
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -20,20 +19,11 @@ import httpx
 import pytest
 import yaml
 
-from tests.helpers import Gateway, run_gateway, standin_command, wait_until
-from tests.standin.harness import write_faults
+from tests.helpers import Gateway, chat, run_gateway, wait_until
+from tests.helpers import standin_model as model
+from tests.standin.harness import read_records, write_faults
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def model(**kw: Any) -> dict[str, Any]:
-    return {"engine": "vllm", "model": "org/m", "command": standin_command("vllm"),
-            "health": {"interval": 0.3, "startup_interval": 0.1}, "stop_grace": 2, **kw}
-
-
-def chat(url: str, name: str, text: str = "hello there", *, timeout: float = 20, **kw: Any) -> httpx.Response:
-    return httpx.post(url + "/v1/chat/completions", timeout=timeout,
-                      json={"model": name, "messages": [{"role": "user", "content": text}], "max_tokens": 2, **kw})
 
 
 def stream(url: str, name: str, tokens: int, out: list[bytes], on_first: Callable[[], None] | None = None) -> None:
@@ -60,10 +50,7 @@ def health(gw: Gateway) -> dict[str, Any]:
 
 
 def records(path: Path, event: str = "request") -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["event"] == event and r.get("path", "") != "/v1/models"]
+    return read_records(path, event)
 
 
 def engine_processes(owner: int) -> dict[str, set[int]]:

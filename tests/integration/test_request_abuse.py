@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import Gateway, run_gateway, standin_command
+from tests.standin.harness import read_records
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,10 +43,7 @@ class Env:
         self.gateway, self.record = gateway, record
 
     def rows(self, event: str = "request") -> list[dict[str, Any]]:
-        if not self.record.exists():
-            return []
-        rows = [json.loads(line) for line in self.record.read_text().splitlines() if line.strip()]
-        return [r for r in rows if r["event"] == event and r.get("path") != "/v1/models"]
+        return read_records(self.record, event)
 
     def post(self, body: bytes | dict[str, Any]) -> httpx.Response:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()

@@ -25,6 +25,7 @@ from PIL import Image
 
 from gateway.routes.simple import TASKS
 from tests.helpers import Gateway, run_gateway, standin_command
+from tests.standin.harness import read_records
 
 LIGHTLLM = Path(__file__).with_name("lightllm_standin.py")
 MAX_IMAGE_BYTES = 64_000
@@ -63,10 +64,7 @@ class Env:
         self.http = httpx.Client(base_url=gateway.url, timeout=TIMEOUT)
 
     def rows(self, path: Path, event: str) -> list[dict[str, Any]]:
-        if not path.exists():
-            return []
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return [r for r in rows if r["event"] == event]
+        return read_records(path, event)
 
     def last_chat(self) -> dict[str, Any]:
         return [r for r in self.rows(self.record, "request") if r["path"] == "/v1/chat/completions"][-1]["body"]

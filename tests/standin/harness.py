@@ -140,11 +140,7 @@ class Proc:
 
     def records(self, event: str | None = None) -> list[dict[str, Any]]:
         """The lines of ``STANDIN_RECORD`` so far (``event``: only those of that kind)."""
-        if not self.record_path or not os.path.exists(self.record_path):
-            return []
-        with open(self.record_path, encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
-        return [r for r in rows if event is None or r["event"] == event]
+        return read_records(self.record_path, event) if self.record_path else []
 
     def wait(self, timeout: float) -> int:
         return self.popen.wait(timeout)
@@ -200,6 +196,16 @@ def serve_args(engine: str, port: int, name: str = "m1", *aliases: str, model: s
         return ["serve", model, "--served-model-name", name, *aliases, "--host", "127.0.0.1", "--port", str(port)]
     return ["serve", "api_server", model, "--server-name", "127.0.0.1", "--server-port", str(port),
             "--model-name", name]
+
+
+def read_records(path: str | os.PathLike[str], event: str | None = None) -> list[dict[str, Any]]:
+    """The lines a stand-in wrote to its ``STANDIN_RECORD`` file (none yet: []); ``event``: of that kind only.
+    The gateway's own ``/v1/models`` identity checks are left out: they are not what a client sent."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return [r for r in rows if (event is None or r["event"] == event) and r.get("path") != "/v1/models"]
 
 
 def write_faults(path: str | os.PathLike[str], faults: Mapping[str, Any]) -> None:
