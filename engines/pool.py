@@ -224,6 +224,14 @@ class EnginePool:
             return Lease(self, entry.key, index, entry.replicas[index])
         return Waiting(self, ticket, entry.name)
 
+    async def admit(self, entry: ModelEntry) -> Lease | Waiting:
+        """``request``, as the request path calls it: the same call on a worker's pool is a round trip."""
+        return self.request(entry)
+
+    async def reroute(self, entry: ModelEntry, failed: Lease) -> Lease | None:
+        """``failover`` away from ``failed``'s replica, as the request path calls it."""
+        return self.failover(entry, failed.replica)
+
     def failover(self, entry: ModelEntry, failed: Supervisor) -> Lease | None:
         """A lease on another ready replica at once, or None: where a request goes whose connection
         ``failed`` refused (nothing was sent, so sending it elsewhere cannot run it twice)."""

@@ -26,6 +26,7 @@ from gateway.middleware import REQUEST_ID_KEY, GatewayMiddleware
 from gateway.reload import Reloader, install_sighup
 from gateway.routes import admin, generate, gpu, models, openai, ops, simple
 from gateway.upstream import Clocks, Upstream
+from gateway.workers.fleet import Fleet
 
 log = logging.getLogger("gateway")
 
@@ -36,9 +37,10 @@ def _error_response(exc: GatewayError, request: Request) -> Response:
 
 
 def create_app(config: Config, *, gpus: GpuProbe | None = None, config_path: str | None = None,
-               server_overrides: Mapping[str, Any] | None = None) -> FastAPI:
+               server_overrides: Mapping[str, Any] | None = None, workers: Fleet | None = None) -> FastAPI:
     """``config_path``: the file to re-read on ``POST /admin/reload`` and SIGHUP (with ``server_overrides``,
-    the command line's --host/--port, applied again)."""
+    the command line's --host/--port, applied again). ``workers``: this app is the owner of several worker
+    processes (gateway/workers), started once the engines' pool runs and stopped before it."""
     metrics = Metrics()
     keys = KeyRing(config.auth)
     gpu_probe = gpus or GpuProbe()
@@ -60,6 +62,7 @@ def create_app(config: Config, *, gpus: GpuProbe | None = None, config_path: str
             clocks=clocks,
             gpus=gpu_probe,
             reloader=Reloader(config_path, dict(server_overrides or {})) if config_path else None,
+            workers=workers,
         )
         undo_sighup: Callable[[], None] = lambda: None  # noqa: E731
         await state.upstream.start()
@@ -67,6 +70,8 @@ def create_app(config: Config, *, gpus: GpuProbe | None = None, config_path: str
         try:
             await state.pool.start()
             app.state.gateway = state
+            if workers is not None:
+                await workers.start(state)
             if state.reloader is not None:
                 undo_sighup = install_sighup(state, state.reloader)
             # Everything built so far lives as long as the app: keep it out of the cyclic GC's sweeps. A full
@@ -78,6 +83,8 @@ def create_app(config: Config, *, gpus: GpuProbe | None = None, config_path: str
             gc.unfreeze()
             undo_sighup()
             state.in_flight.draining = True
+            if workers is not None:
+                await workers.stop()
             await state.pool.stop()
             await state.media.close()
             await state.upstream.close()
@@ -102,6 +109,12 @@ def create_app(config: Config, *, gpus: GpuProbe | None = None, config_path: str
     app.include_router(simple.router)
     app.include_router(generate.router)
     app.add_middleware(GatewayMiddleware, keys=keys, metrics=metrics)
+    install_error_handlers(app)
+    return app
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error in the OpenAI shape, with the request id."""
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> Response:
@@ -119,5 +132,3 @@ def create_app(config: Config, *, gpus: GpuProbe | None = None, config_path: str
         return Response(error_body(message, type_, exc.status_code), status_code=exc.status_code,
                         headers={"x-request-id": request.scope.get(REQUEST_ID_KEY, ""), **(exc.headers or {})},
                         media_type="application/json")
-
-    return app

@@ -8,6 +8,8 @@ import logging
 import os
 import shlex
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from gateway import download
@@ -43,40 +45,49 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(config: Config, *, config_path: str | None = None, overrides: dict[str, Any] | None = None) -> int:
-    import uvicorn
-
     from gateway.app import create_app
     from gateway.drain import DrainingServer
-    from gateway.http_protocol import GuardedHttpToolsProtocol
     from gateway.logs import configure_logging
+    from gateway.server import uvicorn_config
 
     s = config.server
     configure_logging(s.log_level, s.log_format)
     if not config.auth.api_keys and not _is_loopback(s.host):
         log.warning("NO API KEYS ARE CONFIGURED and the gateway listens on %s: anyone who can reach port %d "
                     "can use every model. Add auth.api_keys to the config.", s.host, s.port)
-    app = create_app(config, config_path=config_path, server_overrides=overrides)  # the path: for reloads
+    fleet, where = None, {"host": s.host, "port": s.port}
+    if s.workers > 1:
+        from gateway.workers.fleet import Fleet, bind, remove_run_dir
+
+        try:
+            listener = bind(s.host, s.port)
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", s.host, s.port, exc.strerror or exc)
+            return 1
+        fleet = Fleet(s.workers, listener, Path(tempfile.mkdtemp(prefix="gateway-")))
+        where = {"uds": fleet.owner_socket}  # the owner answers only its workers; they answer clients
+    app = create_app(config, config_path=config_path, server_overrides=overrides, workers=fleet)  # the path: reloads
 
     async def drain() -> None:
         if (state := getattr(app.state, "gateway", None)) is not None:
             state.pool.close_queues()
+            if fleet is not None:
+                await fleet.drain(s.drain_timeout)
             await state.in_flight.drain(s.drain_timeout)
 
     def abort() -> None:
+        if fleet is not None:
+            fleet.hurry()
         if (state := getattr(app.state, "gateway", None)) is not None:
             state.in_flight.abort_all()
             state.pool.hurry()
 
-    protocol = type("Protocol", (GuardedHttpToolsProtocol,), {"header_timeout": s.header_timeout})
-    # loop="asyncio", not uvloop: uvloop's libuv (>= 1.45, libuv/libuv#3696) accepts ONE connection per loop
-    # iteration, so on a busy loop (hundreds of streams) new clients wait seconds in the kernel's accept queue
-    # (measured: first event p99 1.6-5.9 s vs 0.21 s; tests/bench/README.md). asyncio drains the queue at once
-    # and costs the same CPU here (within +-4 % per request and per streamed event).
-    uv = uvicorn.Config(
-        app, host=s.host, port=s.port, loop="asyncio", http=protocol, lifespan="on",
-        access_log=s.access_log, log_config=None, timeout_graceful_shutdown=5, server_header=False,
-    )
-    DrainingServer(uv, drain, abort).run()
+    try:
+        DrainingServer(uvicorn_config(app, s, **where), drain, abort).run()
+    finally:
+        if fleet is not None:
+            fleet.listener.close()
+            remove_run_dir(fleet.run_dir)
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
@@ -17,12 +17,16 @@ from gateway.media import MediaNormalizer
 from gateway.metrics import Metrics
 from gateway.reload import Reloader
 from gateway.upstream import Clocks, Upstream
+from gateway.workers.remote import RemotePool
+
+if TYPE_CHECKING:
+    from gateway.workers.fleet import Fleet
 
 
 @dataclass
 class GatewayState:
     config: Config
-    pool: EnginePool
+    pool: EnginePool | RemotePool  # a worker's: leases from the owner's pool (gateway/workers)
     upstream: Upstream
     media: MediaNormalizer
     metrics: Metrics
@@ -32,6 +36,7 @@ class GatewayState:
     in_flight: InFlight = field(default_factory=InFlight)
     started_at: float = field(default_factory=time.time)
     reloader: Reloader | None = None  # None: started without a config file, nothing to re-read
+    workers: Fleet | None = None  # the owner's worker processes, when server.workers > 1
 
     @property
     def draining(self) -> bool:

@@ -76,6 +76,10 @@ class DrainingServer(uvicorn.Server):
         self._drain_task: asyncio.Task[None] | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.escalate(f"{signal.Signals(sig).name} received")
+
+    def escalate(self, why: str) -> None:
+        """The next stage: drain, then stop now, then exit without waiting (a signal, or a worker's order)."""
         if self._drain_started and self.should_exit:
             log.warning("third signal: exiting without waiting for anything")
             self.force_exit = True
@@ -89,7 +93,7 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
             return
         self._drain_started = True
-        log.info("%s received: draining", signal.Signals(sig).name)
+        log.info("%s: draining", why)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # the loop is not running yet (a signal during start-up): just stop

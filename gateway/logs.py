@@ -31,20 +31,30 @@ class _AccessQueryFilter(logging.Filter):
 
 
 class _JsonFormatter(logging.Formatter):
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self._worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
-        data = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-                "request_id": getattr(record, "request_id", "-"), "message": record.getMessage()}
+        data: dict[str, object] = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+                                   "logger": record.name, "request_id": getattr(record, "request_id", "-"),
+                                   "message": record.getMessage()}
+        if self._worker is not None:
+            data["worker"] = self._worker
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(data).decode()
 
 
-def configure_logging(level: str = "info", fmt: str = "text") -> None:
+def configure_logging(level: str = "info", fmt: str = "text", *, worker: int | None = None) -> None:
+    """``worker``: this process is worker N of several (server.workers); its lines say so."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
+        handler.setFormatter(_JsonFormatter(worker))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s [%(request_id)s]: %(message)s"))
+        tag = "" if worker is None else f"w{worker} "
+        handler.setFormatter(logging.Formatter(
+            f"%(asctime)s %(levelname)-7s {tag}%(name)s [%(request_id)s]: %(message)s"))
     handler.addFilter(_RequestIdFilter())
     handler.addFilter(_AccessQueryFilter())
     root = logging.getLogger()

@@ -10,7 +10,9 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from engines.state import EngineState
 from gateway.gpu import GpuInfo
@@ -115,3 +117,37 @@ class GpuCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         return gpu_families(self._read())
+
+
+def merge_expositions(texts: Iterable[str]) -> bytes:
+    """Several processes' expositions as one: series with the same name and labels are added up.
+
+    Every series the workers keep is a count, a sum or a bucket, or a gauge whose total is the answer
+    (requests in flight, queue depth), so a sum is right for all of them. Families keep the order of
+    their first appearance; the owner's text comes first.
+    """
+    families: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            _, _, samples = families.setdefault(family.name, (family.type, family.documentation, {}))
+            for sample in family.samples:
+                key = (sample.name, tuple(sample.labels.items()))
+                samples[key] = samples.get(key, 0.0) + sample.value
+    lines: list[str] = []
+    for name, (type_, doc, samples) in families.items():
+        shown = name + "_total" if type_ == "counter" else name  # as generate_latest names them (the parser drops it)
+        lines.append(f"# HELP {shown} {_escape_help(doc)}")
+        lines.append(f"# TYPE {shown} {type_}")
+        for (sample_name, labels), value in samples.items():
+            rendered = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
+            lines.append(f"{sample_name}{{{rendered}}} {floatToGoString(value)}" if rendered
+                         else f"{sample_name} {floatToGoString(value)}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", r"\\").replace("\n", r"\n")
+
+
+def _escape_label(text: str) -> str:
+    return text.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")

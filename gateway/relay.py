@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +66,7 @@ class Target:
     url: str
     model: str  # the client-facing served name (metrics label)
     headers: dict[str, str]
-    replica: Any  # engines.Supervisor: `inflight`, `report_failure()`, `report_success()`
+    replica: Any  # engines.Supervisor or a worker's RemoteReplica: `inflight`, `report_failure()`, `report_success()`
     # How a complete stream ends: "done" with `data: [DONE]` (vLLM, LMDeploy); "finish" after the event that
     # carries a finish_reason (transformers serve, which sends no [DONE]: the gateway adds it); "eof" at
     # any clean end of the body (LightLLM's /generate_stream).
@@ -80,7 +80,7 @@ class Target:
     # Called once when the relay is over, whatever happened: the pool's lease release (queue, idle clock).
     on_done: Callable[[], None] | None = None
     # Another replica's Target, or None: asked once, when this one refused the connection (nothing was sent).
-    failover: Callable[[], Target | None] | None = None
+    failover: Callable[[], Awaitable[Target | None]] | None = None
     # Reached over raw keep-alive connections (gateway.splice): any engine on plain HTTP. TLS (a remote
     # https:// server) goes through aiohttp.
     raw: bool = False
@@ -195,7 +195,7 @@ class Relay(Response):
         try:
             return await self.session.post(self.target.url, data=self.body, headers=self.target.headers)
         except aiohttp.ClientConnectorError:
-            if not self._failover():
+            if not await self._failover():
                 raise
         return await self.session.post(self.target.url, data=self.body, headers=self.target.headers)
 
@@ -208,14 +208,14 @@ class Relay(Response):
                 async with asyncio.timeout(self.clocks.connect):
                     return await self.connections.get(host, port), host, port, path
             except (OSError, TimeoutError):
-                if not self._failover():
+                if not await self._failover():
                     raise _ConnectFailed from None
 
-    def _failover(self) -> bool:
+    async def _failover(self) -> bool:
         """Move this request to another ready replica of its model (True) when the chosen one refused the
         connection: nothing reached it, so nothing runs twice. At most once: the new target has none."""
         target = self.target
-        other = target.failover() if target.failover is not None else None
+        other = await target.failover() if target.failover is not None else None
         if other is None:
             return False
         target.replica.report_failure()

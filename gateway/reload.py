@@ -46,6 +46,8 @@ class Reloader:
             except ValueError as exc:
                 raise ConfigError(f"invalid config: {exc}") from None
             state.config = new.model_copy(update={name: getattr(old, name) for name in _RESTART_ONLY})
+            if state.workers is not None:
+                state.workers.publish(state.config)
         result: dict[str, Any] = {
             "object": "reload", "added": list(report.added), "removed": list(report.removed),
             "changed": list(report.changed), "unchanged": list(report.unchanged), "restart_required": restart,

@@ -17,11 +17,12 @@ from typing import TypeVar
 from starlette.requests import Request
 
 from engines import EnginePool, ModelEntry
-from engines.lease import Abandoned, Lease
+from engines.lease import Abandoned, Lease, Waiting
 from engines.scheduler import Refused
 from gateway.errors import EngineUnavailable, GatewayError, ModelNotFound, QueueFull, ShuttingDown
 from gateway.metrics import Metrics
 from gateway.relay import STATUS_KEY
+from gateway.workers.remote import RemoteLease, RemotePool, RemoteWaiting
 
 T = TypeVar("T")
 
@@ -32,20 +33,20 @@ def shown(name: str) -> str:
     return clean + ("…" if len(name) > 80 else "")
 
 
-def resolve(pool: EnginePool, name: str) -> ModelEntry:
+def resolve(pool: EnginePool | RemotePool, name: str) -> ModelEntry:
     entry = pool.resolve(name)
     if entry is None:
         raise ModelNotFound(f"The model '{shown(name)}' does not exist.", param="model")
     return entry
 
 
-async def acquire(pool: EnginePool, entry: ModelEntry, request: Request, *, queue_timeout: float,
-                  retry_after: float, metrics: Metrics) -> Lease:
+async def acquire(pool: EnginePool | RemotePool, entry: ModelEntry, request: Request, *, queue_timeout: float,
+                  retry_after: float, metrics: Metrics) -> Lease | RemoteLease:
     """A lease on a replica of ``entry``; the caller releases it (the relay does, when it is over)."""
     name = entry.spec.name
     try:
-        got = pool.request(entry)
-        if isinstance(got, Lease):
+        got = await pool.admit(entry)
+        if not isinstance(got, Waiting | RemoteWaiting):
             return got
         timeout = entry.spec.queue_timeout if entry.spec.queue_timeout is not None else queue_timeout
         queued = metrics.queued.labels(name)

@@ -38,6 +38,10 @@ class ServerSettings(BaseSettings):
     # callbacks (gateway/splice.py); false: through aiohttp, like https:// remotes (the slower path, kept for
     # comparison and as an escape hatch).
     raw_connections: bool = True
+    # Processes answering clients on the port (gateway/workers). 1: the one process does everything. N > 1: the
+    # process started stays the engines' only owner and N workers share the port, each ~35,000 streamed
+    # events/s on its own core; size it as min(cores - 1, expected events/s / 30,000 + 1).
+    workers: int = Field(1, ge=1, le=64)
 
     @classmethod
     def settings_customise_sources(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -18,6 +18,7 @@ from gateway.middleware import MODEL_KEY, REQUEST_ID_KEY
 from gateway.payload import check_fields, model_name, parse_json_object, read_body
 from gateway.relay import Relay, Target
 from gateway.routing import acquire, resolve, while_connected
+from gateway.workers.remote import RemoteLease
 
 router = APIRouter()
 
@@ -90,7 +91,7 @@ async def relay(
             headers["Authorization"] = f"Bearer {key}"
         rewrite = model_rewrite(entry.adapter.response_model(entry.spec), entry.spec.name)
 
-        def target(lease: Lease, failover: Callable[[], Target | None] | None) -> Target:
+        def target(lease: Lease | RemoteLease, failover: Callable[[], Awaitable[Target | None]] | None) -> Target:
             return Target(
                 url=lease.replica.base_url + path,
                 model=entry.spec.name,
@@ -105,11 +106,11 @@ async def relay(
                 raw=lease.replica.base_url.startswith("http://"),
             )
 
-        def failover() -> Target | None:
-            other = state.pool.failover(entry, lease.replica)
+        async def failover() -> Target | None:
+            other = await state.pool.reroute(entry, lease)  # type: ignore[arg-type]
             return None if other is None else target(other, None)
 
-        first = target(lease, failover if len(entry.replicas) > 1 else None)
+        first = target(lease, failover if entry.spec.replicas > 1 else None)
         return Relay(state.upstream, first, orjson.dumps(body), stream=stream, clocks=state.clocks,
                      request_id=request_id, metrics=state.metrics, in_flight=state.in_flight)
     except BaseException:

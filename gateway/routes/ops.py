@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request, Response
 from engines import EnginePool, ModelEntry
 from engines.scheduler import Phase
 from gateway.deps import GatewayState, StateDep
+from gateway.metrics import merge_expositions
 
 router = APIRouter()
 
@@ -118,4 +119,7 @@ async def ready(request: Request, state: StateDep) -> Response:
 
 @router.get("/metrics")
 async def metrics(state: StateDep) -> Response:
-    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    body = state.metrics.render()
+    if state.workers is not None:  # the request path's series live in the workers: added up with the owner's
+        body = merge_expositions([body.decode(), *await state.workers.scrape()])
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,177 @@
+"""The owner's worker processes: started once its pool runs, replaced when one dies, drained before the engines.
+
+Each worker is ``python -m gateway.workers.worker`` with the listening socket passed as a file
+descriptor, in a session of its own (a terminal's Ctrl-C reaches the owner only, which then drains
+everyone in order). Its lifeline is the control line: when the owner dies, even by SIGKILL, the kernel
+closes that socket and the worker exits. A worker that dies while the gateway serves is started again,
+after a pause that doubles while they keep dying young (1 s up to 30 s), so a crash loop costs little.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gateway.config import Config
+from gateway.workers.hub import LeaseHub
+
+if TYPE_CHECKING:
+    from gateway.deps import GatewayState
+
+log = logging.getLogger("gateway.workers")
+
+CONTROL_SOCKET = "control.sock"
+OWNER_SOCKET = "owner.sock"
+CONFIG_FILE = "config.pickle"
+_BACKOFF_FIRST, _BACKOFF_MAX, _HEALTHY_AFTER = 1.0, 30.0, 60.0
+
+
+class Fleet:
+    def __init__(self, count: int, listener: socket.socket, run_dir: Path) -> None:
+        self.count = count
+        self.listener = listener
+        self.run_dir = run_dir
+        self.hub: LeaseHub | None = None
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    @property
+    def owner_socket(self) -> str:
+        return str(self.run_dir / OWNER_SOCKET)
+
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self._procs.values() if proc.returncode is None]
+
+    async def start(self, state: GatewayState) -> None:
+        self.hub = LeaseHub(state.pool, str(self.run_dir / CONTROL_SOCKET), lambda: state.config)  # type: ignore[arg-type]
+        await self.hub.start()
+        self._write_config(state.config)
+        for worker in range(1, self.count + 1):
+            await self._spawn(worker)
+            task = asyncio.ensure_future(self._watch(worker))
+            self._watchers.add(task)
+            task.add_done_callback(self._watchers.discard)
+        log.info("%d workers serving on %s", self.count, _address(self.listener))
+
+    def publish(self, config: Config) -> None:
+        """A reload was applied: workers started from now on, and those running, route by it."""
+        self._write_config(config)
+        if self.hub is not None:
+            self.hub.publish(config)
+
+    async def scrape(self) -> list[str]:
+        return [] if self.hub is None else await self.hub.scrape()
+
+    async def drain(self, grace: float) -> None:
+        """Workers stop taking model requests and finish theirs (each within ``grace``), then exit."""
+        self._stopping = True
+        if self.hub is not None:
+            self.hub.drain(grace)
+        # A worker ends its stragglers at ``grace`` itself; the margin is for its shutdown, then it is killed.
+        await self._wait_exited(grace + 10)
+
+    def hurry(self) -> None:
+        """A second signal: workers end what they have in flight now, each with its error event."""
+        if self.hub is not None:
+            self.hub.hurry()
+
+    async def stop(self) -> None:
+        """Whatever runs still is ended: SIGTERM (a worker drains on it), SIGKILL after 5 s. Idempotent."""
+        self._stopping = True
+        for proc in self._procs.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        await self._wait_exited(5)
+        watchers = list(self._watchers)
+        for watcher in watchers:
+            watcher.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+        if self.hub is not None:
+            await self.hub.close()
+
+    # -- plumbing -----------------------------------------------------------------------------------
+
+    def _write_config(self, config: Config) -> None:
+        # What a new worker builds its app from (keys, limits, models) before its line to the owner is up.
+        path = self.run_dir / CONFIG_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(pickle.dumps(config, protocol=pickle.HIGHEST_PROTOCOL))
+        tmp.replace(path)
+
+    async def _spawn(self, worker: int) -> None:
+        fd = self.listener.fileno()
+        self._procs[worker] = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.workers.worker", "--worker", str(worker), "--fd", str(fd),
+            "--run-dir", str(self.run_dir), pass_fds=(fd,), start_new_session=True)
+
+    async def _watch(self, worker: int) -> None:
+        pause = _BACKOFF_FIRST
+        while True:
+            proc = self._procs[worker]
+            started = time.monotonic()
+            code = await proc.wait()
+            if self._stopping:
+                break
+            if time.monotonic() - started >= _HEALTHY_AFTER:
+                pause = _BACKOFF_FIRST
+            log.error("worker %d (pid %d) exited with %s; starting a new one in %.0f s", worker, proc.pid,
+                      _exit_reason(code), pause)
+            await asyncio.sleep(pause)
+            if self._stopping:
+                break
+            pause = min(pause * 2, _BACKOFF_MAX)
+            await self._spawn(worker)
+
+    async def _wait_exited(self, seconds: float) -> None:
+        running = [proc for proc in self._procs.values() if proc.returncode is None]
+        if not running:
+            return
+        _, pending = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in running], timeout=seconds)
+        for waiter in pending:
+            waiter.cancel()
+        late = [proc for proc in running if proc.returncode is None]
+        if late:
+            log.warning("%d worker(s) still running after %.0f s: killing them", len(late), seconds)
+            for proc in late:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            await asyncio.gather(*(p.wait() for p in late))
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return signal.Signals(-code).name
+    return f"status {code}"
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """The public listening socket, bound once by the owner; workers inherit it and accept on it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=backlog)
+    sock.set_inheritable(True)
+    return sock
+
+
+def remove_run_dir(run_dir: Path) -> None:
+    for name in (CONTROL_SOCKET, OWNER_SOCKET, CONFIG_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(run_dir / name)
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()
