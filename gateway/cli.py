@@ -70,6 +70,7 @@ def serve(config: Config, *, config_path: str | None = None, overrides: dict[str
 
     async def drain() -> None:
         if (state := getattr(app.state, "gateway", None)) is not None:
+            state.in_flight.draining = True  # /ready says 503 from now on, the workers' drain included
             state.pool.close_queues()
             if fleet is not None:
                 await fleet.drain(s.drain_timeout)

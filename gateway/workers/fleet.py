@@ -77,8 +77,12 @@ class Fleet:
         self._stopping = True
         if self.hub is not None:
             self.hub.drain(grace)
-        # A worker ends its stragglers at ``grace`` itself; the margin is for its shutdown, then it is killed.
-        await self._wait_exited(grace + 10)
+            # Each keeps answering (not ready, 503s) until all are done, as one process would: a worker that
+            # closed the port early would leave its share of new connections to the others, or to a reset.
+            # A worker ends its stragglers at ``grace`` itself; the margin is for that.
+            await self.hub.wait_drained(grace + 5)
+            self.hub.stop()
+        await self._wait_exited(10)
 
     def hurry(self) -> None:
         """A second signal: workers end what they have in flight now, each with its error event."""

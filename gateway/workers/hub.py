@@ -9,8 +9,8 @@ was killed — gives back every lease and queue place it held, at once.
 
 Messages (tuples), worker → hub: ``hello(worker, pid)``, ``acq(lid, model)``, ``wait(lid, timeout)``,
 ``fo(lid, new_lid)`` (failover of a refused connection), ``rel(lid, outcome)``, ``cancel(lid)``,
-``metrics(seq, text)``. Hub → worker: ``config(config)``, ``ok(lid, replica, base_url)``, ``q(lid)``,
-``no(lid, reason)``, ``metrics(seq)``, ``drain(grace)``, ``hurry()``.
+``metrics(seq, text)``, ``drained()``. Hub → worker: ``config(config)``, ``ok(lid, replica, base_url)``,
+``q(lid)``, ``no(lid, reason)``, ``metrics(seq)``, ``drain(grace)``, ``stop()``, ``hurry()``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class _Link:
         self.channel = Channel(self.on_message, self.on_close, same_user_only=True)
         self.worker = -1
         self.pid = 0
+        self.drained = False  # its requests in flight are over; it still answers (503s) until told to stop
         self.leases: dict[int, tuple[ModelEntry, Lease]] = {}
         self.queued: dict[int, Waiting] = {}
         self.waits: dict[int, asyncio.Future[None]] = {}  # set: the worker gave up on that place in the queue
@@ -57,6 +58,9 @@ class _Link:
             self._failover(message[1], message[2])
         elif kind == "metrics":
             self.hub.metrics_arrived(message[1], message[2])
+        elif kind == "drained":
+            self.drained = True
+            self.hub.changed()
         elif kind == "hello":
             self.worker, self.pid = message[1], message[2]
             self.hub.joined(self)
@@ -172,7 +176,7 @@ class LeaseHub:
         self._server: asyncio.AbstractServer | None = None
         self._seq = 0
         self._scrapes: dict[int, asyncio.Future[str]] = {}
-        self.on_join: Callable[[int, int], None] = lambda worker, pid: None
+        self._changed = asyncio.Event()  # replaced at each change: waiters hold the one they saw
 
     async def start(self) -> None:
         self._server = await asyncio.get_running_loop().create_unix_server(self._accept, self.path)
@@ -183,13 +187,17 @@ class LeaseHub:
     def joined(self, link: _Link) -> None:
         self._links.add(link)
         link.channel.send(("config", self._config()))
-        self.on_join(link.worker, link.pid)
 
     def left(self, link: _Link, held: int) -> None:
         if link in self._links:
             self._links.discard(link)
             if held:
                 log.info("worker %d left holding %d lease(s) or queue place(s): given back", link.worker, held)
+        self.changed()
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     @property
     def workers(self) -> int:
@@ -203,6 +211,19 @@ class LeaseHub:
     def drain(self, grace: float) -> None:
         for link in self._links:
             link.channel.send(("drain", grace))
+
+    async def wait_drained(self, seconds: float) -> bool:
+        """Until every connected worker says its requests are over (True), or ``seconds`` pass."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while not all(link.drained for link in self._links):
+                    await self._changed.wait()
+        return all(link.drained for link in self._links)
+
+    def stop(self) -> None:
+        """Drained everywhere: the workers close the port together, and exit."""
+        for link in self._links:
+            link.channel.send(("stop",))
 
     def hurry(self) -> None:
         for link in self._links:

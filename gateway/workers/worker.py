@@ -9,6 +9,7 @@ answers metrics scrapes. If the line drops, the owner is gone and so are the eng
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import logging
 import pickle
@@ -67,6 +68,7 @@ class Worker:
         self.server: DrainingServer | None = None
         self._link: OwnerLink | None = None
         self._closing = False
+        self._stop = asyncio.Event()  # the owner's word that every worker is drained
         self.app = _Split(self._local_app(), self.forward,
                           frozenset(route.path for router in LOCAL_ROUTERS for route in router.routes))  # type: ignore[attr-defined]
 
@@ -117,16 +119,23 @@ class Worker:
             state.pool.update(state.config.models)
         elif kind in ("drain", "hurry") and server is not None:
             server.escalate(f"the owner says {kind}")  # drain first; then end what is in flight now
+        elif kind == "stop":
+            self._stop.set()
         elif kind == "lost" and not self._closing:
             log.error("the line to the owner process dropped (it is gone, and its engines with it): exiting")
             if state is not None:
                 state.in_flight.abort_all()
+            self._stop.set()
             if server is not None:
                 server.should_exit = True
 
     async def drain(self) -> None:
+        """The owner's drain: finish what is in flight, say so, keep answering until every worker is done."""
         if self.state is not None:
             await self.state.in_flight.drain(self.config.server.drain_timeout)
+        if self._link is not None and not self._link.lost:
+            self._link.channel.send(("drained",))
+            await self._stop.wait()
 
     def abort(self) -> None:
         if self.state is not None:
