@@ -138,6 +138,7 @@ class Worker:
             await self._stop.wait()
 
     def abort(self) -> None:
+        self._stop.set()  # the drain, if one is waiting for the owner's word, is over too
         if self.state is not None:
             self.state.in_flight.abort_all()
 

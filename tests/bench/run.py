@@ -48,6 +48,7 @@ DEFAULT_TARGETS = "direct,baseline,gateway,gateway+auth"
 QUICK_TARGETS = "direct,baseline,gateway"
 AUTH_KEY = "bench-key-0123456789abcdef"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PROXY = -1  # the ``cpu`` of a proxy under test: the cores --proxy-cpus names (default: core 1)
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -56,15 +57,17 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 class Procs:
     """Every process the runner starts, each in its own session, so that stopping one stops its children."""
 
-    def __init__(self, logs: Path, *, pin: bool) -> None:
+    def __init__(self, logs: Path, *, pin: bool, proxy_cpus: frozenset[int] = frozenset({1})) -> None:
         self.logs = logs
         self.pin = pin  # each process on the core it is given (like taskset -c); else wherever the OS puts it
+        self.proxy_cpus = proxy_cpus  # where a proxy under test (cpu=PROXY) runs, its workers included
         self.running: dict[str, subprocess.Popen[bytes]] = {}
 
     def _on_core(self, cpu: int) -> Callable[[], None] | None:
         if not self.pin:
             return None
-        return lambda: os.sched_setaffinity(0, {cpu})
+        cpus = self.proxy_cpus if cpu == PROXY else {cpu}
+        return lambda: os.sched_setaffinity(0, cpus)
 
     def start(self, name: str, argv: list[str], *, cpu: int, env: dict[str, str] | None = None
               ) -> subprocess.Popen[bytes]:
@@ -281,6 +284,7 @@ class Target:
     rss_pids: Callable[[], list[int]]
     headers: dict[str, str] = field(default_factory=dict)
     check: bool = True  # wrk checks every answer's body (not for direct: it would slow wrk down)
+    owner: int | None = None  # the gateway's first process: with workers, its share of the CPU is reported
 
     def url(self, kind: str) -> str:
         path = "/v1" if self.via_gateway else PATHS[kind]
@@ -350,7 +354,7 @@ def start_baseline(procs: Procs, up: Upstream, name: str = "baseline") -> tuple[
         return None, "httpx-aiohttp is not installed (.venv/bin/pip install httpx-aiohttp)"
     port = free_port()
     proc = procs.start(name, [PY, str(HERE / "baseline_proxy.py"), "--port", str(port),
-                              "--upstream", up.bases["json"], "--paced-upstream", up.bases["paced"], *extra], cpu=1)
+                              "--upstream", up.bases["json"], "--paced-upstream", up.bases["paced"], *extra], cpu=PROXY)
     why = wait_http(f"http://127.0.0.1:{port}/v1/models", proc, 30)
     if why:
         return None, f"did not start: {why}\n{procs.tail(name)}"
@@ -369,7 +373,7 @@ def start_gateway(procs: Procs, up: Upstream, variant: Variant, tmp: Path, ready
     path = tmp / f"{variant.name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, **variant.env}
-    proc = procs.start(variant.name, [PY, "-m", "gateway", "serve", "--config", str(path)], cpu=1, env=env)
+    proc = procs.start(variant.name, [PY, "-m", "gateway", "serve", "--config", str(path)], cpu=PROXY, env=env)
     why = wait_http(f"http://127.0.0.1:{port}/ready", proc, ready_timeout)
     if why:
         tail = procs.tail(variant.name)
@@ -377,8 +381,12 @@ def start_gateway(procs: Procs, up: Upstream, variant: Variant, tmp: Path, ready
         return None, f"did not start: {why}\n{tail}"
     base = f"http://127.0.0.1:{port}"
     pid = proc.pid
-    return Target(variant.name, dict.fromkeys(KINDS, base), True, lambda _k: [pid], lambda: [pid],
-                  headers=dict(variant.headers)), ""
+
+    def pids(_kind: str = "") -> list[int]:  # with server.workers > 1, the owner and its workers
+        return [pid, *children(pid)]
+
+    return Target(variant.name, dict.fromkeys(KINDS, base), True, pids, pids, headers=dict(variant.headers),
+                  owner=pid), ""
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -434,6 +442,7 @@ def wrk_point(procs: Procs, tmp: Path, target: Target, point: Point, duration: f
             target.url(point.kind)]
     pids = target.pids(point.kind)
     cpu0 = cpu_seconds(pids)
+    owner0 = cpu_seconds([target.owner]) if target.owner is not None and len(pids) > 1 else None
     prober = None
     if probe:
         body = tmp / f"{target.name}-{point.key}.body"
@@ -473,6 +482,8 @@ def wrk_point(procs: Procs, tmp: Path, target: Target, point: Point, duration: f
               "cpu_util": cpu_run / seconds, "settle_s": settle}
     if point.kind == "paced" and requests:  # every stream is len(EVENTS) events, [DONE] included
         result["cpu_us_event"] = cpu / (requests * len(canned.EVENTS)) * 1e6
+    if owner0 is not None and target.owner is not None and requests:  # the leases' cost, in the one scheduler
+        result["owner_cpu_per_1k"] = (cpu_seconds([target.owner]) - owner0) / requests * 1000
     if found:
         result.update({"first_p99": found["first_p99"], "gap_p50": found["gap_p50"], "gap_p99": found["gap_p99"],
                        "gap_max": found["gap_max"], "merged": found["merged"]})
@@ -585,6 +596,10 @@ def rows(paced_c: int) -> list[Row]:
         Row("CPU s / 1,000 req: non-stream, c=32", "ns_c32", "cpu_per_1k", False),
         Row("CPU s / 1,000 req: stream (burst), c=32", "st_c32", "cpu_per_1k", False),
         Row(f"CPU s / 1,000 req: token-paced, c={paced_c}", "paced", "cpu_per_1k", False),
+        Row("  of which the engines' owner (server.workers > 1): non-stream, c=32", "ns_c32", "owner_cpu_per_1k",
+            False),
+        Row(f"  of which the engines' owner (server.workers > 1): token-paced, c={paced_c}", "paced",
+            "owner_cpu_per_1k", False),
         Row(f"CPU µs / forwarded event: token-paced, c={paced_c} (stream's request included)", "paced",
             "cpu_us_event", False),
         Row("token-paced: inter-event gap p50 (probe streams; the upstream's is the gap)", "paced", "gap_p50", False),
@@ -607,7 +622,7 @@ def fmt(metric: str, value: float) -> str:
         return f"{value * 1e6:,.0f} µs" if value < 1e-3 else f"{value * 1e3:,.3g} ms" if value < 1 else f"{value:.2f} s"
     if metric == "rate":
         return f"{value:,.0f}" if value >= 100 else f"{value:,.1f}"
-    if metric == "cpu_per_1k":
+    if metric in ("cpu_per_1k", "owner_cpu_per_1k"):
         return f"{value:.3g} s"
     if metric == "rss":
         return f"{value:,.0f} MB"
@@ -711,6 +726,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-streams", type=int, default=16,
                    help="of the token-paced connections, how many are paced_probe.py's (per-event timing; 0: none)")
     p.add_argument("--gateway-timeout", type=float, default=60.0, help="seconds to wait for the gateway's /ready")
+    p.add_argument("--proxy-cpus", default="1", help="cores the proxies under test may use, e.g. 1 or 0,1 (workers)")
     p.add_argument("--json", type=Path, help="also write every measurement here")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, Lua scripts)")
     args = p.parse_args(argv)
@@ -781,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     (tmp / "logs").mkdir()
     tmp.chmod(0o755)
-    procs = Procs(tmp / "logs", pin=pinned)
+    procs = Procs(tmp / "logs", pin=pinned, proxy_cpus=frozenset(int(c) for c in args.proxy_cpus.split(",")))
     plan = points(args.paced_concurrency, args.only)
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     rss: dict[str, float] = {}
@@ -859,7 +875,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Machine: {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}, "
         f"{platform.machine()}; load generator: {wrk_version()} (1 thread); upstream: {up.description}.",
-        f"Pinning: {'wrk, upstream and this runner on core 0, the proxy under test on core 1' if pinned else 'none'}"
+        "Pinning: " + (f"wrk, upstream and this runner on core 0, the proxy under test on cores {args.proxy_cpus}"
+                       if pinned else "none") +
         f". {args.duration:g} s per point (c=256: {point_duration(Point('', 'json', 256), args.duration):g} s, "
         f"token-paced: {point_duration(Point('', 'paced', 1), args.duration):g} s), "
         f"{args.reps} interleaved repetition(s), medians"

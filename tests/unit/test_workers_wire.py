@@ -1,0 +1,87 @@
+"""The pieces of gateway/workers that need no process: the control line's framing, the metrics merge."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.metrics import Metrics, engine_state_family, merge_expositions
+from gateway.workers.wire import Channel, frame
+
+
+async def _pair() -> tuple[Channel, list[Any], socket.socket]:
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    got: list[Any] = []
+    _, channel = await loop.create_unix_connection(lambda: Channel(got.append), sock=ours)
+    theirs.setblocking(False)
+    return channel, got, theirs
+
+
+def test_messages_cross_whole_however_the_bytes_are_cut() -> None:
+    async def main() -> None:
+        channel, got, theirs = await _pair()
+        loop = asyncio.get_running_loop()
+        data = b"".join(frame(m) for m in [("acq", 1, "m"), ("config", {"big": "x" * 100_000}), ("rel", 1, True)])
+        for i in range(0, len(data), 7_777):  # frames split across reads, several frames in one read
+            await loop.sock_sendall(theirs, data[i:i + 7_777])
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.05)
+        assert got == [("acq", 1, "m"), ("config", {"big": "x" * 100_000}), ("rel", 1, True)]
+        channel.close()
+        theirs.close()
+
+    asyncio.run(main())
+
+
+def test_sends_in_one_loop_turn_leave_in_one_write() -> None:
+    async def main() -> None:
+        channel, _, theirs = await _pair()
+        loop = asyncio.get_running_loop()
+        for i in range(50):
+            channel.send(("rel", i, None))
+        await asyncio.sleep(0.05)
+        first = await loop.sock_recv(theirs, 1 << 20)
+        assert first == b"".join(frame(("rel", i, None)) for i in range(50))
+        channel.close()
+        theirs.close()
+
+    asyncio.run(main())
+
+
+def test_a_corrupt_length_closes_the_line() -> None:
+    async def main() -> None:
+        channel, got, theirs = await _pair()
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(theirs, b"\xff\xff\xff\xff" + b"x" * 10)
+        await asyncio.wait_for(channel.closed, 5)
+        assert got == []
+        theirs.close()
+
+    asyncio.run(main())
+
+
+def test_merged_expositions_add_up_series_and_parse_back() -> None:
+    owner, w1, w2 = Metrics(), Metrics(), Metrics()
+    owner.add_collector(lambda: [engine_state_family([("m", 0, "ready")])])
+    owner.requests.labels("", "ops", "200").inc()
+    for worker, n in ((w1, 3), (w2, 4)):
+        worker.requests.labels("m", "chat", "200").inc(n)
+        worker.duration.labels("m", "chat").observe(0.02 * n)
+        worker.in_flight.labels("m").inc()
+    w2.requests.labels('we"ird\\', "chat", "404").inc()
+    merged = merge_expositions([owner.render().decode(), w1.render().decode(), w2.render().decode()]).decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(merged) for s in family.samples}
+    assert samples[("gateway_requests_total", (("endpoint", "chat"), ("model", "m"), ("status", "200")))] == 7
+    assert samples[("gateway_requests_total", (("endpoint", "ops"), ("model", ""), ("status", "200")))] == 1
+    assert samples[("gateway_requests_total", (("endpoint", "chat"), ("model", 'we"ird\\'), ("status", "404")))] == 1
+    assert samples[("gateway_request_duration_seconds_count", (("endpoint", "chat"), ("model", "m")))] == 2
+    assert samples[("gateway_request_duration_seconds_bucket", (("endpoint", "chat"), ("le", "0.1"),
+                                                                ("model", "m")))] == 2
+    assert samples[("gateway_requests_in_flight", (("model", "m"),))] == 2
+    assert samples[("gateway_engine_state", (("model", "m"), ("replica", "0"), ("state", "ready")))] == 1
+    assert "# TYPE gateway_requests_total counter" in merged
