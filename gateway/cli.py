@@ -8,8 +8,6 @@ import logging
 import os
 import shlex
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from gateway import download
@@ -57,14 +55,14 @@ def serve(config: Config, *, config_path: str | None = None, overrides: dict[str
                     "can use every model. Add auth.api_keys to the config.", s.host, s.port)
     fleet, where = None, {"host": s.host, "port": s.port}
     if s.workers > 1:
-        from gateway.workers.fleet import Fleet, bind, remove_run_dir
+        from gateway.workers.fleet import Fleet, bind, make_run_dir, remove_run_dir
 
         try:
             listener = bind(s.host, s.port)
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", s.host, s.port, exc.strerror or exc)
             return 1
-        fleet = Fleet(s.workers, listener, Path(tempfile.mkdtemp(prefix="gateway-")))
+        fleet = Fleet(s.workers, listener, make_run_dir())
         where = {"uds": fleet.owner_socket}  # the owner answers only its workers; they answer clients
     app = create_app(config, config_path=config_path, server_overrides=overrides, workers=fleet)  # the path: reloads
 

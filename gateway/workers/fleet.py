@@ -17,6 +17,7 @@ import pickle
 import signal
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -171,6 +172,18 @@ def bind(host: str, port: int, backlog: int = 2048) -> socket.socket:
     sock = socket.create_server((host, port), family=family, backlog=backlog)
     sock.set_inheritable(True)
     return sock
+
+
+def make_run_dir() -> Path:
+    """A private directory (0700) for the sockets and the config, named for this process; the ones of owners
+    that died without cleaning up (SIGKILL) are removed first."""
+    base = Path(tempfile.gettempdir())
+    for stale in base.glob("gateway-run-*"):
+        pid = stale.name.split("-")[2]
+        with contextlib.suppress(OSError):
+            if pid.isdigit() and stale.stat().st_uid == os.getuid() and not Path(f"/proc/{pid}").exists():
+                remove_run_dir(stale)
+    return Path(tempfile.mkdtemp(prefix=f"gateway-run-{os.getpid()}-"))
 
 
 def remove_run_dir(run_dir: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import openai
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.workers.fleet import make_run_dir, remove_run_dir
 from tests.helpers import chat, run_gateway, standin_model, tagged_pids, wait_until
 from tests.standin.harness import read_records
 
@@ -161,6 +163,11 @@ def test_workers_exit_with_a_killed_owner_and_so_do_the_engines(tmp_path: Path) 
         gw.proc.wait(5)
         assert wait_until(lambda: not any(alive(p) for p in workers), 10), "workers outlived their owner"
         assert wait_until(lambda: not tagged_pids(str(gw.proc.pid)), 10), "engines outlived their owner"
+        # What it could not clean up (its sockets' directory) goes when the next gateway starts.
+        left = list(Path(tempfile.gettempdir()).glob(f"gateway-run-{gw.proc.pid}-*"))
+        assert left
+        remove_run_dir(make_run_dir())
+        assert not any(path.exists() for path in left)
 
 
 def test_a_reload_reaches_every_worker(tmp_path: Path) -> None:
