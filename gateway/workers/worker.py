@@ -69,6 +69,7 @@ class Worker:
         self._link: OwnerLink | None = None
         self._closing = False
         self._stop = asyncio.Event()  # the owner's word that every worker is drained
+        self._ordered = False  # this drain is the owner's (not a signal sent to this worker alone)
         self.app = _Split(self._local_app(), self.forward,
                           frozenset(route.path for router in LOCAL_ROUTERS for route in router.routes))  # type: ignore[attr-defined]
 
@@ -118,6 +119,7 @@ class Worker:
             assert isinstance(state.pool, RemotePool)
             state.pool.update(state.config.models)
         elif kind in ("drain", "hurry") and server is not None:
+            self._ordered = True
             server.escalate(f"the owner says {kind}")  # drain first; then end what is in flight now
         elif kind == "stop":
             self._stop.set()
@@ -133,9 +135,10 @@ class Worker:
         """The owner's drain: finish what is in flight, say so, keep answering until every worker is done."""
         if self.state is not None:
             await self.state.in_flight.drain(self.config.server.drain_timeout)
-        if self._link is not None and not self._link.lost:
+        if self._ordered and self._link is not None and not self._link.lost:
             self._link.channel.send(("drained",))
             await self._stop.wait()
+        # A signal sent to this worker alone: it drains and exits, and the owner starts another.
 
     def abort(self) -> None:
         self._stop.set()  # the drain, if one is waiting for the owner's word, is over too

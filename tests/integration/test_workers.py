@@ -124,6 +124,12 @@ def test_a_killed_worker_is_replaced_and_its_leases_given_back(tmp_path: Path) -
         assert not set(worker_pids(gw.proc.pid)) & set(workers)
         assert chat(gw.url, "m").status_code == 200
         assert "exited with SIGKILL; starting a new one" in gw.log()
+        # A SIGTERM sent to one worker alone: it drains, exits cleanly and is replaced (no owner's order to wait for).
+        one = worker_pids(gw.proc.pid)[0]
+        os.kill(one, signal.SIGTERM)
+        assert wait_until(lambda: "exited with status 0; starting a new one" in gw.log(), 10), gw.log()[-2000:]
+        assert wait_until(lambda: len(worker_pids(gw.proc.pid)) == 2 and one not in worker_pids(gw.proc.pid), 15)
+        assert chat(gw.url, "m").status_code == 200
 
 
 def test_sigterm_drains_the_workers_first_and_leaves_no_process(tmp_path: Path) -> None:
