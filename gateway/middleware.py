@@ -137,6 +137,6 @@ class GatewayMiddleware:
             status = scope.get(STATUS_KEY, status)
             model = scope.get(MODEL_KEY, "")
             endpoint = endpoint_label(path)
-            self.metrics.requests.labels(model, endpoint, str(status)).inc()
+            self.metrics.requests_of(model, endpoint, str(status)).inc()
             if endpoint != "ops":
-                self.metrics.duration.labels(model, endpoint).observe(loop.time() - t0)
+                self.metrics.duration_of(model, endpoint).observe(loop.time() - t0)

@@ -129,7 +129,7 @@ class Relay(Response):
         self.in_flight.add(self)
         watcher = loop.create_task(self._watch(receive, task))
         self.target.replica.inflight += 1
-        in_flight = self.metrics.in_flight.labels(self.target.model)
+        in_flight = self.metrics.in_flight_of(self.target.model)
         in_flight.inc()
         outcome = Outcome()
         response: aiohttp.ClientResponse | None = None
@@ -453,7 +453,7 @@ class Relay(Response):
             await send({"type": "http.response.body", "body": DONE, "more_body": True})
         if outcome.events > 1:
             gap = (cutter.last_at - cutter.first_at) / (outcome.events - 1)
-            self.metrics.chunk_gap.labels(self.target.model).observe(gap)
+            self.metrics.chunk_gap_of(self.target.model).observe(gap)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _end_with_error(self, send: Send, end: StreamEnded) -> None:
@@ -477,13 +477,13 @@ class Relay(Response):
     def _record(self, outcome: Outcome) -> None:
         m, model = self.metrics, self.target.model
         if outcome.ttft is not None:
-            m.ttft.labels(model).observe(outcome.ttft)
+            m.ttft_of(model).observe(outcome.ttft)
         if outcome.prompt_tokens:
-            m.tokens.labels(model, "prompt").inc(outcome.prompt_tokens)
+            m.tokens_of(model, "prompt").inc(outcome.prompt_tokens)
         if outcome.completion_tokens:
-            m.tokens.labels(model, "completion").inc(outcome.completion_tokens)
+            m.tokens_of(model, "completion").inc(outcome.completion_tokens)
         if outcome.error_kind is not None:
-            m.upstream_errors.labels(model, outcome.error_kind).inc()
+            m.upstream_errors_of(model, outcome.error_kind).inc()
             if outcome.error_kind == "client_disconnected":
                 # Not a failure (a stop button, a client timeout), but an operator looking for a request by its
                 # id must find where it went: the engine was told to stop at once.

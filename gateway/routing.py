@@ -49,7 +49,7 @@ async def acquire(pool: EnginePool | RemotePool, entry: ModelEntry, request: Req
         if not isinstance(got, Waiting | RemoteWaiting):
             return got
         timeout = entry.spec.queue_timeout if entry.spec.queue_timeout is not None else queue_timeout
-        queued = metrics.queued.labels(name)
+        queued = metrics.queued_of(name)
         queued.inc()
         left = asyncio.ensure_future(_client_left(request))
         try:
