@@ -42,12 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     p.add_argument("--kill-every", type=float, default=5.0, help="seconds between SIGKILLs (0: no chaos)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="server.workers: processes answering clients")
     args = p.parse_args(argv)
     stream_s = args.tokens / args.rate
     load = chaos.Load(streams=args.streams, tokens=args.tokens, duration=args.duration, kill_every=args.kill_every,
                       deadline=stream_s * 3 + 60, seed=args.seed)
     config = chaos.config(token_interval=1 / args.rate, command=standin_command("vllm"),
                          total_timeout=stream_s * 3 + 30)
+    config["server"]["workers"] = args.workers
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gateway-chaos-") as tmp:
         with run_gateway(config, Path(tmp), ready_timeout=60) as gw:
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     start, end = report.resources["start"], report.resources["end"]
     print(f"# Gateway under chaos — {time.strftime('%Y-%m-%d %H:%M')}\n")
     print(f"{args.streams} concurrent streams of {args.tokens} tokens at {args.rate:g} tokens/s for "
-          f"{args.duration:g} s, an engine SIGKILLed every {args.kill_every:g} s "
+          f"{args.duration:g} s, {args.workers} worker process(es), an engine SIGKILLed every {args.kill_every:g} s "
           f"({len(report.kills)} kills); {took:.0f} s in all.\n")
     print("| | value |\n|---|---:|")
     print(f"| requests ended | {done:,} |")
