@@ -108,7 +108,8 @@ class Fleet:
     # -- plumbing -----------------------------------------------------------------------------------
 
     def _write_config(self, config: Config) -> None:
-        # What a new worker builds its app from (keys, limits, models) before its line to the owner is up.
+        # What a new worker builds its app from (keys, limits, models) before its line to the owner is up. It
+        # holds the API keys: the directory is the owner's user's alone (0700), as is the process memory.
         path = self.run_dir / CONFIG_FILE
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(pickle.dumps(config, protocol=pickle.HIGHEST_PROTOCOL))
