@@ -100,6 +100,8 @@ def create_app(config: Config, *, gpus: GpuProbe | None = None, config_path: str
             yield probe_failures_family((name, s.replica, s.probe_failures) for name, s in snaps)
 
     metrics.add_collector(engine_states)
+    if workers is not None:
+        metrics.add_collector(workers.families)
     metrics.registry.register(GpuCollector(lambda: gpu_probe.read().devices))
     app.include_router(openai.router)
     app.include_router(models.router)

@@ -101,6 +101,16 @@ def probe_failures_family(rows: Iterable[tuple[str, int, int]]) -> CounterMetric
     return family
 
 
+def worker_families(connected: int, restarts: int) -> list[Metric]:
+    """With ``server.workers`` > 1: ``gateway_workers`` (connected to the owner) and
+    ``gateway_worker_restarts_total`` (died and replaced: a crash loop shows here)."""
+    workers = GaugeMetricFamily("gateway_workers", "Worker processes connected to the engines' owner.")
+    workers.add_metric([], float(connected))
+    replaced = CounterMetricFamily("gateway_worker_restarts", "Worker processes that died and were replaced.")
+    replaced.add_metric([], float(restarts))
+    return [workers, replaced]
+
+
 def engine_state_family(rows: Iterable[tuple[str, int, str]]) -> GaugeMetricFamily:
     """``gateway_engine_state{model,replica,state}``: 1 for the state each replica is in, 0 for the others."""
     family = GaugeMetricFamily("gateway_engine_state", "Engine replica state (1 = current).",

@@ -97,12 +97,15 @@ async def health(request: Request, state: StateDep) -> Response:
                       "replicas": _replica_summary(e, state.pool.status(e).ejected)}
         for e in state.pool.entries()
     }
-    return _json({
+    body: dict[str, Any] = {
         "status": status,
         "uptime_s": round(time.time() - state.started_at, 1),
         "gpus": state.gpus.count(),
         "models": models,
-    })
+    }
+    if state.workers is not None:
+        body["workers"] = state.workers.summary()
+    return _json(body)
 
 
 @router.get("/ready")

@@ -22,7 +22,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from prometheus_client.core import Metric
+
 from gateway.config import Config
+from gateway.metrics import worker_families
 from gateway.workers.hub import LeaseHub
 
 if TYPE_CHECKING:
@@ -45,6 +48,7 @@ class Fleet:
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._watchers: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self.restarts = 0
 
     @property
     def owner_socket(self) -> str:
@@ -52,6 +56,14 @@ class Fleet:
 
     def pids(self) -> list[int]:
         return [proc.pid for proc in self._procs.values() if proc.returncode is None]
+
+    def summary(self) -> dict[str, int]:
+        """For /health (admin detail) and /metrics: how many should run, how many answer, how many died."""
+        return {"configured": self.count, "connected": self.hub.workers if self.hub is not None else 0,
+                "restarts": self.restarts}
+
+    def families(self) -> list[Metric]:
+        return worker_families(self.hub.workers if self.hub is not None else 0, self.restarts)
 
     async def start(self, state: GatewayState) -> None:
         self.hub = LeaseHub(state.pool, str(self.run_dir / CONTROL_SOCKET), lambda: state.config)  # type: ignore[arg-type]
@@ -137,6 +149,7 @@ class Fleet:
             if self._stopping:
                 break
             pause = min(pause * 2, _BACKOFF_MAX)
+            self.restarts += 1
             await self._spawn(worker)
 
     async def _wait_exited(self, seconds: float) -> None:

@@ -93,6 +93,9 @@ def test_workers_answer_the_sdk_forward_the_rest_and_add_up_their_metrics(tmp_pa
         assert sample(text, "gateway_requests_total", model="", endpoint="chat", status="404") == 1
         assert sample(text, "gateway_engine_state", model="m", replica="0", state="ready") == 1
         assert sample(text, "gateway_requests_in_flight", model="m") == 0
+        assert sample(text, "gateway_workers") == 2 and sample(text, "gateway_worker_restarts_total") == 0
+        health = httpx.get(gw.url + "/health", timeout=5).json()
+        assert health["workers"] == {"configured": 2, "connected": 2, "restarts": 0}
         assert worker_pids(gw.proc.pid) == workers
 
 
@@ -130,6 +133,8 @@ def test_a_killed_worker_is_replaced_and_its_leases_given_back(tmp_path: Path) -
         assert wait_until(lambda: "exited with status 0; starting a new one" in gw.log(), 10), gw.log()[-2000:]
         assert wait_until(lambda: len(worker_pids(gw.proc.pid)) == 2 and one not in worker_pids(gw.proc.pid), 15)
         assert chat(gw.url, "m").status_code == 200
+        assert wait_until(lambda: httpx.get(gw.url + "/health", timeout=5).json()["workers"]
+                          == {"configured": 2, "connected": 2, "restarts": 3}, 10)
 
 
 def test_sigterm_drains_the_workers_first_and_leaves_no_process(tmp_path: Path) -> None:

@@ -32,13 +32,13 @@ def _exported() -> dict[str, set[str]]:
     """Sample name → label names, for everything the gateway's /metrics can show."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    from gateway.metrics import GpuCollector, Metrics, engine_state_family
+    from gateway.metrics import GpuCollector, Metrics, engine_state_family, worker_families
 
     metrics = Metrics()
     # (family name, type, labels). prometheus_client keeps label names in `_labelnames` on both the
     # metric objects and the families; the families of labelled metrics carry no sample to read them from.
     families = [(m._name, m._type, m._labelnames) for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)]
-    for family in [engine_state_family(()), *GpuCollector(list).describe()]:
+    for family in [engine_state_family(()), *GpuCollector(list).describe(), *worker_families(0, 0)]:
         families.append((family.name, family.type, family._labelnames))
     names: dict[str, set[str]] = {}
     for name, kind, labels in families:
@@ -126,6 +126,8 @@ def test_alerts_cover_what_operators_need():
     assert 'state="ready"' in state and 'state="failed"' in state
     restarts = by_metric["gateway_engine_restarts_total"]
     assert any("increase(gateway_engine_restarts_total[15m]) > 3" in e for e in restarts)
+    workers = by_metric["gateway_worker_restarts_total"]
+    assert any("increase(gateway_worker_restarts_total[15m]) > 3" in e for e in workers)
     assert any('status=~"5.."' in e for e in by_metric["gateway_requests_total"])
     assert by_metric["gateway_queue_depth"]
     gpu = by_metric["gateway_gpu_memory_used_bytes"]
