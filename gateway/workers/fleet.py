@@ -48,6 +48,7 @@ class Fleet:
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._watchers: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._ordered = False  # the workers were told to drain or hurry (and will exit by themselves)
         self.restarts = 0
 
     @property
@@ -87,7 +88,7 @@ class Fleet:
 
     async def drain(self, grace: float) -> None:
         """Workers stop taking model requests and finish theirs (each within ``grace``), then exit."""
-        self._stopping = True
+        self._stopping = self._ordered = True
         if self.hub is not None:
             self.hub.drain(grace)
             # Each keeps answering (not ready, 503s) until all are done, as one process would: a worker that
@@ -99,12 +100,17 @@ class Fleet:
 
     def hurry(self) -> None:
         """A second signal: workers end what they have in flight now, each with its error event."""
+        self._ordered = True
         if self.hub is not None:
             self.hub.hurry()
 
     async def stop(self) -> None:
-        """Whatever runs still is ended: SIGTERM (a worker drains on it), SIGKILL after 5 s. Idempotent."""
+        """Whatever runs still is ended: SIGTERM (a worker drains on it), SIGKILL after 5 s. Idempotent.
+        Workers already told to stop or hurry get 3 s to exit on their own first: a SIGTERM on top of that
+        order would be their third signal, an exit that skips their clean-up."""
         self._stopping = True
+        if self._ordered:
+            await self._wait_exited(3, kill=False)
         for proc in self._procs.values():
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -152,7 +158,7 @@ class Fleet:
             self.restarts += 1
             await self._spawn(worker)
 
-    async def _wait_exited(self, seconds: float) -> None:
+    async def _wait_exited(self, seconds: float, *, kill: bool = True) -> None:
         running = [proc for proc in self._procs.values() if proc.returncode is None]
         if not running:
             return
@@ -160,7 +166,7 @@ class Fleet:
         for waiter in pending:
             waiter.cancel()
         late = [proc for proc in running if proc.returncode is None]
-        if late:
+        if late and kill:
             log.warning("%d worker(s) still running after %.0f s: killing them", len(late), seconds)
             for proc in late:
                 with contextlib.suppress(ProcessLookupError):

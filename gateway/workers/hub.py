@@ -177,6 +177,7 @@ class LeaseHub:
         self._seq = 0
         self._scrapes: dict[int, asyncio.Future[str]] = {}
         self._changed = asyncio.Event()  # replaced at each change: waiters hold the one they saw
+        self._drain_grace: float | None = None  # set once the owner drains: late joiners drain at once
 
     async def start(self) -> None:
         self._server = await asyncio.get_running_loop().create_unix_server(self._accept, self.path)
@@ -187,6 +188,8 @@ class LeaseHub:
     def joined(self, link: _Link) -> None:
         self._links.add(link)
         link.channel.send(("config", self._config()))
+        if self._drain_grace is not None:  # it started before the drain and connects only now
+            link.channel.send(("drain", self._drain_grace))
 
     def left(self, link: _Link, held: int) -> None:
         if link in self._links:
@@ -209,6 +212,7 @@ class LeaseHub:
             link.channel.send(("config", config))
 
     def drain(self, grace: float) -> None:
+        self._drain_grace = grace
         for link in self._links:
             link.channel.send(("drain", grace))
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import Metrics, engine_state_family, merge_expositions
+from gateway.workers.hub import LeaseHub
+from gateway.workers.remote import OwnerLink
 from gateway.workers.wire import Channel, frame
 
 
@@ -85,3 +88,29 @@ def test_merged_expositions_add_up_series_and_parse_back() -> None:
     assert samples[("gateway_requests_in_flight", (("model", "m"),))] == 2
     assert samples[("gateway_engine_state", (("model", "m"), ("replica", "0"), ("state", "ready")))] == 1
     assert "# TYPE gateway_requests_total counter" in merged
+
+
+def test_a_worker_that_connects_during_the_drain_is_told_to_drain(tmp_path: Path) -> None:
+    """A worker started before the drain may connect after it began: it must drain too, or the owner waits
+    for it until its grace runs out."""
+    async def main() -> None:
+        hub = LeaseHub(pool=None, path=str(tmp_path / "control.sock"), config=lambda: "the config")  # type: ignore[arg-type]
+        await hub.start()
+        early_got: list[Any] = []
+        late_got: list[Any] = []
+        early = OwnerLink(early_got.append)
+        await asyncio.get_running_loop().create_unix_connection(lambda: early.channel, hub.path)
+        early.channel.send(("hello", 1, 101))
+        await asyncio.sleep(0.05)
+        hub.drain(7.0)
+        late = await OwnerLink.connect(hub.path, 2, late_got.append)
+        await asyncio.sleep(0.05)
+        assert early_got == [("config", "the config"), ("drain", 7.0)]
+        assert late_got == [("config", "the config"), ("drain", 7.0)]
+        assert not await hub.wait_drained(0.1)
+        early.channel.send(("drained",))
+        late.channel.send(("drained",))
+        assert await hub.wait_drained(5)
+        await hub.close()
+
+    asyncio.run(main())
