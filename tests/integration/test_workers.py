@@ -9,6 +9,7 @@ up, a dead worker replaced and its leases given back, the drain in order, no pro
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import tempfile
@@ -230,3 +231,17 @@ def test_keys_hold_in_the_workers_and_in_the_owner(tmp_path: Path) -> None:
         assert (get("/v1/models"), get("/v1/models", app)) == (401, 200)  # answered by the owner
         assert (get("/admin/engines", app), get("/admin/engines", ops)) == (403, 200)
         assert "models" not in httpx.get(gw.url + "/health", timeout=5).json()  # no engine detail without a key
+
+        # A forwarded stream: the owner's log follow, through a worker; when the client leaves, the owner ends it.
+        def admin_done() -> float:
+            text = httpx.get(gw.url + "/metrics", headers={"authorization": f"Bearer {ops}"}, timeout=5).text
+            return sample(text, "gateway_requests_total", model="", endpoint="admin", status="200")
+
+        before = admin_done()
+        with httpx.stream("GET", gw.url + "/admin/engines/m/logs", params={"follow": "true", "tail": 1},
+                          headers={"authorization": f"Bearer {ops}"}, timeout=10) as follow:
+            assert follow.headers["content-type"].startswith("text/event-stream")
+            lines = follow.iter_lines()
+            assert any(line.startswith("data: ") for line in itertools.islice(lines, 4))
+            lines.close()
+        assert wait_until(lambda: admin_done() == before + 1, 5)
