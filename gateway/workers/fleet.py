@@ -55,16 +55,16 @@ class Fleet:
     def owner_socket(self) -> str:
         return str(self.run_dir / OWNER_SOCKET)
 
-    def pids(self) -> list[int]:
-        return [proc.pid for proc in self._procs.values() if proc.returncode is None]
+    @property
+    def connected(self) -> int:
+        return self.hub.workers if self.hub is not None else 0
 
     def summary(self) -> dict[str, int]:
-        """For /health (admin detail) and /metrics: how many should run, how many answer, how many died."""
-        return {"configured": self.count, "connected": self.hub.workers if self.hub is not None else 0,
-                "restarts": self.restarts}
+        """For /health (admin detail): how many should run, how many answer, how many died."""
+        return {"configured": self.count, "connected": self.connected, "restarts": self.restarts}
 
     def families(self) -> list[Metric]:
-        return worker_families(self.hub.workers if self.hub is not None else 0, self.restarts)
+        return worker_families(self.connected, self.restarts)
 
     async def start(self, state: GatewayState) -> None:
         self.hub = LeaseHub(state.pool, str(self.run_dir / CONTROL_SOCKET), lambda: state.config)  # type: ignore[arg-type]

@@ -40,7 +40,7 @@ class _Link:
         self.pid = 0
         self.drained = False  # its requests in flight are over; it still answers (503s) until told to stop
         self.leases: dict[int, tuple[ModelEntry, Lease]] = {}
-        self.queued: dict[int, Waiting] = {}
+        self.queued: dict[int, tuple[ModelEntry, Waiting]] = {}
         self.waits: dict[int, asyncio.Future[None]] = {}  # set: the worker gave up on that place in the queue
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -82,7 +82,7 @@ class _Link:
         if isinstance(got, Lease):
             self._grant(lid, entry, got)
         else:
-            self.queued[lid] = got
+            self.queued[lid] = (entry, got)
             self.channel.send(("q", lid))
 
     def _grant(self, lid: int, entry: ModelEntry, lease: Lease) -> None:
@@ -108,16 +108,17 @@ class _Link:
         lease.release()
 
     def _wait(self, lid: int, timeout: float) -> None:
-        waiting = self.queued.pop(lid, None)
-        if waiting is None:
+        queued = self.queued.pop(lid, None)
+        if queued is None:
             self.channel.send(("no", lid, "timeout"))
             return
         gave_up = self.waits[lid] = asyncio.get_running_loop().create_future()
-        task = asyncio.ensure_future(self._queued(lid, waiting, timeout, gave_up))
+        task = asyncio.ensure_future(self._queued(lid, *queued, timeout, gave_up))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _queued(self, lid: int, waiting: Waiting, seconds: float, gave_up: asyncio.Future[None]) -> None:
+    async def _queued(self, lid: int, entry: ModelEntry, waiting: Waiting, seconds: float,
+                      gave_up: asyncio.Future[None]) -> None:
         try:
             lease = await waiting.wait(seconds, abandon=gave_up)
         except Refused as refused:
@@ -127,11 +128,8 @@ class _Link:
             return
         finally:
             self.waits.pop(lid, None)
-        entry = self.hub.pool.resolve(waiting.model)
-        if entry is None or self.channel.closed.done():
+        if self.channel.closed.done():  # the worker left meanwhile: nobody to send the answer to
             lease.release()
-            if entry is None:
-                self.channel.send(("no", lid, "removed"))
             return
         self._grant(lid, entry, lease)
 
@@ -139,9 +137,9 @@ class _Link:
         gave_up = self.waits.get(lid)
         if gave_up is not None and not gave_up.done():
             gave_up.set_result(None)
-        waiting = self.queued.pop(lid, None)
-        if waiting is not None:
-            waiting.cancel()
+        queued = self.queued.pop(lid, None)
+        if queued is not None:
+            queued[1].cancel()
         self._release(lid, None)  # granted before the cancel crossed it on the line
 
     def _failover(self, lid: int, new_lid: int) -> None:
@@ -157,7 +155,7 @@ class _Link:
         for gave_up in self.waits.values():
             if not gave_up.done():
                 gave_up.set_result(None)
-        for waiting in self.queued.values():
+        for _, waiting in self.queued.values():
             waiting.cancel()
         self.queued.clear()
         for lid in list(self.leases):
@@ -195,7 +193,8 @@ class LeaseHub:
         if link in self._links:
             self._links.discard(link)
             if held:
-                log.info("worker %d left holding %d lease(s) or queue place(s): given back", link.worker, held)
+                log.info("worker %d (pid %d) left holding %d lease(s) or queue place(s): given back", link.worker,
+                         link.pid, held)
         self.changed()
 
     def changed(self) -> None:
