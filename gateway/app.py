@@ -15,17 +15,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from engines import EnginePool, StateChanged
-from gateway.auth import KeyRing
-from gateway.config import Config
+from gateway.config.loader import Config
+from gateway.config.reload import Reloader, install_sighup
 from gateway.deps import GatewayState
-from gateway.errors import BadRequest, GatewayError, error_body
-from gateway.gpu import GpuProbe
+from gateway.http.errors import BadRequest, GatewayError, error_body
+from gateway.http.keys import KeyRing
+from gateway.http.middleware import REQUEST_ID_KEY, GatewayMiddleware
 from gateway.media import MediaNormalizer
-from gateway.metrics import GpuCollector, Metrics, engine_state_family, probe_failures_family
-from gateway.middleware import REQUEST_ID_KEY, GatewayMiddleware
-from gateway.reload import Reloader, install_sighup
+from gateway.observability.gpu_probe import GpuProbe
+from gateway.observability.metrics import GpuCollector, Metrics, engine_state_family, probe_failures_family
+from gateway.proxy.upstream.client import Clocks, Upstream
 from gateway.routes import admin, generate, gpu, models, openai, ops, simple
-from gateway.upstream import Clocks, Upstream
 from gateway.workers.fleet import Fleet
 
 log = logging.getLogger("gateway")

@@ -10,8 +10,8 @@ import shlex
 import sys
 from typing import Any
 
-from gateway import download
-from gateway.config import Config, ConfigError, load_config
+from gateway.commands import download
+from gateway.config.loader import Config, ConfigError, load_config
 
 log = logging.getLogger("gateway")
 
@@ -44,9 +44,9 @@ def _is_loopback(host: str) -> bool:
 
 def serve(config: Config, *, config_path: str | None = None, overrides: dict[str, Any] | None = None) -> int:
     from gateway.app import create_app
-    from gateway.drain import DrainingServer
-    from gateway.logs import configure_logging
-    from gateway.server import uvicorn_config
+    from gateway.http.server import uvicorn_config
+    from gateway.http.shutdown import DrainingServer
+    from gateway.observability.log_setup import configure_logging
 
     s = config.server
     configure_logging(s.log_level, s.log_format)
@@ -93,7 +93,7 @@ def serve(config: Config, *, config_path: str | None = None, overrides: dict[str
 def check(config: Config) -> int:
     from engines.adapters import adapter_for
     from engines.discovery import report
-    from engines.snapshot import redact_argv
+    from engines.replica.snapshot import redact_argv
 
     found = config.discovered
     if found is not None:
@@ -128,14 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "download":
         return download.run(args)
     if args.command == "demo-model":
-        from gateway import demo_model
+        from gateway.commands import demo_model
 
         return demo_model.main(["--path", args.path, *(["--vl-path", args.vl_path] if args.vl_path else []),
                                 *(["--force"] if args.force else [])])
     if args.command == "serve":
         # Loading the config may already log (model discovery's warnings): in the server's format from the
         # start, so a JSON log pipeline never sees a bare line. The config's own settings apply once it is read.
-        from gateway.logs import configure_logging
+        from gateway.observability.log_setup import configure_logging
 
         level, fmt = os.environ.get("GATEWAY_LOG_LEVEL", "info").lower(), os.environ.get("GATEWAY_LOG_FORMAT", "")
         configure_logging(level if level in ("debug", "info", "warning", "error") else "info",

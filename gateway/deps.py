@@ -9,15 +9,15 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import Depends, Request
 
 from engines import EnginePool
-from gateway.auth import KeyRing
-from gateway.config import Config
-from gateway.drain import InFlight
-from gateway.gpu import GpuProbe
+from gateway.config.loader import Config
+from gateway.config.reload import Reloader
+from gateway.http.keys import KeyRing
+from gateway.http.shutdown import InFlight
 from gateway.media import MediaNormalizer
-from gateway.metrics import Metrics
-from gateway.reload import Reloader
-from gateway.upstream import Clocks, Upstream
-from gateway.workers.remote import RemotePool
+from gateway.observability.gpu_probe import GpuProbe
+from gateway.observability.metrics import Metrics
+from gateway.proxy.upstream.client import Clocks, Upstream
+from gateway.workers.lease_client import RemotePool
 
 if TYPE_CHECKING:
     from gateway.workers.fleet import Fleet

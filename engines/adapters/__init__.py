@@ -5,7 +5,7 @@ from __future__ import annotations
 from engines.adapters.base import OPENAI_PATHS, Dialect, EngineAdapter, render_flags
 from engines.adapters.lightllm import LightLLMAdapter
 from engines.adapters.lmdeploy import LMDeployAdapter
-from engines.adapters.openai import RemoteOpenAIAdapter
+from engines.adapters.remote import RemoteOpenAIAdapter
 from engines.adapters.sglang import SGLangAdapter
 from engines.adapters.transformers import TransformersAdapter
 from engines.adapters.vllm import VLLMAdapter

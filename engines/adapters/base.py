@@ -57,7 +57,7 @@ class EngineAdapter:
     dialect: ClassVar[Dialect] = "openai"
     endpoints: ClassVar[frozenset[str]] = frozenset({"chat", "completions", "embeddings", "rerank"})
     spawns: ClassVar[bool] = True  # False for remote engines: probed, never launched
-    stream_end: ClassVar[str] = "done"  # how a complete stream ends: see gateway.relay.Target.stream_end
+    stream_end: ClassVar[str] = "done"  # how a complete stream ends: see gateway.proxy.relay.Target.stream_end
 
     def executable(self, spec: ModelSpec, default: list[str]) -> list[str]:
         return list(spec.command) if spec.command else default

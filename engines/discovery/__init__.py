@@ -18,9 +18,9 @@ smallest power-of-two tensor parallel on unassigned GPUs, then vLLM CPU offload,
 """
 
 from engines.discovery.classify import Classified, Unsupported, classify
-from engines.discovery.placement import Fit, GiB, GpuSlot, Need, place
 from engines.discovery.policy import CPU_ENGINES, GPU_ENGINES, DiscoveryPolicy, GpuEntry
 from engines.discovery.scan import DiscoveryResult, Planned, Skipped, discover, sanitize
+from engines.discovery.sizing import Fit, GiB, GpuSlot, Need, place
 from engines.discovery.weights import Weights, read_weights
 
 __all__ = [

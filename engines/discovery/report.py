@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from engines.discovery.placement import gib
 from engines.discovery.scan import DiscoveryResult, Planned
+from engines.discovery.sizing import gib
 
 
 def header(result: DiscoveryResult) -> str:

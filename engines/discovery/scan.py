@@ -14,8 +14,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from engines.discovery.classify import Classified, Unsupported, classify
-from engines.discovery.placement import Fit, GiB, GpuSlot, Limits, Need, fits_on, place
 from engines.discovery.policy import GPU_ENGINE_KINDS, OFFLOAD_FLAG, DiscoveryPolicy, GpuEntry, kind_args
+from engines.discovery.sizing import Fit, GiB, GpuSlot, Limits, Need, fits_on, place
 from engines.discovery.weights import Weights, read_weights
 from engines.spec import ModelSpec
 

@@ -16,8 +16,8 @@ Modules, one concept each::
     normalize  MediaNormalizer, what the request path calls
 """
 
-from gateway.media.config import MediaConfig
 from gateway.media.fetch import SafeFetcher
 from gateway.media.normalize import MediaNormalizer
+from gateway.media.settings import MediaConfig
 
 __all__ = ["MediaConfig", "MediaNormalizer", "SafeFetcher"]

@@ -6,7 +6,7 @@ an exception's text (PIL's can hold ``BytesIO`` reprs with heap addresses).
 
 from __future__ import annotations
 
-from gateway.errors import BadRequest, MediaError
+from gateway.http.errors import BadRequest, MediaError
 
 FORBIDDEN = "image_url_forbidden"
 INVALID_URL = "invalid_image_url"

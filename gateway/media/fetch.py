@@ -20,9 +20,9 @@ import aiohttp
 from aiohttp.abc import AbstractResolver
 from yarl import URL
 
-from gateway.errors import MediaError
+from gateway.http.errors import MediaError
 from gateway.media import failures
-from gateway.media.config import MediaConfig
+from gateway.media.settings import MediaConfig
 from gateway.media.ssrf import AddressPolicy, BlockedAddress, GuardedResolver
 from gateway.media.urls import check_http_url, parse_http_url, redirect_target, safe_for_logs
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFile
 
-from gateway.errors import MediaError
+from gateway.http.errors import MediaError
 from gateway.media import failures
-from gateway.media.config import MediaConfig
 from gateway.media.datauri import build_data_url
+from gateway.media.settings import MediaConfig
 from gateway.media.sniff import IMAGE_MIME, SNIFF_BYTES, sniff_image
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,6 @@ from aiohttp.abc import AbstractResolver
 
 from gateway.media import failures
 from gateway.media.cache import MediaCache, key_for_bytes, key_for_url
-from gateway.media.config import MediaConfig
 from gateway.media.datauri import (
     build_data_url,
     decode_base64,
@@ -31,6 +30,7 @@ from gateway.media.images import image_data_url
 from gateway.media.local import read_local_file
 from gateway.media.parts import MediaJob, plan_messages
 from gateway.media.parts import needs_work as _needs_work
+from gateway.media.settings import MediaConfig
 from gateway.media.sniff import SNIFF_BYTES, sniff_image, sniff_media
 from gateway.media.urls import parse_http_url, reference_kind
 

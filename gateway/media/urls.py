@@ -14,7 +14,7 @@ from typing import Literal
 from yarl import URL
 
 from gateway.media import failures
-from gateway.media.config import normalize_host
+from gateway.media.settings import normalize_host
 
 MAX_URL_LENGTH = 8192
 RefKind = Literal["http", "data", "file", "scheme", "other"]

@@ -19,11 +19,11 @@ from fastapi import APIRouter, Query, Response
 from starlette.types import Receive, Scope, Send
 
 from engines import LogRing, ModelEntry, ReplicaSnapshot, Supervisor
-from engines.logs import LogFollower
-from gateway.config import ConfigError
+from engines.process.log_ring import LogFollower
+from gateway.config.loader import ConfigError
 from gateway.deps import GatewayState, StateDep
-from gateway.errors import BadRequest, EngineUnavailable, NotFound
-from gateway.routing import resolve
+from gateway.http.errors import BadRequest, EngineUnavailable, NotFound
+from gateway.proxy.admission import resolve
 
 router = APIRouter(prefix="/admin")
 log = logging.getLogger("gateway.admin")
@@ -103,7 +103,7 @@ async def restart(model: str, state: StateDep, replica: ReplicaQuery = None) -> 
 
 @router.post("/reload")
 async def reload(state: StateDep) -> Response:
-    """Re-read the config file: models added, removed and changed are applied; see gateway/reload.py."""
+    """Re-read the config file: models added, removed and changed are applied; see gateway/config/reload.py."""
     if state.reloader is None:
         raise BadRequest("The gateway was started without a config file: there is nothing to reload.",
                          code="no_config_file")

@@ -16,14 +16,14 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from gateway.deps import GatewayState, StateDep
-from gateway.errors import BadRequest, MediaError
+from gateway.http.errors import BadRequest, MediaError
 from gateway.media import MediaNormalizer, failures
 from gateway.media.urls import reference_kind
-from gateway.payload import parse_json_object, read_body
-from gateway.relay import Relay
+from gateway.proxy.admission import while_connected
+from gateway.proxy.body import parse_json_object, read_body
+from gateway.proxy.relay import Relay
 from gateway.routes.openai import relay, route
 from gateway.routes.simple import chosen_model
-from gateway.routing import while_connected
 
 router = APIRouter()
 

@@ -16,9 +16,10 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Response
 
-from engines import EngineState, ReplicaSnapshot, procfs
+from engines import EngineState, ReplicaSnapshot
+from engines.process import procfs
 from gateway.deps import StateDep
-from gateway.gpu import GpuInfo, GpuReport
+from gateway.observability.gpu_probe import GpuInfo, GpuReport
 
 router = APIRouter()
 

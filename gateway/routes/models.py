@@ -9,8 +9,8 @@ from fastapi import APIRouter, Response
 
 from engines import EnginePool, ModelEntry
 from gateway.deps import GatewayState, StateDep
+from gateway.proxy.admission import resolve
 from gateway.routes.ops import model_state
-from gateway.routing import resolve
 
 router = APIRouter()
 

@@ -10,15 +10,15 @@ from fastapi import APIRouter, Request, Response
 
 from engines import ModelEntry
 from engines.adapters import OPENAI_PATHS
-from engines.lease import Lease
+from engines.scheduling.lease import Lease
 from gateway.deps import GatewayState, StateDep
-from gateway.errors import BadRequest, ShuttingDown
+from gateway.http.errors import BadRequest, ShuttingDown
+from gateway.http.middleware import MODEL_KEY, REQUEST_ID_KEY
 from gateway.media import MediaNormalizer
-from gateway.middleware import MODEL_KEY, REQUEST_ID_KEY
-from gateway.payload import check_fields, model_name, parse_json_object, read_body
-from gateway.relay import Relay, Target
-from gateway.routing import acquire, resolve, while_connected
-from gateway.workers.remote import RemoteLease
+from gateway.proxy.admission import acquire, resolve, while_connected
+from gateway.proxy.body import check_fields, model_name, parse_json_object, read_body
+from gateway.proxy.relay import Relay, Target
+from gateway.workers.lease_client import RemoteLease
 
 router = APIRouter()
 

@@ -14,9 +14,9 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from engines import EnginePool, ModelEntry
-from engines.scheduler import Phase
+from engines.scheduling.scheduler import Phase
 from gateway.deps import GatewayState, StateDep
-from gateway.metrics import merge_expositions
+from gateway.observability.metrics import merge_expositions
 
 router = APIRouter()
 

@@ -22,12 +22,12 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from engines.adapters import OPENAI_PATHS
 from gateway.deps import GatewayState, StateDep
-from gateway.errors import BadRequest, MediaError
+from gateway.http.errors import BadRequest, MediaError
 from gateway.media import failures
-from gateway.payload import check_fields, model_name, parse_json_object, read_body
-from gateway.relay import Relay
+from gateway.proxy.admission import while_connected
+from gateway.proxy.body import check_fields, model_name, parse_json_object, read_body
+from gateway.proxy.relay import Relay
 from gateway.routes.openai import relay, route
-from gateway.routing import while_connected
 
 router = APIRouter()
 

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.core import Metric
 
-from gateway.config import Config
-from gateway.metrics import worker_families
-from gateway.workers.hub import LeaseHub
+from gateway.config.loader import Config
+from gateway.observability.metrics import worker_families
+from gateway.workers.lease_server import LeaseHub
 
 if TYPE_CHECKING:
     from gateway.deps import GatewayState

@@ -16,7 +16,7 @@ import logging
 import aiohttp
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.errors import error_body
+from gateway.http.errors import error_body
 
 log = logging.getLogger("gateway.workers")
 

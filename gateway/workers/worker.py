@@ -24,21 +24,21 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.app import install_error_handlers
-from gateway.auth import KeyRing
-from gateway.config import Config
+from gateway.config.loader import Config
 from gateway.deps import GatewayState
-from gateway.drain import DrainingServer
-from gateway.gpu import GpuProbe
-from gateway.logs import configure_logging
+from gateway.http.keys import KeyRing
+from gateway.http.middleware import GatewayMiddleware
+from gateway.http.server import uvicorn_config
+from gateway.http.shutdown import DrainingServer
 from gateway.media import MediaNormalizer
-from gateway.metrics import Metrics
-from gateway.middleware import GatewayMiddleware
+from gateway.observability.gpu_probe import GpuProbe
+from gateway.observability.log_setup import configure_logging
+from gateway.observability.metrics import Metrics
+from gateway.proxy.upstream.client import Clocks, Upstream
 from gateway.routes import generate, openai, simple
-from gateway.server import uvicorn_config
-from gateway.upstream import Clocks, Upstream
 from gateway.workers.fleet import CONFIG_FILE, CONTROL_SOCKET, OWNER_SOCKET
 from gateway.workers.forward import OwnerForward
-from gateway.workers.remote import OwnerLink, RemotePool
+from gateway.workers.lease_client import OwnerLink, RemotePool
 
 log = logging.getLogger("gateway.workers")
 LOCAL_ROUTERS = (openai.router, simple.router, generate.router)  # the request path; the rest is the owner's

@@ -29,9 +29,9 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_chat_model(tiny_models_dir: Path) -> Path:
-    """A Qwen2-shaped chat model with random weights (see ``gateway/demo_model.py``)."""
+    """A Qwen2-shaped chat model with random weights (see ``gateway/commands/demo_model.py``)."""
     _require_cpu_engine()
-    from gateway.demo_model import make_chat_model
+    from gateway.commands.demo_model import make_chat_model
 
     path = tiny_models_dir / "tiny-chat"
     make_chat_model(path)
@@ -42,7 +42,7 @@ def tiny_chat_model(tiny_models_dir: Path) -> Path:
 def tiny_vl_model(tiny_models_dir: Path) -> Path:
     """A LLaVA vision-language model with random weights; one 28 px image is 4 prompt tokens."""
     _require_cpu_engine()
-    from gateway.demo_model import make_vl_model
+    from gateway.commands.demo_model import make_vl_model
 
     path = tiny_models_dir / "tiny-vl"
     make_vl_model(path)

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.gpu import GpuProbe
+from gateway.observability.gpu_probe import GpuProbe
 from tests.helpers import Gateway, run_gateway
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]

@@ -24,11 +24,11 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 
-from engines import procfs
 from engines.adapters import adapter_for
+from engines.process import procfs
+from engines.replica.state import StateChanged
+from engines.replica.supervisor import Supervisor
 from engines.spec import HealthPolicy, ModelSpec, RestartPolicy
-from engines.state import StateChanged
-from engines.supervisor import Supervisor
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]

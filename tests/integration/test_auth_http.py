@@ -10,11 +10,11 @@ import httpx
 import pytest
 
 from gateway.app import create_app
-from gateway.config import build_config
+from gateway.config.loader import build_config
 from tests.helpers import Gateway, run_gateway
 
 OPS, APP = "sk-ops-0123456789", "sk-app-0123456789"
-# Written out, not read from gateway/auth.py: a route made public must be added here on purpose.
+# Written out, not read from gateway/http/keys.py: a route made public must be added here on purpose.
 PUBLIC_ROUTES = {"/health", "/ready", "/v1/health", "/metrics"}  # /metrics: auth.metrics_public defaults to true
 
 

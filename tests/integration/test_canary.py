@@ -414,7 +414,7 @@ def test_gateway_check_shows_no_secret(tmp_path: Path, capsys: pytest.CaptureFix
 def test_the_access_log_filter_drops_query_strings() -> None:
     import logging
 
-    from gateway.logs import _AccessQueryFilter
+    from gateway.observability.log_setup import _AccessQueryFilter
 
     record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
                                ("127.0.0.1:5", "GET", f"/v1/models?api_key={WRONG_KEY}", "1.1", 401), None)

@@ -165,7 +165,7 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
     fake = FakeHub()
     monkeypatch.setenv("HF_ENDPOINT", fake.url)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no token file from the machine running the tests
-    monkeypatch.setattr("gateway.download.fetch.BACKOFF_S", 0.01)
+    monkeypatch.setattr("gateway.commands.download.transfer.BACKOFF_S", 0.01)
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "GATEWAY_CONFIG"):
         monkeypatch.delenv(name, raising=False)
     yield fake

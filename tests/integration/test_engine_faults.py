@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from engines.logs import LogRing
-from engines.ports import listener_pids
+from engines.process.log_ring import LogRing
+from engines.process.ports import listener_pids
 from tests.helpers import Gateway, chat, free_port, run_gateway, standin_command, tagged_pids, wait_until
 from tests.helpers import standin_model as model
 from tests.standin.harness import read_records, write_faults

@@ -21,10 +21,10 @@ from engines_helpers import (  # noqa: F401 (the *_fixture names are fixtures)
     wait_until,
 )
 
-from engines import procfs
-from engines.logs import TRUNCATED, LogRing
-from engines.ports import pick_free_port
-from engines.process import EngineProcess, sweep_leftovers
+from engines.process import procfs
+from engines.process.launch import EngineProcess, sweep_leftovers
+from engines.process.log_ring import TRUNCATED, LogRing
+from engines.process.ports import pick_free_port
 
 pytestmark = pytest.mark.timeout(30)
 

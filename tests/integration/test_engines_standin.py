@@ -32,9 +32,9 @@ from engines_helpers import (  # noqa: F401 (the *_fixture names are fixtures)
     wait_until,
 )
 
-from engines import procfs
+from engines.process import procfs
+from engines.replica.state import EngineState
 from engines.spec import HealthPolicy, ModelSpec
-from engines.state import EngineState
 
 S = EngineState
 STANDIN = REPO / "tests" / "standin"

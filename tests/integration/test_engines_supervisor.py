@@ -25,9 +25,9 @@ from engines_helpers import (  # noqa: F401 (the *_fixture names are fixtures)
     wait_until,
 )
 
-from engines.ports import pick_free_port
+from engines.process.ports import pick_free_port
+from engines.replica.state import EngineState
 from engines.spec import HealthPolicy, ModelSpec, RestartPolicy
-from engines.state import EngineState
 
 S = EngineState
 pytestmark = pytest.mark.timeout(30)
@@ -239,7 +239,7 @@ def test_an_answer_from_a_process_outside_the_launch_is_not_readiness(
         fake_engine: Path, name: str, impostor: Impostor, monkeypatch: pytest.MonkeyPatch) -> None:
     """The race the free-port check cannot close: the impostor binds after the check. The engine then fails
     to bind and exits, but until it does, probes reach the impostor; they must not make it READY."""
-    from engines import ports
+    from engines.process import ports
     monkeypatch.setattr(ports, "pick_free_port", lambda host="127.0.0.1": impostor.port)
 
     async def main() -> None:
@@ -297,7 +297,7 @@ def test_shutdown_by_cancelling_the_task_still_ends_the_engine(fake_engine: Path
         import aiohttp
 
         from engines.adapters import adapter_for
-        from engines.supervisor import Supervisor
+        from engines.replica.supervisor import Supervisor
 
         spec = fake_spec(name, fake_engine)
         async with aiohttp.ClientSession() as session:

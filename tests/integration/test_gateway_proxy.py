@@ -164,7 +164,7 @@ def test_request_id_both_ways_and_client_auth_not_forwarded(env: Env) -> None:
 @pytest.mark.parametrize("stream", [False, True], ids=["aiohttp", "spliced-stream"])
 def test_hop_by_hop_headers_and_client_credentials_are_not_forwarded(env: Env, stream: bool) -> None:
     """G6, outbound: the request to the engine is built anew (a non-stream goes through aiohttp, a stream
-    through gateway/splice.py's own request bytes); none of the client's hop-by-hop headers, the header its
+    through gateway/proxy/upstream/raw.py's own request bytes); none of the client's hop-by-hop headers, the header its
     ``Connection`` names, or its credentials may reach the engine."""
     request_id = f"g6-hop-by-hop-{stream}"
     sent = {"Connection": "x-foo", "X-Foo": "bar-g6", "TE": "trailers", "Keep-Alive": "5",

@@ -30,7 +30,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from PIL import Image
 
-from gateway.errors import BadRequest
+from gateway.http.errors import BadRequest
 from gateway.media import MediaConfig, MediaNormalizer, SafeFetcher
 
 pytestmark = pytest.mark.anyio

@@ -1,4 +1,4 @@
-"""Streams relayed in callbacks (gateway/splice.py) against the aiohttp path, and under a slow reader."""
+"""Streams relayed in callbacks (gateway/proxy/upstream/raw.py) against the aiohttp path, and under a slow reader."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 import pytest
 
-from gateway.auth import KeyRing, required_permission
-from gateway.auth_config import AuthConfig
-from gateway.errors import PermissionDenied, Unauthorized
+from gateway.config.auth import AuthConfig
+from gateway.http.errors import PermissionDenied, Unauthorized
+from gateway.http.keys import KeyRing, required_permission
 
 
 def ring(**kw):

@@ -1,6 +1,6 @@
 import pytest
 
-from gateway.config import ConfigError, build_config, load_config
+from gateway.config.loader import ConfigError, build_config, load_config
 
 
 def test_minimal_config_builds_specs_in_order():

@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from gateway.cli import main as gateway_cli
-from gateway.config import build_config
+from gateway.config.loader import build_config
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

@@ -2,7 +2,7 @@
 
 Every PromQL expression (alert rules, dashboard panels) is parsed by ``promql-parser`` (PyPI, a Rust
 PromQL parser; ``dev`` extra), and each metric it selects must be one the gateway exports (read from
-gateway/metrics.py's own collectors), with labels that metric has. ``promtool`` (Prometheus' checker and
+gateway/observability/metrics.py's own collectors), with labels that metric has. ``promtool`` (Prometheus' checker and
 rule unit-test runner) is not on PyPI: its tests run where it is on PATH (Debian: package `prometheus`)
 and are skipped elsewhere.
 """
@@ -32,7 +32,7 @@ def _exported() -> dict[str, set[str]]:
     """Sample name → label names, for everything the gateway's /metrics can show."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    from gateway.metrics import GpuCollector, Metrics, engine_state_family, worker_families
+    from gateway.observability.metrics import GpuCollector, Metrics, engine_state_family, worker_families
 
     metrics = Metrics()
     # (family name, type, labels). prometheus_client keeps label names in `_labelnames` on both the

@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 
 from gateway.deps import get_state
-from gateway.middleware import DIRECT_ROUTES
+from gateway.http.middleware import DIRECT_ROUTES
 from gateway.routes import openai
 
 

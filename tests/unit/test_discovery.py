@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from engines.discovery import DiscoveryPolicy, GiB, GpuSlot, discover, read_weights, sanitize
-from gateway.config import ConfigError, build_config, load_config
+from gateway.config.loader import ConfigError, build_config, load_config
 
 FOUR_GPUS = [GpuSlot(i, 80 * GiB, "H100") for i in range(4)]
 EIGHT_GPUS = [GpuSlot(i, 80 * GiB, "H100") for i in range(8)]

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import build_config
-from gateway.download.hub import DownloadError, RepoFile, _parse_files, find_token
-from gateway.download.plan import from_config, is_hub_id, safe_path, select, targets
-from gateway.download.progress import Progress, human
+from gateway.commands.download.hub_api import DownloadError, RepoFile, _parse_files, find_token
+from gateway.commands.download.plan import from_config, is_hub_id, safe_path, select, targets
+from gateway.commands.download.progress import Progress, human
+from gateway.config.loader import build_config
 
 
 @pytest.mark.parametrize(("value", "expected"), [

@@ -1,6 +1,6 @@
 import pytest
 
-from engines.backoff import RestartBackoff
+from engines.replica.backoff import RestartBackoff
 from engines.spec import RestartPolicy
 
 

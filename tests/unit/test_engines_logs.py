@@ -1,6 +1,6 @@
 import asyncio
 
-from engines.logs import TRUNCATED, LineSplitter, LogRing
+from engines.process.log_ring import TRUNCATED, LineSplitter, LogRing
 
 
 def test_ring_is_bounded_by_lines_and_bytes() -> None:

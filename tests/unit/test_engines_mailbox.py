@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from engines.mailbox import Mailbox
+from engines.replica.mailbox import Mailbox
 
 
 def test_whichever_comes_first_and_nothing_is_lost_between_waits() -> None:

@@ -1,7 +1,7 @@
 import os
 import socket
 
-from engines.ports import listener_pids, pick_free_port, port_is_free
+from engines.process.ports import listener_pids, pick_free_port, port_is_free
 
 
 def test_a_picked_port_is_free_and_a_listening_one_is_not() -> None:

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from engines.placement import ModelPlan
-from engines.scheduler import Phase, Refused, Scheduler, Ticket
+from engines.replica.state import EngineState
+from engines.scheduling.placement import ModelPlan
+from engines.scheduling.scheduler import Phase, Refused, Scheduler, Ticket
 from engines.spec import OutlierPolicy
-from engines.state import EngineState
 
 S = EngineState
 

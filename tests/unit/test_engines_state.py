@@ -1,4 +1,4 @@
-from engines.state import TRANSITIONS, EngineState, can_transition
+from engines.replica.state import TRANSITIONS, EngineState, can_transition
 
 S = EngineState
 
@@ -37,7 +37,7 @@ def test_only_stopping_leads_to_stopped_and_every_state_but_stopped_can_stop() -
 
 
 def test_argv_redaction_hides_secret_values_only() -> None:
-    from engines.snapshot import redact_argv
+    from engines.replica.snapshot import redact_argv
 
     argv = ["vllm", "serve", "/m", "--api-key", "sk-1", "sk-2", "--tokenizer", "/tok", "--hf-token=hf_x",
             "--port", "8000", "--ssl-keyfile", "/k.pem"]

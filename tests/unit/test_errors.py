@@ -1,7 +1,7 @@
 import orjson
 import pytest
 
-from gateway.errors import EngineUnavailable, ModelNotFound, Unauthorized, reshape_upstream_error, sse_error_event
+from gateway.http.errors import EngineUnavailable, ModelNotFound, Unauthorized, reshape_upstream_error, sse_error_event
 
 
 def test_error_body_shape_and_headers():

@@ -11,8 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.gpu import GpuProbe
-from gateway.metrics import GpuCollector
+from gateway.observability.gpu_probe import GpuProbe
+from gateway.observability.metrics import GpuCollector
 
 GiB = 1024**3
 

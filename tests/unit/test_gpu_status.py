@@ -13,9 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from engines import EngineState, ReplicaSnapshot
-from engines.procfs import children
-from gateway.config import build_config
-from gateway.gpu import GpuProbe
+from engines.process.procfs import children
+from gateway.config.loader import build_config
+from gateway.observability.gpu_probe import GpuProbe
 from gateway.routes.gpu import Holder, owners_of
 from tests.helpers import free_port, wait_until
 from tests.unit.test_gpu import FakeNvml, GiB, NVMLError_LibraryNotFound, three_gpus

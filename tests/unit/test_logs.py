@@ -4,7 +4,7 @@ import logging
 import orjson
 import pytest
 
-from gateway.logs import _JsonFormatter, _RequestIdFilter, request_id_var
+from gateway.observability.log_setup import _JsonFormatter, _RequestIdFilter, request_id_var
 
 
 def test_each_task_logs_its_own_request_id() -> None:

@@ -7,9 +7,9 @@ import ipaddress
 import pytest
 from pydantic import ValidationError
 
-from gateway.errors import MediaError
+from gateway.http.errors import MediaError
 from gateway.media.cache import MediaCache, key_for_bytes, key_for_url
-from gateway.media.config import MediaConfig, parse_bytes, parse_count
+from gateway.media.settings import MediaConfig, parse_bytes, parse_count
 from gateway.media.ssrf import AddressPolicy, BlockedAddress, classify, looks_numeric
 from gateway.media.urls import parse_http_url, redirect_target, reference_kind
 

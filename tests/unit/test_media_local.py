@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from gateway.errors import BadRequest
+from gateway.http.errors import BadRequest
 from gateway.media import MediaConfig, MediaNormalizer
 
 pytestmark = pytest.mark.anyio

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from gateway.errors import BadRequest
+from gateway.http.errors import BadRequest
 from gateway.media import MediaConfig, MediaNormalizer, images
 from gateway.media.images import gif_frame_count
 

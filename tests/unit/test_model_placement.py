@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from engines.outlier import Outlier
-from engines.placement import Placement, check_placement, must_stop_for, plan_for
+from engines.replica.outlier import Outlier
+from engines.scheduling.placement import Placement, check_placement, must_stop_for, plan_for
 from engines.spec import ModelSpec, OutlierPolicy
-from gateway.config import ConfigError, build_config
+from gateway.config.loader import ConfigError, build_config
 
 
 def spec(name: str, **kw: object) -> ModelSpec:

@@ -9,9 +9,9 @@ import pytest
 
 from engines.adapters import adapter_for
 from engines.discovery import GiB, GpuSlot, Need, place
-from engines.discovery.placement import Fit, Limits, tp_sizes
-from gateway.config import Config, build_config, gpu_slots
-from gateway.gpu import GpuProbe
+from engines.discovery.sizing import Fit, Limits, tp_sizes
+from gateway.config.loader import Config, build_config, gpu_slots
+from gateway.observability.gpu_probe import GpuProbe
 from tests.unit.test_discovery import BERT, LLAVA, QWEN, make_model
 from tests.unit.test_gpu import FakeGpu, FakeNvml, NVMLError_LibraryNotFound
 

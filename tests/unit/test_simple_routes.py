@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from gateway.errors import BadRequest, MediaError, UpstreamError
+from gateway.http.errors import BadRequest, MediaError, UpstreamError
 from gateway.media import MediaConfig, MediaNormalizer
-from gateway.relay import _transformed
+from gateway.proxy.relay import _transformed
+from gateway.proxy.sse import Outcome
 from gateway.routes.generate import inline_images
 from gateway.routes.simple import TASKS, analyze_instruction, chat_request, check_known, form_value, simple_answer
-from gateway.sse import Outcome
 
 pytestmark = pytest.mark.anyio
 

@@ -1,4 +1,4 @@
-"""gateway.splice and gateway.sse against a real socket: a tiny asyncio HTTP server plays the engine."""
+"""proxy.upstream.raw and proxy.sse against a real socket: a tiny asyncio HTTP server plays the engine."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gateway.errors import UpstreamError
-from gateway.splice import EngineClosed, EngineConnections, request_bytes, split_url
-from gateway.sse import DONE, EventCutter, Outcome, StreamEnded
+from gateway.http.errors import UpstreamError
+from gateway.proxy.sse import DONE, EventCutter, Outcome, StreamEnded
+from gateway.proxy.upstream.raw import EngineClosed, EngineConnections, request_bytes, split_url
 
 pytestmark = pytest.mark.anyio
 

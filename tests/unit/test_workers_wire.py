@@ -9,9 +9,9 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import Metrics, engine_state_family, merge_expositions
-from gateway.workers.hub import LeaseHub
-from gateway.workers.remote import OwnerLink
+from gateway.observability.metrics import Metrics, engine_state_family, merge_expositions
+from gateway.workers.lease_client import OwnerLink
+from gateway.workers.lease_server import LeaseHub
 from gateway.workers.wire import Channel, frame
 
 

@@ -1,0 +1,428 @@
+"""One replica's lifecycle, owned by one asyncio task (llama-swap's rule: one owner; the rest read snapshots).
+
+    STOPPED ─start→ STARTING ─ready before the deadline→ READY
+                      │ exit / deadline / spawn error      │ exit, or unhealthy_threshold failed probes
+                      ▼                                    ▼
+                   BACKOFF ◀───────────────────────────────┘   (the launch is killed, its log kept)
+                      │ delay from backoff.py; budget spent → FAILED (until start/restart)
+                      └─→ STARTING
+    any state ─stop→ STOPPING (SIGTERM → stop_grace → SIGKILL, whole tree) → STOPPED
+
+``run()`` is the owner; ``start()``, ``stop()`` and ``restart()`` queue a command for it and wait for it
+to be taken up. "Connection refused while the child lives" is loading, not failure; the child's exit is
+the strongest signal. A remote engine (``adapter.spawns`` False) is only probed: READY while it answers,
+STARTING while it does not, never FAILED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+from engines.adapters.base import EngineAdapter
+from engines.process import ports
+from engines.process.launch import EngineProcess
+from engines.process.log_ring import LogRing
+from engines.process.redact import secret_values
+from engines.replica.backoff import RestartBackoff
+from engines.replica.health import probe
+from engines.replica.mailbox import Command, Mailbox
+from engines.replica.snapshot import ReplicaSnapshot, redact_argv
+from engines.replica.state import EngineState, StateChanged, can_transition
+from engines.spec import ModelSpec
+
+S = EngineState
+_log = logging.getLogger(__name__)
+HURRIED_GRACE = 1.0  # seconds between SIGTERM and SIGKILL when the operator said "now"
+
+
+class Supervisor:
+    def __init__(self, spec: ModelSpec, adapter: EngineAdapter, *, replica: int = 0,
+                 session: aiohttp.ClientSession, on_event: Callable[[StateChanged], None] | None = None,
+                 on_report: Callable[[int, bool], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep, log: LogRing | None = None) -> None:
+        self.spec = spec
+        self.adapter = adapter
+        self.replica = replica
+        self.model = spec.name
+        self.log = log if log is not None else LogRing()
+        self.inflight = 0  # advisory, kept by the request path
+        self._session = session
+        self._on_event = on_event
+        self._on_report = on_report
+        self._clock = clock
+        self._mailbox = Mailbox(sleep)
+        self._logger = logging.getLogger(f"engines.{spec.name}")
+        self._backoff = RestartBackoff(spec.restart, clock=clock)
+        self._state = S.STOPPED
+        self._state_since = time.time()
+        self._ready_since: float | None = None
+        self._ready = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._proc: EngineProcess | None = None
+        self._exit_task: asyncio.Task[int] | None = None
+        self._port: int | None = None
+        self._argv: list[str] = []
+        self._engine_pid: int | None = None
+        self._next_delay = 0.0
+        self.restarts = 0
+        self.launches = 0
+        self.last_exit_code: int | None = None
+        self.last_error: str | None = None
+        self.health_failures = 0
+        self.probe_failures = 0
+        self.passive_failures = 0
+        self.hurried = False  # a second signal: the stop that follows gives the engine HURRIED_GRACE at most
+
+    # -- reading (any task) -------------------------------------------------------------------------
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    @property
+    def ready(self) -> asyncio.Event:
+        """Set while READY. Read it, wait on it; never set it."""
+        return self._ready
+
+    @property
+    def base_url(self) -> str | None:
+        if not self.adapter.spawns:
+            return self.adapter.base_url(self.spec, self.spec.host, 0)
+        return None if self._port is None else self.adapter.base_url(self.spec, self.spec.host, self._port)
+
+    def snapshot(self) -> ReplicaSnapshot:
+        return ReplicaSnapshot(
+            model=self.model, replica=self.replica, state=self._state,
+            base_url=self.base_url if self._state is S.READY else None,
+            pid=self._proc.pid if self._proc else None, engine_pid=self._engine_pid, port=self._port,
+            restarts=self.restarts, last_exit_code=self.last_exit_code, last_error=self.last_error,
+            state_since=self._state_since, ready_since=self._ready_since, launches=self.launches,
+            argv=redact_argv(self._argv), health_failures=self.health_failures, probe_failures=self.probe_failures,
+            inflight=self.inflight,
+            passive_failures=self.passive_failures)
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 (the API's name)
+        """Whether the replica is READY within ``timeout``; gives up early once it is FAILED."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            if self._state is S.READY:
+                return True
+            if self._state is S.FAILED or self._mailbox.closed:
+                return False
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    def report_failure(self) -> None:
+        """Passive evidence from the request path (a connect error, a 5xx, a broken stream, a timeout).
+
+        Routing state, not lifecycle state: the pool's scheduler counts it and may eject the replica from
+        rotation for a while; this replica's own state machine is not touched.
+        """
+        self.passive_failures += 1
+        if self._on_report is not None:
+            self._on_report(self.replica, False)
+        limit = self.spec.outlier.restart_after
+        if limit and self.passive_failures == limit and self._state is S.READY and self.adapter.spawns:
+            self._mailbox.post("broken")  # once per streak: the count only grows until a success or a launch
+
+    def report_success(self) -> None:
+        self.passive_failures = 0
+        if self._on_report is not None:
+            self._on_report(self.replica, True)
+
+    # -- commands -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Launch if STOPPED or FAILED (a FAILED replica gets a fresh crash budget); skip a BACKOFF wait."""
+        await self._mailbox.send("start", f"supervisor of {self.model}/{self.replica}")
+
+    async def stop(self) -> None:
+        """Until STOPPED: the tree got SIGTERM, ``stop_grace``, then SIGKILL."""
+        await self._mailbox.send("stop", f"supervisor of {self.model}/{self.replica}")
+
+    async def restart(self) -> None:
+        """End the current launch (if any) and start a new one with a fresh crash budget."""
+        await self._mailbox.send("restart", f"supervisor of {self.model}/{self.replica}")
+
+    # -- the owner ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            while True:
+                if self._state in (S.STOPPED, S.FAILED):
+                    await self._idle()
+                elif self._state is S.STARTING:
+                    await (self._launching() if self.adapter.spawns else self._connecting())
+                elif self._state in (S.READY, S.UNHEALTHY):
+                    await self._serving()
+                elif self._state is S.BACKOFF:
+                    await self._backing_off()
+                else:
+                    raise AssertionError(f"run() found state {self._state}")
+        finally:
+            await self._shutdown()
+
+    async def _idle(self) -> None:
+        await self._end_launch()
+        kind, value = await self._wait()
+        if kind == "cmd":
+            await self._command(value)
+
+    async def _launching(self) -> None:
+        if self._proc is None:
+            try:
+                await self._launch()
+            except Exception as exc:
+                self._crashed(f"launch failed: {exc}")
+                return
+        proc = self._proc
+        deadline = self._clock() + self.adapter.startup_timeout(self.spec)
+        passes = 0
+        while self._state is S.STARTING and self._proc is proc:
+            kind, value = await self._wait(work=self._probe())
+            if kind != "work":
+                await self._interrupted(kind, value)
+                continue
+            ok, why = value
+            passes = passes + 1 if ok else 0
+            if ok and passes >= self.spec.health.healthy_threshold:
+                if await self._answered_by_us():
+                    self._became_ready()
+                    return
+                passes = 0
+            if self._clock() >= deadline:
+                self._crashed(f"not ready after {self.adapter.startup_timeout(self.spec):g}s (last probe: {why})")
+                return
+            kind, value = await self._wait(after=self.spec.health.startup_interval)
+            if kind != "timeout":
+                await self._interrupted(kind, value)
+
+    async def _connecting(self) -> None:
+        passes = 0
+        while self._state is S.STARTING:
+            kind, value = await self._wait(work=self._probe())
+            if kind == "cmd":
+                await self._command(value)
+                continue
+            ok, why = value
+            passes = passes + 1 if ok else 0
+            if not ok:
+                self.last_error = f"remote not answering: {why}"
+            elif passes >= self.spec.health.healthy_threshold:
+                self._became_ready()
+                return
+            kind, value = await self._wait(after=self.spec.health.startup_interval)
+            if kind == "cmd":
+                await self._command(value)
+
+    async def _serving(self) -> None:
+        proc = self._proc
+        health = self.spec.health
+        loop = asyncio.get_running_loop()
+        passing = 0  # probes passed in a row while UNHEALTHY
+        failing_since = 0.0
+        while self._state in (S.READY, S.UNHEALTHY) and self._proc is proc:
+            kind, value = await self._wait(after=health.interval)
+            if kind == "timeout":
+                kind, value = await self._wait(work=self._probe())
+            if kind != "work":
+                await self._interrupted(kind, value)
+                continue
+            ok, why = value
+            if ok:
+                self.health_failures = 0
+                if self._state is S.UNHEALTHY:
+                    passing += 1
+                    if passing >= health.healthy_threshold:
+                        self._enter(S.READY, "health check passes again")
+                continue
+            passing = 0
+            self.health_failures += 1
+            self.probe_failures += 1
+            if self.health_failures == 1:
+                failing_since = loop.time()
+            if self.health_failures < health.unhealthy_threshold:
+                continue
+            reason = f"health check failed {self.health_failures} times in a row ({why})"
+            if not self.adapter.spawns:
+                self.last_error = reason
+                self._enter(S.STARTING, reason)
+            elif loop.time() - failing_since >= health.restart_grace:
+                self._crashed(reason if self._state is S.READY
+                              else f"{reason}, for more than {health.restart_grace:g}s")
+            elif self._state is S.READY:
+                self.last_error = reason
+                self._enter(S.UNHEALTHY, f"{reason}; out of rotation, restarted if it lasts "
+                                         f"{health.restart_grace:g}s")
+
+    async def _backing_off(self) -> None:
+        await self._end_launch()
+        kind, value = await self._wait(after=self._next_delay)
+        if kind == "cmd":
+            await self._command(value)
+        elif self._state is S.BACKOFF:
+            self.restarts += 1
+            self._enter(S.STARTING, f"restart {self.restarts} after {self._next_delay:.2f}s")
+
+    # -- steps --------------------------------------------------------------------------------------
+
+    async def _launch(self) -> None:
+        host = self.spec.host
+        if self.spec.port is not None:
+            if not ports.port_is_free(host, self.spec.port):
+                raise RuntimeError(f"port {host}:{self.spec.port} is already in use by another process")
+            port = self.spec.port
+        else:
+            port = ports.pick_free_port(host)
+        argv = self.adapter.argv(self.spec, host, port)
+        self.launches += 1
+        engine_id = f"{self.model}/{self.replica}/{self.launches}"
+        self._argv, self._port, self._engine_pid = argv, port, None
+        self.health_failures = self.passive_failures = 0
+        self.log.append(f"[gateway] launch {self.launches}: {' '.join(redact_argv(argv))}")
+        proc = EngineProcess(argv, engine_id=engine_id, env=self.adapter.env(self.spec), log=self.log,
+                             logger=self._logger, grace=self.spec.stop_grace, secrets=secret_values(self.spec))
+        await proc.start()
+        self._proc = proc
+        self._exit_task = asyncio.ensure_future(proc.wait())
+
+    async def _end_launch(self) -> None:
+        """Make sure the current launch is gone (a no-op when there is none); keeps its log."""
+        proc, self._proc = self._proc, None
+        if self._exit_task is not None:
+            if not self._exit_task.done():
+                self._exit_task.cancel()
+            self._exit_task = None
+        self._engine_pid = None
+        self._port = None
+        if proc is None:
+            return
+        code = await proc.stop(min(self.spec.stop_grace, HURRIED_GRACE) if self.hurried else self.spec.stop_grace)
+        if code is not None:
+            self.last_exit_code = code
+
+    async def _answered_by_us(self) -> bool:
+        """Whether the port that answered is held by this launch, not by a stranger that got there first."""
+        proc, port = self._proc, self._port
+        if proc is None or port is None:
+            return False
+        owners = await asyncio.to_thread(lambda: ports.listener_pids(port, proc.members()))
+        if owners is None or owners:
+            return True
+        self.last_error = f"port {port} answers, but not from this engine's processes"
+        return False
+
+    async def _probe(self) -> tuple[bool, str]:
+        if self._proc is not None and self._engine_pid is None:
+            self._engine_pid = self._proc.engine_pid
+        port = self._port or 0
+        key = self.spec.engine_key()
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        url = self.adapter.health_url(self.spec, self.spec.host, port)
+        return await probe(self._session, self.adapter, url, self.spec.health.timeout, headers)
+
+    def _became_ready(self) -> None:
+        self.health_failures = 0
+        self.last_error = None
+        self._backoff.ready()
+        self._enter(S.READY, "health check passed")
+
+    def _crashed(self, reason: str) -> None:
+        self.last_error = reason
+        tail = "".join(f"\n    {line}" for line in self.log.tail(10))
+        self._logger.warning("%s/%d: %s%s", self.model, self.replica, reason, tail and f"; last output:{tail}")
+        delay = self._backoff.crash()
+        if delay is None:
+            policy = self.spec.restart
+            self._enter(S.FAILED, f"{reason}; more than {policy.max_restarts} crashes in {policy.window:g}s")
+        else:
+            self._next_delay = delay
+            self._enter(S.BACKOFF, reason)
+
+    async def _interrupted(self, kind: str, value: Any) -> None:
+        if kind == "cmd":
+            await self._command(value)
+        elif kind == "exit":
+            self.last_exit_code = value
+            when = "during startup" if self._state is S.STARTING else f"while {self._state}"
+            self._crashed(f"exited with code {value} {when}")
+
+    async def _command(self, cmd: Command) -> None:
+        try:
+            if cmd.kind == "stop":
+                if self._state is not S.STOPPED:
+                    self._enter(S.STOPPING, "stop requested")
+                    await self._end_launch()
+                    self._enter(S.STOPPED, "stop requested")
+            elif cmd.kind == "broken":
+                if self._state is S.READY and self.passive_failures >= self.spec.outlier.restart_after:
+                    self._crashed(f"{self.passive_failures} requests in a row failed while its health check "
+                                  "passed")
+            elif cmd.kind == "start":
+                if self._state in (S.STOPPED, S.FAILED, S.BACKOFF):
+                    self._backoff.reset()
+                    self._enter(S.STARTING, "start requested")
+            else:
+                self._backoff.reset()
+                if self._state is not S.STOPPED:
+                    self._enter(S.STOPPING, "restart requested")
+                    await self._end_launch()
+                self._enter(S.STARTING, "restart requested")
+        except BaseException as exc:
+            cmd.finish(exc)
+            raise
+        cmd.finish()
+
+    async def _wait(self, *, after: float | None = None, work: Awaitable[Any] | None = None) -> tuple[str, Any]:
+        return await self._mailbox.wait(exited=self._exit_task, after=after, work=work)
+
+    def _enter(self, new: EngineState, reason: str) -> None:
+        old = self._state
+        if not can_transition(old, new):
+            raise RuntimeError(f"{self.model}/{self.replica}: no transition {old} → {new} ({reason})")
+        self._state = new
+        self._state_since = time.time()
+        if new is S.READY:
+            self._ready_since = self._state_since
+            self._ready.set()
+        elif old is S.READY:
+            self._ready_since = None
+            self._ready.clear()
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+        _log.info("%s/%d: %s → %s (%s)", self.model, self.replica, old, new, reason)
+        if self._on_event is not None:
+            try:
+                self._on_event(StateChanged(self.model, self.replica, old, new, self._state_since, reason))
+            except Exception:
+                _log.exception("state-change subscriber failed")
+
+    async def _shutdown(self) -> None:
+        pending = self._mailbox.close()
+        proc = self._proc
+        try:
+            if self._state not in (S.STOPPED, S.STOPPING):
+                self._enter(S.STOPPING, "supervisor shutting down")
+            await self._end_launch()
+        except asyncio.CancelledError:
+            if proc is not None:
+                proc.kill_now()
+            raise
+        finally:
+            if self._state is S.STOPPING:
+                self._enter(S.STOPPED, "supervisor shut down")
+            for cmd in pending:
+                cmd.finish(RuntimeError("supervisor shut down"))
+            self._changed.set()

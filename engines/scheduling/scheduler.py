@@ -1,0 +1,429 @@
+"""Which models run and which request goes where, and when: the decisions, with no side effects of their own.
+
+llama-swap's split (internal/router/scheduler): the scheduler decides, an ``Effects`` object acts — start
+or stop a model's engines, wake a waiting request, refuse one. Every method here is synchronous and
+never awaits, so on one event loop each call is atomic: no lock, and no read-then-act race between a
+request and a swap. What takes time (a stop, a start) runs in the effects' tasks, which report back by
+calling the scheduler again (``replica_changed``, ``release``). Unit tests drive it with a fake Effects.
+
+Per model:
+  * a request gets a READY replica at once — the one with the fewest requests in flight (ties taken in
+    turn), not ejected, under ``max_concurrency`` — or waits in the model's FIFO queue (at most
+    ``max_queue``; the caller keeps the deadline and ``withdraw``s a waiter that left or timed out);
+  * a request for a stopped model queues and asks for a start. If running models stand in the way
+    (placement.must_stop_for, ``max_loaded``) they are drained first: new requests for them queue, their
+    in-flight requests finish, then they are stopped (the supervisor verifies the process tree is gone),
+    and only then does the new model start. Demands are served in the order of their oldest waiter, and
+    a model is never drained for a demand younger than its own oldest waiter (FIFO across models);
+  * a model that is crash-restarting (it was ready, it is not now) answers 503 at once, as before: only
+    a cold start, a swap or a full model makes requests wait;
+  * an ``on_demand`` model unused for ``idle_timeout`` is drained and stopped (``tick``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from engines.replica.outlier import Outlier
+from engines.replica.state import EngineState
+from engines.scheduling.placement import ModelPlan, must_stop_for
+from engines.scheduling.tickets import Effects, ModelStatus, Phase, Refusal, Refused, Ticket
+
+__all__ = ["Effects", "ModelStatus", "Phase", "Refused", "Scheduler", "Ticket"]
+
+S = EngineState
+_RUNNING = frozenset({S.STARTING, S.READY, S.UNHEALTHY, S.BACKOFF, S.STOPPING})  # a process exists or will
+_DOWN = frozenset({S.STOPPED, S.FAILED})
+
+
+@dataclass(eq=False)
+class _Replica:
+    state: EngineState = S.STOPPED
+    active: int = 0  # granted and not yet released
+    outlier: Outlier = field(default_factory=Outlier)
+
+
+@dataclass(eq=False)
+class _Model:
+    key: int
+    plan: ModelPlan
+    replicas: list[_Replica]
+    queue: deque[Ticket] = field(default_factory=deque)
+    up: bool = False  # started by us and not yet asked to stop
+    cold: bool = False  # started and not READY since: requests wait for it instead of a 503
+    want: float | None = None  # a start asked for without a waiter (eager, operator, reload), and when
+    drain: str | None = None  # why it goes down once its requests are done (idle, swap:<model>, reload)
+    stop_sent: bool = False
+    parked: bool = False
+    retiring: bool = False
+    standby: bool = False
+    last_used: float = 0.0
+    turn: int = 0  # where the next tie between replicas starts
+
+    @property
+    def active(self) -> int:
+        return sum(r.active for r in self.replicas)
+
+    def running(self) -> bool:
+        return self.up or any(r.state in _RUNNING for r in self.replicas)
+
+    def demand_at(self) -> float:
+        times = [t for t in (self.queue[0].arrived if self.queue else None, self.want) if t is not None]
+        return min(times) if times else math.inf
+
+    def yields_to(self, demand_at: float) -> bool:
+        """Whether it may be drained for a demand from ``demand_at``: none of its waiters is older."""
+        return not self.queue or self.queue[0].arrived >= demand_at
+
+
+class Scheduler:
+    def __init__(self, effects: Effects, *, max_loaded: int = 0) -> None:
+        self._effects = effects
+        self.max_loaded = max_loaded
+        self._models: dict[int, _Model] = {}
+        self._closed = False
+        self._busy = False
+        self._again = False
+
+    # -- the set of models (start-up and reload) ----------------------------------------------------
+
+    def add(self, key: int, plan: ModelPlan, now: float, *, start: bool = False) -> None:
+        self._models[key] = _Model(key, plan, [_Replica() for _ in range(plan.replicas)], last_used=now,
+                                   want=now if start else None)
+        self._advance(now)
+
+    def set_plan(self, key: int, plan: ModelPlan) -> None:
+        """New limits or group for an unchanged model (same replicas): applied to the next decisions."""
+        model = self._models[key]
+        if plan.replicas != len(model.replicas):
+            raise ValueError("set_plan cannot change the number of replicas; replace the model")
+        model.plan = plan
+
+    def replace(self, old: int, new: int, plan: ModelPlan, now: float, *, start: bool) -> None:
+        """A reload changed the model: the old version drains and stops, its waiters move to the new one,
+        which starts (``start``, or for those waiters) once the old one is gone."""
+        previous = self._models[old]
+        start = start or previous.up or previous.want is not None
+        waiting, previous.queue = previous.queue, deque()
+        self._retire(previous)
+        self._models[new] = _Model(new, plan, [_Replica() for _ in range(plan.replicas)], last_used=now,
+                                   want=now if start else None, queue=waiting)
+        for ticket in waiting:
+            ticket.key = new
+        self._advance(now)
+
+    def retire(self, key: int, now: float) -> None:
+        """A reload removed the model: its waiters are refused, its requests in flight finish, it stops."""
+        model = self._models[key]
+        self._refuse_all(model, "removed")
+        self._retire(model)
+        self._advance(now)
+
+    def _retire(self, model: _Model) -> None:
+        model.retiring = True
+        model.want = None
+        model.drain = "reload"
+
+    # -- operator commands --------------------------------------------------------------------------
+
+    def start(self, key: int, now: float) -> None:
+        """Start the model (an operator, or an eager model at start-up), stopping what stands in its way."""
+        model = self._models[key]
+        model.parked = False
+        if model.up and model.drain is None:
+            self._effects.start(key)  # starts replicas that are STOPPED or FAILED; running ones ignore it
+        else:
+            model.want = now
+        self._advance(now)
+
+    def stop(self, key: int, now: float) -> None:
+        """Stop now, without a drain (an operator's stop), and refuse requests until started again."""
+        model = self._models[key]
+        model.parked = True
+        model.want = None
+        self._refuse_all(model, "stopped")
+        if model.running():
+            model.up = model.cold = False
+            model.drain = "operator"
+            model.stop_sent = True
+            self._effects.stop(key)
+        self._advance(now)
+
+    def is_up(self, key: int) -> bool:
+        model = self._models.get(key)
+        return model is not None and model.up
+
+    # -- the request path ---------------------------------------------------------------------------
+
+    def admit_now(self, key: int, now: float, exclude: int = -1) -> int | None:
+        """The common case, allocation-free: a replica when one is free and nobody waits, else None (then
+        ``request`` with a Ticket, which queues or refuses). Never replica ``exclude`` (a failover)."""
+        model = self._models.get(key)
+        if model is None or self._closed or model.parked or model.drain is not None or model.queue:
+            return None
+        index = self._pick(model, now, exclude)
+        if index is not None:
+            self._admit(model, index, now)
+        return index
+
+    def request(self, ticket: Ticket, now: float) -> int | None:
+        """A replica index at once, or None: queued (``effects.grant``/``refuse`` will answer it later).
+
+        Raises Refused when it can neither be served nor queued.
+        """
+        model = self._models.get(ticket.key)
+        if model is None or model.retiring:
+            raise Refused("removed", model.plan.name if model else "?")
+        if self._closed:
+            raise Refused("shutdown", model.plan.name)
+        if model.parked:
+            raise Refused("stopped", model.plan.name)
+        if model.drain is None and not model.queue:
+            index = self._pick(model, now)
+            if index is not None:
+                self._admit(model, index, now)
+                return index
+        if not model.running() and all(r.state is S.FAILED for r in model.replicas):
+            raise Refused("failed", model.plan.name)
+        waits = (model.drain is not None or not model.running() or model.cold
+                 or any(r.state is S.READY for r in model.replicas))
+        if not waits:
+            raise Refused("unavailable", model.plan.name)  # crash-restarting: 503 now, not a long wait
+        if len(model.queue) >= model.plan.max_queue:
+            raise Refused("queue_full", model.plan.name)
+        model.queue.append(ticket)
+        self._advance(now)
+        return None
+
+    def withdraw(self, ticket: Ticket, now: float) -> None:
+        """A waiter left (client gone, deadline passed): out of the queue, it never reaches the engine."""
+        model = self._models.get(ticket.key)
+        if model is None:
+            return
+        try:
+            model.queue.remove(ticket)
+        except ValueError:
+            return
+        self._advance(now)  # a shorter queue may let another model's demand through
+
+    def release(self, key: int, replica: int, now: float) -> None:
+        model = self._models.get(key)
+        if model is None:
+            return
+        model.replicas[replica].active -= 1
+        model.last_used = now  # a float store: the idle clock costs the request path nothing more
+        if model.queue or model.drain is not None:  # only then can a freed slot change anything
+            self._advance(now)
+
+    def report(self, key: int, replica: int, ok: bool, now: float) -> float | None:
+        """Passive evidence about a replica; returns the ejection's length when this one ejects it."""
+        model = self._models.get(key)
+        if model is None:
+            return None
+        rep, policy = model.replicas[replica], model.plan.outlier
+        if ok:
+            rep.outlier.success()
+            return None
+        if rep.outlier.ejected(now) or not rep.outlier.failure(policy):
+            return None
+        healthy = [r for r in model.replicas if r.state is S.READY and not r.outlier.ejected(now)]
+        ejected = sum(1 for r in model.replicas if r.outlier.ejected(now))
+        allowed = math.floor(len(model.replicas) * policy.max_ejection_percent / 100)
+        if not [r for r in healthy if r is not rep] or ejected >= allowed:
+            return None  # never the last healthy replica, never more than the share: keep counting
+        return rep.outlier.eject(policy, now)
+
+    # -- what the engines and the clock say ---------------------------------------------------------
+
+    def replica_changed(self, key: int, replica: int, state: EngineState, now: float) -> None:
+        model = self._models.get(key)
+        if model is None:
+            return
+        rep = model.replicas[replica]
+        old, rep.state = rep.state, state
+        if state is S.READY:
+            model.cold = False
+            model.last_used = max(model.last_used, now)  # the idle clock starts when it can first serve
+            if old is S.STARTING:
+                rep.outlier.reset()
+        if state is S.BACKOFF and model.cold and not any(r.state in (S.READY, S.STARTING) for r in model.replicas):
+            # It crashed before it ever served: its waiters get a 503 now, not a wait through the backoff.
+            model.cold = False
+            self._refuse_all(model, "unavailable")
+        if all(r.state in _DOWN for r in model.replicas):
+            if model.stop_sent:
+                self._stopped(model)
+            elif state is S.FAILED and all(r.state is S.FAILED for r in model.replicas):
+                model.up = model.cold = False  # crash-looped: its GPUs are free; an operator must start it
+                self._refuse_all(model, "failed")
+            elif state is S.STOPPED and old is not S.STOPPED:
+                model.up = model.cold = False  # stopped behind our back (admin per replica, shutdown)
+        self._advance(now)
+
+    def tick(self, now: float) -> None:
+        """Idle stops; ejections that ended are noticed by the next pick on their own."""
+        for model in self._models.values():
+            plan = model.plan
+            if (plan.on_demand and plan.idle_timeout > 0 and model.up and not model.cold and model.drain is None
+                    and not model.queue and model.active == 0 and now - model.last_used >= plan.idle_timeout):
+                model.drain = "idle"
+        self._advance(now)
+
+    def shutdown(self) -> None:
+        self._closed = True
+        for model in self._models.values():
+            self._refuse_all(model, "shutdown")
+
+    def status(self, key: int, now: float) -> ModelStatus:
+        model = self._models[key]
+        states = [r.state for r in model.replicas]
+        if (model.drain is not None and model.running()) or (S.STOPPING in states and S.READY not in states):
+            phase = Phase.DRAINING
+        elif S.READY in states:
+            phase = Phase.READY
+        elif model.up or S.STARTING in states or S.BACKOFF in states:
+            phase = Phase.STARTING
+        elif states and all(s is S.FAILED for s in states):
+            phase = Phase.FAILED
+        else:
+            phase = Phase.STOPPED
+        return ModelStatus(phase, len(model.queue), model.active, model.parked, model.standby and not model.parked,
+                           model.drain, tuple(i for i, r in enumerate(model.replicas) if r.outlier.ejected(now)))
+
+    # -- decisions ----------------------------------------------------------------------------------
+
+    def _pick(self, model: _Model, now: float, exclude: int = -1) -> int | None:
+        limit = model.plan.max_concurrency
+        reps = model.replicas
+        best = fallback = None
+        healthy = False
+        for offset in range(len(reps)):
+            i = (model.turn + offset) % len(reps)
+            rep = reps[i]
+            if rep.state is not S.READY or i == exclude:
+                continue
+            ejected = now < rep.outlier.ejected_until
+            healthy = healthy or not ejected
+            if limit and rep.active >= limit:
+                continue
+            if ejected:
+                if fallback is None or rep.active < reps[fallback].active:
+                    fallback = i
+            elif best is None or rep.active < reps[best].active:
+                best = i
+        if best is None and not healthy:
+            best = fallback  # only ejected replicas are up: passive evidence alone never empties a model
+        if best is not None:
+            model.turn = best + 1
+        return best
+
+    def _admit(self, model: _Model, index: int, now: float) -> None:
+        model.replicas[index].active += 1
+        model.last_used = now
+
+    def _advance(self, now: float) -> None:
+        if self._busy:  # an effect called back in: finish this pass, then run another
+            self._again = True
+            return
+        self._busy = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                for model in list(self._models.values()):
+                    self._serve_queue(model, now)
+                self._place(now)
+                for model in list(self._models.values()):
+                    self._maybe_stop(model)
+        finally:
+            self._busy = False
+
+    def _serve_queue(self, model: _Model, now: float) -> None:
+        if model.drain is not None:
+            return
+        while model.queue:
+            index = self._pick(model, now)
+            if index is None:
+                return
+            ticket = model.queue.popleft()
+            if self._effects.grant(ticket, index):
+                self._admit(model, index, now)
+
+    def _place(self, now: float) -> None:
+        """Start the demanded models that can start; drain what stands in their way (oldest demand first)."""
+        if self._closed:
+            return
+        demands = sorted((m for m in self._models.values() if self._wants_up(m)), key=_Model.demand_at)
+        for model in demands:
+            at = model.demand_at()
+            blockers = [b for b in self._running_others(model) if must_stop_for(model.plan, b.plan)]
+            extra = self._over_cap(model, blockers)
+            if extra is None or not all(b.drain is not None or b.yields_to(at) for b in blockers):
+                continue  # FIFO: something older is still waiting on a model in the way
+            for b in (*blockers, *extra):
+                if b.drain is None:
+                    b.drain = f"swap:{model.plan.name}"
+                    b.want = None
+            leaving = (*blockers, *extra)
+            if not any(b.running() for b in leaving) and self._fits(model):
+                self._launch(model, now)
+
+    def _wants_up(self, model: _Model) -> bool:
+        return (not model.running() and not model.parked and not model.retiring
+                and (bool(model.queue) or model.want is not None))
+
+    def _running_others(self, model: _Model) -> Iterator[_Model]:
+        return (m for m in self._models.values() if m is not model and m.running())
+
+    def _over_cap(self, model: _Model, blockers: list[_Model]) -> list[_Model] | None:
+        """Models to stop so ``model`` fits under max_loaded (least recently used first); None: cannot."""
+        if not self.max_loaded or not model.plan.spawns:
+            return []
+        loaded = [m for m in self._running_others(model) if m.plan.spawns]
+        staying = [m for m in loaded if m.drain is None and m not in blockers]
+        excess = len(staying) + 1 - self.max_loaded
+        if excess <= 0:
+            return []
+        at = model.demand_at()
+        candidates = sorted((m for m in staying if m.yields_to(at)), key=lambda m: (m.active > 0, m.last_used))
+        return candidates[:excess] if len(candidates) >= excess else None
+
+    def _fits(self, model: _Model) -> bool:
+        if not self.max_loaded or not model.plan.spawns:
+            return True
+        return sum(1 for m in self._running_others(model) if m.plan.spawns) < self.max_loaded
+
+    def _launch(self, model: _Model, now: float) -> None:
+        model.up = model.cold = True
+        model.want = None
+        model.standby = False
+        model.last_used = now
+        self._effects.start(model.key)
+
+    def _maybe_stop(self, model: _Model) -> None:
+        if model.drain is None or model.stop_sent or model.active:
+            return
+        if not model.running():
+            self._stopped(model)  # nothing to stop (never started, or crashed down)
+            return
+        model.up = model.cold = False
+        model.stop_sent = True
+        self._effects.stop(model.key)
+
+    def _stopped(self, model: _Model) -> None:
+        model.drain = None
+        model.stop_sent = False
+        model.up = model.cold = False
+        if model.retiring:
+            del self._models[model.key]
+            self._effects.retired(model.key)
+        else:
+            model.standby = not model.parked
+
+    def _refuse_all(self, model: _Model, reason: Refusal) -> None:
+        waiting, model.queue = model.queue, deque()
+        for ticket in waiting:
+            self._effects.refuse(ticket, Refused(reason, model.plan.name))

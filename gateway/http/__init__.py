@@ -1,0 +1,11 @@
+"""The edge: what every request meets before and after the request path.
+
+Modules, one concept each::
+
+    protocol    uvicorn's httptools protocol with a header deadline and header size caps
+    server      the uvicorn config every gateway process runs with
+    middleware  the one ASGI middleware: request id, keys, metrics, last-resort errors, the fast path
+    keys        API keys: who is calling and whether the key grants a permission
+    errors      every error the gateway answers with, in the OpenAI shape
+    shutdown    graceful shutdown: drain, in-flight tracking, the signal handlers
+"""

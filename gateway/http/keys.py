@@ -1,0 +1,95 @@
+"""API-key checks: which permission a path needs, and whether a presented key grants it.
+
+Keys are compared as SHA-256 digests with ``hmac.compare_digest`` against every configured key (no
+early exit), so neither the position of a wrong character nor which key matched shows in the timing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from gateway.config.auth import AuthConfig
+from gateway.http.errors import PermissionDenied, Unauthorized
+
+PUBLIC = "public"
+ANY = "any"  # any valid key: routes with no permission of their own (and unknown paths, so they stay dark)
+
+_PERMISSION_BY_PATH: dict[str, str] = {
+    "/health": PUBLIC,
+    "/ready": PUBLIC,
+    "/v1/health": PUBLIC,
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/v1/rerank": "rerank",
+    "/v1/models": "models",
+    "/infer": "chat",
+    "/infer/upload": "chat",
+    "/analyze": "chat",
+    "/analyze/upload": "chat",
+    "/generate": "completions",
+    "/generate_stream": "completions",
+    "/gpu/status": "admin",
+}
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    permissions: frozenset[str]
+
+    def grants(self, permission: str) -> bool:
+        return permission == ANY or "all" in self.permissions or permission in self.permissions
+
+
+def required_permission(path: str, *, metrics_public: bool) -> str:
+    """From ``scope["path"]`` (never the Host header or the raw URL): exact matches, or a known prefix."""
+    found = _PERMISSION_BY_PATH.get(path)
+    if found is not None:
+        return found
+    if path == "/metrics":
+        return PUBLIC if metrics_public else "metrics"
+    if path.startswith("/v1/models/"):
+        return "models"
+    if path.startswith("/admin/") or path == "/admin":
+        return "admin"
+    return ANY
+
+
+class KeyRing:
+    def __init__(self, config: AuthConfig) -> None:
+        self._keys = [
+            (hashlib.sha256(k.secret().encode()).digest(), Identity(k.name, frozenset(k.permissions)))
+            for k in config.api_keys
+        ]
+        self.metrics_public = config.metrics_public
+
+    @property
+    def open(self) -> bool:
+        return not self._keys
+
+    def identify(self, authorization: bytes | None) -> Identity | None:
+        if not authorization or not authorization[:7].lower() == b"bearer ":
+            return None
+        digest = hashlib.sha256(authorization[7:].strip()).digest()
+        found = None
+        for known, identity in self._keys:
+            if hmac.compare_digest(known, digest):
+                found = identity
+        return found
+
+    def check(self, path: str, authorization: bytes | None) -> Identity | None:
+        """Raise 401/403 as the path requires; return who is calling (None when open or public)."""
+        if self.open:
+            return None
+        needed = required_permission(path, metrics_public=self.metrics_public)
+        if needed == PUBLIC:
+            return None
+        identity = self.identify(authorization)
+        if identity is None:
+            raise Unauthorized("Invalid or missing API key. Send it as 'Authorization: Bearer <key>'.")
+        if not identity.grants(needed):
+            raise PermissionDenied(f"This API key does not have the '{needed}' permission.")
+        return identity

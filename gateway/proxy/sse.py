@@ -1,0 +1,144 @@
+"""An engine's SSE stream, cut into whole events on their way to the client.
+
+Bytes arrive in arbitrary pieces; only whole events (up to a blank line) are forwarded, so a half line cut
+by a crashing engine never reaches the client. On the way: the engine's model name is replaced by the one
+the client asked for (a byte replacement, not a parse), usage is read from the events that carry it, and an
+in-band error event ends the stream in the gateway's error shape. Synchronous, so that the same cutter
+serves the aiohttp path (one ``await send`` per piece) and the callback path (``gateway.proxy.upstream.raw``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import orjson
+
+from gateway.http.errors import UpstreamError, sse_error_event
+
+MAX_EVENT_BYTES = 4 * 1024 * 1024  # one SSE event larger than this is not an engine talking
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class Outcome:
+    """What one relayed request came to, for the metrics and the log."""
+
+    ttft: float | None = None
+    events: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error_kind: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class StreamEnded(Exception):
+    """The engine sent an error event: ``before`` (whole events) and then ``final`` end the client's stream."""
+
+    def __init__(self, before: bytes, final: bytes) -> None:
+        super().__init__("the engine sent an error event")
+        self.before = before
+        self.final = final
+
+
+class EventCutter:
+    __slots__ = ("first_at", "last", "last_at", "outcome", "pending", "rewrite", "t0")
+
+    def __init__(self, rewrite: tuple[tuple[bytes, bytes], ...], outcome: Outcome, t0: float) -> None:
+        self.rewrite = rewrite
+        self.outcome = outcome
+        self.t0 = t0
+        self.pending = b""
+        self.last = b""  # the last piece forwarded: where a complete stream shows its end
+        self.first_at = 0.0
+        self.last_at = 0.0
+
+    def feed(self, chunk: bytes, now: float) -> bytes:
+        """The whole events ``chunk`` completes, ready to forward (b"" when none yet).
+
+        Raises StreamEnded at an engine's error event, UpstreamError when the stream is not SSE.
+        """
+        if self.pending:
+            chunk = self.pending + chunk
+            self.pending = b""
+        cut = chunk.rfind(b"\n\n")
+        if cut < 0:
+            if len(chunk) > MAX_EVENT_BYTES:
+                raise UpstreamError("The engine sent a malformed stream.", code="bad_upstream_response")
+            self.pending = chunk
+            return b""
+        cut += 2
+        if cut != len(chunk):
+            self.pending = chunk[cut:]
+            chunk = chunk[:cut]
+        if b'"error"' in chunk:
+            _raise_at_error_event(chunk, self.outcome)
+        if b'"usage"' in chunk:
+            _peek_usage(chunk, self.outcome)
+        for old, new in self.rewrite:
+            chunk = chunk.replace(old, new)
+        outcome = self.outcome
+        if outcome.events == 0:
+            self.first_at = now
+            outcome.ttft = now - self.t0
+        outcome.events += 1
+        self.last = chunk
+        self.last_at = now
+        return chunk
+
+    def complete(self, stream_end: str) -> bool:
+        """Did the stream end as a finished answer ends? ``stream_end`` as in ``relay.Target``."""
+        if stream_end == "done":
+            return self.last.endswith(DONE)
+        if stream_end == "finish":
+            return b'"finish_reason":"' in self.last or b'"finish_reason": "' in self.last
+        return True
+
+
+def _raise_at_error_event(chunk: bytes, outcome: Outcome) -> None:
+    events = chunk.split(b"\n\n")
+    for i, event in enumerate(events):
+        if not event.startswith(b"data:") or b'"error"' not in event:
+            continue
+        try:
+            data = orjson.loads(event[5:])
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(data, dict):
+            continue
+        inner = data.get("error")
+        if isinstance(inner, dict):
+            error = inner
+        elif isinstance(inner, str):  # transformers serve: {"error": "<text>"}
+            error = {"message": inner}
+        elif data.get("object") == "error":
+            error = data
+        else:
+            continue
+        before = b"\n\n".join(events[:i])
+        message = error.get("message") if isinstance(error.get("message"), str) else "The engine failed."
+        type_ = error.get("type") if isinstance(error.get("type"), str) else "upstream_error"
+        code = error.get("code")
+        outcome.error_kind = "stream_error"
+        raise StreamEnded(before + b"\n\n" if before else b"",
+                          sse_error_event(message, type_, code if isinstance(code, str) else "upstream_error"))
+
+
+def count_usage(usage: object, outcome: Outcome) -> None:
+    if isinstance(usage, dict):
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(prompt, int):
+            outcome.prompt_tokens = prompt
+        if isinstance(completion, int):
+            outcome.completion_tokens = completion
+
+
+def _peek_usage(chunk: bytes, outcome: Outcome) -> None:
+    """Usage rides on the last events only; parse just the events that carry a non-null one."""
+    for event in chunk.split(b"\n\n"):
+        if b'"usage":{' in event or b'"usage": {' in event:
+            try:
+                data = orjson.loads(event[5:])
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(data, dict):
+                count_usage(data.get("usage"), outcome)
