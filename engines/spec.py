@@ -125,14 +125,17 @@ class ModelSpec(_Frozen):
             if tuple(g for group in self.replica_gpus for g in group) != self.gpus:
                 raise ValueError("'replica_gpus' must list exactly the GPUs of 'gpus', in order")
         elif self.gpus and len(self.gpus) % self.replicas:
-            raise ValueError(f"{len(self.gpus)} GPUs cannot be split evenly across {self.replicas} replicas; "
-                             "give one list per replica (gpus: [[0, 1], [2]])")
+            raise ValueError(
+                f"{len(self.gpus)} GPUs cannot be split evenly across {self.replicas} replicas; "
+                "give one list per replica (gpus: [[0, 1], [2]])"
+            )
         if len(set(self.gpus)) != len(self.gpus):
             raise ValueError("a GPU is listed twice: two replicas of one model never share a GPU")
         if not self.replica_gpus:
             size = len(self.gpus) // self.replicas
-            object.__setattr__(self, "replica_gpus",
-                               tuple(self.gpus[i * size:(i + 1) * size] for i in range(self.replicas)))
+            object.__setattr__(
+                self, "replica_gpus", tuple(self.gpus[i * size : (i + 1) * size] for i in range(self.replicas))
+            )
         return self
 
     @model_validator(mode="after")
@@ -173,5 +176,12 @@ class ModelSpec(_Frozen):
         if self.replicas == 1 and env == self.env:
             return self
         gpus = self.replica_gpus[index]
-        return self.model_copy(update={"gpus": gpus, "replica_gpus": (gpus,), "replicas": 1, "env": env,
-                                       "port": None if self.port is None else self.port + index})
+        return self.model_copy(
+            update={
+                "gpus": gpus,
+                "replica_gpus": (gpus,),
+                "replicas": 1,
+                "env": env,
+                "port": None if self.port is None else self.port + index,
+            }
+        )

@@ -36,8 +36,14 @@ def _error_response(exc: GatewayError, request: Request) -> Response:
     return Response(exc.body(), status_code=exc.status, headers=headers, media_type="application/json")
 
 
-def create_app(config: Config, *, gpus: GpuProbe | None = None, config_path: str | None = None,
-               server_overrides: Mapping[str, Any] | None = None, workers: Fleet | None = None) -> FastAPI:
+def create_app(
+    config: Config,
+    *,
+    gpus: GpuProbe | None = None,
+    config_path: str | None = None,
+    server_overrides: Mapping[str, Any] | None = None,
+    workers: Fleet | None = None,
+) -> FastAPI:
     """``config_path``: the file to re-read on ``POST /admin/reload`` and SIGHUP (with ``server_overrides``,
     the command line's --host/--port, applied again). ``workers``: this app is the owner of several worker
     processes (gateway/workers), started once the engines' pool runs and stopped before it."""
@@ -128,9 +134,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        message = {404: "No such endpoint.", 405: "Method not allowed on this endpoint."}.get(exc.status_code,
-                                                                                                 "Request failed.")
+        message = {404: "No such endpoint.", 405: "Method not allowed on this endpoint."}.get(
+            exc.status_code, "Request failed."
+        )
         type_ = "invalid_request_error" if exc.status_code < 500 else "internal_error"
-        return Response(error_body(message, type_, exc.status_code), status_code=exc.status_code,
-                        headers={"x-request-id": request.scope.get(REQUEST_ID_KEY, ""), **(exc.headers or {})},
-                        media_type="application/json")
+        return Response(
+            error_body(message, type_, exc.status_code),
+            status_code=exc.status_code,
+            headers={"x-request-id": request.scope.get(REQUEST_ID_KEY, ""), **(exc.headers or {})},
+            media_type="application/json",
+        )

@@ -51,8 +51,12 @@ def serve(config: Config, *, config_path: str | None = None, overrides: dict[str
     s = config.server
     configure_logging(s.log_level, s.log_format)
     if not config.auth.api_keys and not _is_loopback(s.host):
-        log.warning("NO API KEYS ARE CONFIGURED and the gateway listens on %s: anyone who can reach port %d "
-                    "can use every model. Add auth.api_keys to the config.", s.host, s.port)
+        log.warning(
+            "NO API KEYS ARE CONFIGURED and the gateway listens on %s: anyone who can reach port %d "
+            "can use every model. Add auth.api_keys to the config.",
+            s.host,
+            s.port,
+        )
     fleet, where = None, {"host": s.host, "port": s.port}
     if s.workers > 1:
         from gateway.workers.fleet import Fleet, bind, make_run_dir, remove_run_dir
@@ -110,12 +114,15 @@ def check(config: Config) -> int:
             continue
         argv = adapter.argv(spec, spec.host, spec.port or 0)
         if spec.port is None:  # the port is picked free at each launch
-            argv = ["<free port>" if a == "0" and flag in ("--port", "--server-port") else a
-                    for flag, a in zip(["", *argv], argv, strict=False)]
+            argv = [
+                "<free port>" if a == "0" and flag in ("--port", "--server-port") else a
+                for flag, a in zip(["", *argv], argv, strict=False)
+            ]
         # Secret values (--api-key, HF_TOKEN...) hidden by the snapshot's rule: this output ends up in CI logs.
         argv = redact_argv(argv)
-        env = " ".join(f"{k}={shlex.quote(redact_argv([f'--{k}', v])[1])}"
-                       for k, v in sorted(adapter.env(spec).items()))
+        env = " ".join(
+            f"{k}={shlex.quote(redact_argv([f'--{k}', v])[1])}" for k, v in sorted(adapter.env(spec).items())
+        )
         print(f"  {env} {shlex.join(argv)}" if env else f"  {shlex.join(argv)}")
     for line in report.footer(found) if found is not None else ():
         print(line)
@@ -130,21 +137,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo-model":
         from gateway.commands import demo_model
 
-        return demo_model.main(["--path", args.path, *(["--vl-path", args.vl_path] if args.vl_path else []),
-                                *(["--force"] if args.force else [])])
+        return demo_model.main(
+            [
+                "--path",
+                args.path,
+                *(["--vl-path", args.vl_path] if args.vl_path else []),
+                *(["--force"] if args.force else []),
+            ]
+        )
     if args.command == "serve":
         # Loading the config may already log (model discovery's warnings): in the server's format from the
         # start, so a JSON log pipeline never sees a bare line. The config's own settings apply once it is read.
         from gateway.observability.log_setup import configure_logging
 
         level, fmt = os.environ.get("GATEWAY_LOG_LEVEL", "info").lower(), os.environ.get("GATEWAY_LOG_FORMAT", "")
-        configure_logging(level if level in ("debug", "info", "warning", "error") else "info",
-                          "json" if fmt.lower() == "json" else "text")
+        configure_logging(
+            level if level in ("debug", "info", "warning", "error") else "info",
+            "json" if fmt.lower() == "json" else "text",
+        )
     try:
         config = load_config(args.config)
         if args.command == "serve" and (args.host or args.port is not None):
-            server = config.server.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port))
-                                                      if v is not None})
+            server = config.server.model_copy(
+                update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+            )
             config = config.model_copy(update={"server": server})
     except ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr)

@@ -104,8 +104,13 @@ def classify_error(status: int, headers: Any, body: bytes) -> tuple[str, str | N
 
 async def _one(session: aiohttp.ClientSession, url: str, model: str, load: Load, report: Report) -> float:
     """One stream; returns how long to wait before the next (a 503's Retry-After, capped)."""
-    body = {"model": model, "messages": [{"role": "user", "content": "chaos"}], "max_tokens": load.tokens,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "chaos"}],
+        "max_tokens": load.tokens,
+        "ignore_eos": True,
+        "stream": True,
+    }
     started = time.monotonic()
     pause = 0.0
     try:
@@ -132,8 +137,15 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, load: Load,
     return pause
 
 
-async def _client(session: aiohttp.ClientSession, url: str, models: list[str], until: float, load: Load,
-                  report: Report, rng: random.Random) -> None:
+async def _client(
+    session: aiohttp.ClientSession,
+    url: str,
+    models: list[str],
+    until: float,
+    load: Load,
+    report: Report,
+    rng: random.Random,
+) -> None:
     while time.monotonic() < until:
         pause = await _one(session, url, rng.choice(models), load, report)
         if pause:
@@ -160,8 +172,15 @@ def engine_id_of(pid: int) -> str | None:
     return None
 
 
-async def _chaos(session: aiohttp.ClientSession, url: str, until: float, load: Load, report: Report,
-                 rng: random.Random, killed: list[tuple[float, set[int]]]) -> None:
+async def _chaos(
+    session: aiohttp.ClientSession,
+    url: str,
+    until: float,
+    load: Load,
+    report: Report,
+    rng: random.Random,
+    killed: list[tuple[float, set[int]]],
+) -> None:
     while True:
         await asyncio.sleep(load.kill_every)
         if time.monotonic() >= until:
@@ -199,8 +218,9 @@ print(json.dumps(took))
 async def _probe(url: str, seconds: float, every: float, report: Report) -> None:
     """What an orchestrator's probes see while the gateway is busy: they must stay fast (cached state)."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _PROBE, host, port, str(seconds), str(every),
-                                                stdout=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _PROBE, host, port, str(seconds), str(every), stdout=asyncio.subprocess.PIPE
+    )
     out, _ = await proc.communicate()
     report.probes = orjson.loads(out) if proc.returncode == 0 else []
 
@@ -211,8 +231,11 @@ def gateway_resources(pid: int) -> dict[str, int]:
         with contextlib.suppress(OSError):
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
             kinds[target.split(":", 1)[0] if ":" in target else "file"] += 1
-    memory = {line.split(":")[0]: int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-              if line.startswith(("VmRSS:", "VmHWM:"))}
+    memory = {
+        line.split(":")[0]: int(line.split()[1])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith(("VmRSS:", "VmHWM:"))
+    }
     return {**kinds, "total": sum(kinds.values()), "rss_kb": memory["VmRSS"], "peak_rss_kb": memory["VmHWM"]}
 
 
@@ -246,8 +269,10 @@ async def run(url: str, gateway_pid: int, models: list[str], load: Load) -> Repo
         await _all_ready(session, url, 30)
         report.resources["start"] = gateway_resources(gateway_pid)
         until = time.monotonic() + load.duration
-        clients = [asyncio.create_task(_client(session, url, models, until, load, report, random.Random(rng.random())))
-                   for _ in range(load.streams)]
+        clients = [
+            asyncio.create_task(_client(session, url, models, until, load, report, random.Random(rng.random())))
+            for _ in range(load.streams)
+        ]
         chaos = asyncio.create_task(_chaos(session, url, until, load, report, rng, killed)) if load.kill_every else None
         if load.probe_every:
             clients.append(asyncio.create_task(_probe(url, load.duration, load.probe_every, report)))
@@ -277,16 +302,36 @@ def _alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-def config(*, token_interval: float, replicas: int = 2, models: tuple[str, ...] = ("a", "b"),
-           command: list[str], total_timeout: float = 60) -> dict[str, Any]:
+def config(
+    *,
+    token_interval: float,
+    replicas: int = 2,
+    models: tuple[str, ...] = ("a", "b"),
+    command: list[str],
+    total_timeout: float = 60,
+) -> dict[str, Any]:
     """A gateway config: vLLM stand-ins that stream one token per ``token_interval`` s; the first model
     has ``replicas`` replicas, the others one; restarts quick and never given up on."""
+
     def model(n: int) -> dict[str, Any]:
-        return {"engine": "vllm", "model": "org/chaos", "command": command,
-                "env": {"STANDIN_FAULTS": f"token-interval={token_interval:g},fork-workers=1"},
-                "replicas": n,
-                "health": {"interval": 0.5, "startup_interval": 0.1}, "stop_grace": 2,
-                "restart": {"initial_delay": 0.1, "max_delay": 0.5, "jitter": 0, "max_restarts": 10_000}}
-    return {"server": {"idle_timeout": 5, "first_byte_timeout": 10, "total_timeout": total_timeout,
-                       "retry_after": 1, "queue_timeout": 5},
-            "models": {name: model(replicas if i == 0 else 1) for i, name in enumerate(models)}}
+        return {
+            "engine": "vllm",
+            "model": "org/chaos",
+            "command": command,
+            "env": {"STANDIN_FAULTS": f"token-interval={token_interval:g},fork-workers=1"},
+            "replicas": n,
+            "health": {"interval": 0.5, "startup_interval": 0.1},
+            "stop_grace": 2,
+            "restart": {"initial_delay": 0.1, "max_delay": 0.5, "jitter": 0, "max_restarts": 10_000},
+        }
+
+    return {
+        "server": {
+            "idle_timeout": 5,
+            "first_byte_timeout": 10,
+            "total_timeout": total_timeout,
+            "retry_after": 1,
+            "queue_timeout": 5,
+        },
+        "models": {name: model(replicas if i == 0 else 1) for i, name in enumerate(models)},
+    }

@@ -34,14 +34,23 @@ def standin_command(kind: str) -> list[str]:
 
 def standin_model(**kw: Any) -> dict[str, Any]:
     """A ``models:`` entry for a vLLM stand-in probed often (``kw`` overrides or adds keys)."""
-    return {"engine": "vllm", "model": "org/m", "command": standin_command("vllm"),
-            "health": {"interval": 0.3, "startup_interval": 0.1}, "stop_grace": 2, **kw}
+    return {
+        "engine": "vllm",
+        "model": "org/m",
+        "command": standin_command("vllm"),
+        "health": {"interval": 0.3, "startup_interval": 0.1},
+        "stop_grace": 2,
+        **kw,
+    }
 
 
 def chat(url: str, name: str, text: str = "hello there", *, timeout: float = 20, **kw: Any) -> httpx.Response:
     """One short non-stream chat request through the gateway at ``url`` (``kw``: more body fields)."""
-    return httpx.post(url + "/v1/chat/completions", timeout=timeout,
-                      json={"model": name, "messages": [{"role": "user", "content": text}], "max_tokens": 2, **kw})
+    return httpx.post(
+        url + "/v1/chat/completions",
+        timeout=timeout,
+        json={"model": name, "messages": [{"role": "user", "content": text}], "max_tokens": 2, **kw},
+    )
 
 
 def tagged_pids(tag_value: str, key: str = "GATEWAY_OWNER_PID") -> list[int]:
@@ -94,8 +103,14 @@ def _ready(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def run_gateway(config: dict[str, Any], tmp_path: Path, *, wait_ready: bool = True, ready_timeout: float = 30,
-                env: dict[str, str] | None = None) -> Iterator[Gateway]:
+def run_gateway(
+    config: dict[str, Any],
+    tmp_path: Path,
+    *,
+    wait_ready: bool = True,
+    ready_timeout: float = 30,
+    env: dict[str, str] | None = None,
+) -> Iterator[Gateway]:
     """A real gateway process on a free port; stopped (and checked for leftovers) on exit."""
     port = free_port()
     config = {**config, "server": {"host": "127.0.0.1", "port": port, **config.get("server", {})}}
@@ -105,7 +120,10 @@ def run_gateway(config: dict[str, Any], tmp_path: Path, *, wait_ready: bool = Tr
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(config_path)],
-            cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=REPO,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
     gateway = Gateway(proc, port, log_path)

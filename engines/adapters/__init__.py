@@ -12,8 +12,14 @@ from engines.adapters.vllm import VLLMAdapter
 
 ADAPTERS: dict[str, EngineAdapter] = {
     a.kind: a
-    for a in (VLLMAdapter(), LMDeployAdapter(), LightLLMAdapter(), SGLangAdapter(), TransformersAdapter(),
-              RemoteOpenAIAdapter())
+    for a in (
+        VLLMAdapter(),
+        LMDeployAdapter(),
+        LightLLMAdapter(),
+        SGLangAdapter(),
+        TransformersAdapter(),
+        RemoteOpenAIAdapter(),
+    )
 }
 
 

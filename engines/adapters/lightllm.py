@@ -18,7 +18,17 @@ class LightLLMAdapter(EngineAdapter):
 
     def argv(self, spec: ModelSpec, host: str, port: int) -> list[str]:
         assert spec.model is not None
-        argv = [*self.executable(spec, python_module("lightllm.server.api_server")),
-                "--model_dir", spec.model, "--model_name", spec.name,
-                "--host", host, "--port", str(port), "--tp", str(spec.tp_size)]
+        argv = [
+            *self.executable(spec, python_module("lightllm.server.api_server")),
+            "--model_dir",
+            spec.model,
+            "--model_name",
+            spec.name,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--tp",
+            str(spec.tp_size),
+        ]
         return argv + render_flags(spec.args)

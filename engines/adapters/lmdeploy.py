@@ -16,8 +16,18 @@ class LMDeployAdapter(EngineAdapter):
 
     def argv(self, spec: ModelSpec, host: str, port: int) -> list[str]:
         assert spec.model is not None
-        argv = [*self.executable(spec, ["lmdeploy"]), "serve", "api_server", spec.model,
-                "--server-name", host, "--server-port", str(port), "--model-name", spec.name]
+        argv = [
+            *self.executable(spec, ["lmdeploy"]),
+            "serve",
+            "api_server",
+            spec.model,
+            "--server-name",
+            host,
+            "--server-port",
+            str(port),
+            "--model-name",
+            spec.name,
+        ]
         if spec.tp_size > 1:
             argv += ["--tp", str(spec.tp_size)]
         return argv + render_flags(spec.args)

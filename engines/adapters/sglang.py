@@ -15,9 +15,17 @@ class SGLangAdapter(EngineAdapter):
 
     def argv(self, spec: ModelSpec, host: str, port: int) -> list[str]:
         assert spec.model is not None
-        argv = [*self.executable(spec, python_module("sglang.launch_server")),
-                "--model-path", spec.model, "--served-model-name", spec.name,
-                "--host", host, "--port", str(port)]
+        argv = [
+            *self.executable(spec, python_module("sglang.launch_server")),
+            "--model-path",
+            spec.model,
+            "--served-model-name",
+            spec.name,
+            "--host",
+            host,
+            "--port",
+            str(port),
+        ]
         if spec.tp_size > 1:
             argv += ["--tp-size", str(spec.tp_size)]
         return argv + render_flags(spec.args)

@@ -30,8 +30,15 @@ class TransformersAdapter(EngineAdapter):
         return os.path.abspath(spec.model) if os.path.isdir(spec.model) else spec.model
 
     def argv(self, spec: ModelSpec, host: str, port: int) -> list[str]:
-        argv = [*self.executable(spec, [_transformers_cli()]), "serve", self.model_ref(spec),
-                "--host", host, "--port", str(port)]
+        argv = [
+            *self.executable(spec, [_transformers_cli()]),
+            "serve",
+            self.model_ref(spec),
+            "--host",
+            host,
+            "--port",
+            str(port),
+        ]
         if "device" not in spec.args:
             argv += ["--device", "cpu"]
         return argv + render_flags(spec.args)

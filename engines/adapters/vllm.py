@@ -15,9 +15,17 @@ class VLLMAdapter(EngineAdapter):
 
     def argv(self, spec: ModelSpec, host: str, port: int) -> list[str]:
         assert spec.model is not None
-        argv = [*self.executable(spec, ["vllm"]), "serve", spec.model,
-                "--served-model-name", *spec.served_names,
-                "--host", host, "--port", str(port)]
+        argv = [
+            *self.executable(spec, ["vllm"]),
+            "serve",
+            spec.model,
+            "--served-model-name",
+            *spec.served_names,
+            "--host",
+            host,
+            "--port",
+            str(port),
+        ]
         if spec.tp_size > 1:
             argv += ["--tensor-parallel-size", str(spec.tp_size)]
         return argv + render_flags(spec.args, negate_false=True)

@@ -24,7 +24,23 @@ from engines.discovery.sizing import Fit, GiB, GpuSlot, Need, place
 from engines.discovery.weights import Weights, read_weights
 
 __all__ = [
-    "CPU_ENGINES", "GPU_ENGINES", "Classified", "DiscoveryPolicy", "DiscoveryResult", "Fit", "GiB", "GpuEntry",
-    "GpuSlot", "Need", "Planned", "Skipped", "Unsupported", "Weights", "classify", "discover", "place",
-    "read_weights", "sanitize",
+    "CPU_ENGINES",
+    "GPU_ENGINES",
+    "Classified",
+    "DiscoveryPolicy",
+    "DiscoveryResult",
+    "Fit",
+    "GiB",
+    "GpuEntry",
+    "GpuSlot",
+    "Need",
+    "Planned",
+    "Skipped",
+    "Unsupported",
+    "Weights",
+    "classify",
+    "discover",
+    "place",
+    "read_weights",
+    "sanitize",
 ]

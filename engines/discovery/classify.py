@@ -25,20 +25,72 @@ from typing import Any
 
 from engines.spec import ModelKind
 
-GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForImageTextToText",
-                       "ForVision2Seq", "VLChatModel", "ChatModel")
+GENERATIVE_SUFFIXES = (
+    "ForCausalLM",
+    "LMHeadModel",
+    "ForConditionalGeneration",
+    "ForImageTextToText",
+    "ForVision2Seq",
+    "VLChatModel",
+    "ChatModel",
+)
 EMBEDDING_SUFFIXES = ("EmbeddingModel", "ForTextEncoding")
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 # Used only when config.json names no architectures (old or hand-written configs).
-CHAT_MODEL_TYPES = frozenset({
-    "llama", "mistral", "mixtral", "qwen", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
-    "gemma3_text", "phi", "phi3", "gpt2", "gpt_neox", "gptj", "falcon", "baichuan", "chatglm", "internlm",
-    "internlm2", "deepseek", "deepseek_v2", "deepseek_v3", "yi", "starcoder2", "olmo", "olmo2", "cohere",
-})
-VISION_MODEL_TYPES = frozenset({
-    "llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl_chat", "internvl",
-    "mllama", "gemma3", "idefics3", "paligemma", "pixtral", "mistral3", "minicpmv", "phi3_v", "glm4v",
-})
+CHAT_MODEL_TYPES = frozenset(
+    {
+        "llama",
+        "mistral",
+        "mixtral",
+        "qwen",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "phi",
+        "phi3",
+        "gpt2",
+        "gpt_neox",
+        "gptj",
+        "falcon",
+        "baichuan",
+        "chatglm",
+        "internlm",
+        "internlm2",
+        "deepseek",
+        "deepseek_v2",
+        "deepseek_v3",
+        "yi",
+        "starcoder2",
+        "olmo",
+        "olmo2",
+        "cohere",
+    }
+)
+VISION_MODEL_TYPES = frozenset(
+    {
+        "llava",
+        "llava_next",
+        "llava_onevision",
+        "qwen2_vl",
+        "qwen2_5_vl",
+        "qwen3_vl",
+        "internvl_chat",
+        "internvl",
+        "mllama",
+        "gemma3",
+        "idefics3",
+        "paligemma",
+        "pixtral",
+        "mistral3",
+        "minicpmv",
+        "phi3_v",
+        "glm4v",
+    }
+)
 _MAX_JSON_BYTES = 16 * 1024 * 1024  # a config bigger than this is not a config
 
 
@@ -114,8 +166,11 @@ def classify(folder: Path) -> Classified:
     model_type = config.get("model_type") if isinstance(config.get("model_type"), str) else None
     generative = bool(arch and arch.endswith(GENERATIVE_SUFFIXES))
     heads = _heads(config)
-    notes = ("config.json maps custom code (auto_map): the engine may need trust-remote-code, which "
-             "discovery never sets",) if "auto_map" in config else ()
+    notes = (
+        ("config.json maps custom code (auto_map): the engine may need trust-remote-code, which discovery never sets",)
+        if "auto_map" in config
+        else ()
+    )
 
     def found(kind: ModelKind, evidence: str) -> Classified:
         return Classified(kind, evidence, arch, generative, heads, notes)
@@ -126,8 +181,10 @@ def classify(folder: Path) -> Classified:
         labels = _labels(config)
         if labels == 1 or cross_encoder:
             return found("rerank", f"{arch} with one relevance label")
-        raise Unsupported(f"{arch} with {labels} labels is a classifier, not a reranker (one relevance score); "
-                          "the gateway serves no classification endpoint")
+        raise Unsupported(
+            f"{arch} with {labels} labels is a classifier, not a reranker (one relevance score); "
+            "the gateway serves no classification endpoint"
+        )
     st_files = [name for name in SENTENCE_TRANSFORMERS_FILES if (folder / name).is_file()]
     if (folder / "1_Pooling").is_dir():
         st_files.append("1_Pooling/")
@@ -138,15 +195,19 @@ def classify(folder: Path) -> Classified:
 
     vision = _vision_evidence(folder, config)
     if config.get("is_encoder_decoder") is True and not vision:
-        raise Unsupported(f"{arch or model_type or 'the model'} is an encoder-decoder (seq2seq) model, "
-                          "which the chat engines here do not serve")
+        raise Unsupported(
+            f"{arch or model_type or 'the model'} is an encoder-decoder (seq2seq) model, "
+            "which the chat engines here do not serve"
+        )
     if arch is None:
         if model_type in VISION_MODEL_TYPES:
             return found("vision", f"model_type {model_type!r} (a vision-language family)")
         if model_type in CHAT_MODEL_TYPES:
             return found("chat", f"model_type {model_type!r} (a decoder-only family)")
-        raise Unsupported(f"config.json names no architectures and model_type {model_type!r} is not a known "
-                          "chat or vision-language family; add an explicit models: entry")
+        raise Unsupported(
+            f"config.json names no architectures and model_type {model_type!r} is not a known "
+            "chat or vision-language family; add an explicit models: entry"
+        )
     if vision and generative:
         return found("vision", f"{arch} with {vision}")
     if vision:
@@ -156,8 +217,10 @@ def classify(folder: Path) -> Classified:
     if generative:
         return found("chat", f"{arch} is a generative architecture")
     if arch.endswith("Model"):
-        raise Unsupported(f"{arch} is a bare encoder without pooling files (modules.json, 1_Pooling/): not an "
-                          "embedding model discovery can vouch for; add an explicit models: entry")
+        raise Unsupported(
+            f"{arch} is a bare encoder without pooling files (modules.json, 1_Pooling/): not an "
+            "embedding model discovery can vouch for; add an explicit models: entry"
+        )
     raise Unsupported(f"unknown architecture {arch!r}; add an explicit models: entry to serve it")
 
 

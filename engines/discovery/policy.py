@@ -87,8 +87,10 @@ class DiscoveryPolicy(_Frozen):
     def _engine_serves_kind(cls, table: dict[str, str]) -> dict[str, str]:
         for kind, engine in table.items():
             if engine not in ALLOWED[kind]:
-                raise ValueError(f"{kind}: engine {engine!r} cannot serve {kind} models here "
-                                 f"(choose from {', '.join(sorted(ALLOWED[kind]))})")
+                raise ValueError(
+                    f"{kind}: engine {engine!r} cannot serve {kind} models here "
+                    f"(choose from {', '.join(sorted(ALLOWED[kind]))})"
+                )
         return table
 
     @field_validator("command")

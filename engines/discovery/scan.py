@@ -104,8 +104,14 @@ class _Candidate:
     engine: str
 
 
-def _candidates(root: Path, policy: DiscoveryPolicy, has_gpus: bool, explicit: Sequence[ModelSpec],
-                skipped: list[Skipped], overridden: list[Skipped]) -> list[_Candidate]:
+def _candidates(
+    root: Path,
+    policy: DiscoveryPolicy,
+    has_gpus: bool,
+    explicit: Sequence[ModelSpec],
+    skipped: list[Skipped],
+    overridden: list[Skipped],
+) -> list[_Candidate]:
     by_name = {n: s.name for s in explicit for n in s.served_names}
     by_path = {p: s.name for s in explicit if (p := _real(s.model)) is not None}
     owners: dict[str, str] = {}
@@ -141,17 +147,26 @@ def _candidates(root: Path, policy: DiscoveryPolicy, has_gpus: bool, explicit: S
         if engine is None:
             host = "with GPUs" if has_gpus else "without GPUs (transformers serve has no such endpoint)"
             table = "engines" if has_gpus else "cpu_engines"
-            skipped.append(Skipped(folder.name, f"{what.kind} model: no engine serves it on a host {host}; "
-                                                f"set discovery.{table}.{what.kind}"))
+            skipped.append(
+                Skipped(
+                    folder.name,
+                    f"{what.kind} model: no engine serves it on a host {host}; set discovery.{table}.{what.kind}",
+                )
+            )
             continue
         owners[name] = folder.name
         out.append(_Candidate(name, folder, what, weights, engine))
     return out
 
 
-def discover(models_dir: str | os.PathLike[str], policy: DiscoveryPolicy | None = None, *,
-             gpus: Sequence[GpuSlot] = (), explicit: Sequence[ModelSpec] = (),
-             previous: Mapping[str, tuple[int, ...]] | None = None) -> DiscoveryResult:
+def discover(
+    models_dir: str | os.PathLike[str],
+    policy: DiscoveryPolicy | None = None,
+    *,
+    gpus: Sequence[GpuSlot] = (),
+    explicit: Sequence[ModelSpec] = (),
+    previous: Mapping[str, tuple[int, ...]] | None = None,
+) -> DiscoveryResult:
     """Scan ``models_dir`` (one model per subfolder) and plan each model's engine and GPUs.
 
     ``gpus`` is the host's inventory (NVML), before ``policy.gpus`` narrows it; empty means a CPU-only
@@ -187,26 +202,57 @@ def discover(models_dir: str | os.PathLike[str], policy: DiscoveryPolicy | None 
             args[OFFLOAD_FLAG[c.engine]] = fit.offload_gib
         try:
             spec = ModelSpec(
-                name=c.name, engine=c.engine, model=str(c.folder.absolute()),
+                name=c.name,
+                engine=c.engine,
+                model=str(c.folder.absolute()),
                 display_name=c.folder.name if c.folder.name != c.name else None,
-                gpus=fit.gpus, command=policy.command.get(c.engine),
+                gpus=fit.gpus,
+                command=policy.command.get(c.engine),
                 args={**args, **policy.args.get(c.engine, {})},
-                load=policy.load, kind=c.what.kind, source="discovered")
+                load=policy.load,
+                kind=c.what.kind,
+                source="discovered",
+            )
         except ValidationError as exc:
             skipped.append(Skipped(c.folder.name, f"cannot make a model entry: {exc.errors()[0]['msg']}"))
             continue
         specs.append(spec)
-        plan.append(Planned(c.name, c.folder.name, c.what.kind, c.engine, c.what.evidence, fit.gpus,
-                            c.weights.bytes, per_gpu, fit.offload_gib, c.what.notes))
+        plan.append(
+            Planned(
+                c.name,
+                c.folder.name,
+                c.what.kind,
+                c.engine,
+                c.what.evidence,
+                fit.gpus,
+                c.weights.bytes,
+                per_gpu,
+                fit.offload_gib,
+                c.what.notes,
+            )
+        )
     if taken and slots:
         notes += (f"GPUs of explicit entries: {', '.join(f'{i} ({n})' for i, n in sorted(taken.items()))}",)
-    return DiscoveryResult(str(models_dir), tuple(specs), tuple(sorted(skipped, key=lambda s: s.folder)),
-                           tuple(overridden), tuple(plan), slots, notes)
+    return DiscoveryResult(
+        str(models_dir),
+        tuple(specs),
+        tuple(sorted(skipped, key=lambda s: s.folder)),
+        tuple(overridden),
+        tuple(plan),
+        slots,
+        notes,
+    )
 
 
-def _place_all(candidates: Sequence[_Candidate], policy: DiscoveryPolicy, free: dict[int, GpuSlot],
-               owners: dict[int, str], has_gpus: bool, previous: Mapping[str, tuple[int, ...]],
-               skipped: list[Skipped]) -> dict[str, tuple[Fit, int]]:
+def _place_all(
+    candidates: Sequence[_Candidate],
+    policy: DiscoveryPolicy,
+    free: dict[int, GpuSlot],
+    owners: dict[int, str],
+    has_gpus: bool,
+    previous: Mapping[str, tuple[int, ...]],
+    skipped: list[Skipped],
+) -> dict[str, tuple[Fit, int]]:
     """Place models that keep their previous GPUs first, then the rest largest first (first-fit
     decreasing packs more onto the same GPUs than folder order would)."""
     overhead = int(policy.gpu_overhead_gib * GiB)
@@ -215,8 +261,9 @@ def _place_all(candidates: Sequence[_Candidate], policy: DiscoveryPolicy, free: 
         return Need(c.weights.bytes, policy.kv_cache_headroom, overhead)
 
     # CPU engines, and any engine on a host without GPUs (cpu_engines may name a CPU build of vLLM).
-    out: dict[str, tuple[Fit, int]] = {c.name: (Fit(()), 0) for c in candidates
-                                       if not has_gpus or c.engine not in GPU_ENGINE_KINDS}
+    out: dict[str, tuple[Fit, int]] = {
+        c.name: (Fit(()), 0) for c in candidates if not has_gpus or c.engine not in GPU_ENGINE_KINDS
+    }
     pending = [c for c in candidates if c.name not in out]
     for c in sorted(pending, key=lambda c: c.name):
         before = previous.get(c.name, ())

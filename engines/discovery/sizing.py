@@ -98,15 +98,19 @@ def place(need: Need, free: Sequence[GpuSlot], limits: Limits, heads: int | None
     chosen = sorted(sorted(ordered, key=lambda s: -s.memory_total)[:n], key=lambda s: s.index)
     smallest = min(budget(s, limits.fraction) for s in chosen)
     short = need.per_gpu(n) - smallest
-    why = (f"needs {gib(need.per_gpu(n))} per GPU on {n} GPU(s) (weights {gib(need.weights)} "
-           f"+ {need.headroom * 100:g} % KV headroom, + {gib(need.overhead)} overhead per GPU); "
-           f"the free GPUs {','.join(str(s.index) for s in chosen)} offer {gib(smallest)}")
+    why = (
+        f"needs {gib(need.per_gpu(n))} per GPU on {n} GPU(s) (weights {gib(need.weights)} "
+        f"+ {need.headroom * 100:g} % KV headroom, + {gib(need.overhead)} overhead per GPU); "
+        f"the free GPUs {','.join(str(s.index) for s in chosen)} offer {gib(smallest)}"
+    )
     if limits.offload_flag is None:
         return f"{why}, and this engine has no CPU offload"
     offload = math.ceil(short / GiB)
     if offload * GiB > need.weights / n:
         return f"{why}; offloading every weight would still not leave room for the KV cache"
     if offload * n > limits.max_offload_gib:
-        return (f"{why}; it would need {offload * n} GiB of CPU offload, over max_cpu_offload_gib "
-                f"({limits.max_offload_gib:g})")
+        return (
+            f"{why}; it would need {offload * n} GiB of CPU offload, over max_cpu_offload_gib "
+            f"({limits.max_offload_gib:g})"
+        )
     return Fit(tuple(s.index for s in chosen), offload)

@@ -18,8 +18,23 @@ from engines.discovery.classify import Unsupported, read_json
 
 # Bits per element of the safetensors dtypes; packed or new types fall back to the header's byte range.
 DTYPE_BITS: dict[str, int] = {
-    "F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U64": 64,
-    "U32": 32, "U16": 16, "U8": 8, "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "F4": 4,
+    "F64": 64,
+    "F32": 32,
+    "F16": 16,
+    "BF16": 16,
+    "I64": 64,
+    "I32": 32,
+    "I16": 16,
+    "I8": 8,
+    "U64": 64,
+    "U32": 32,
+    "U16": 16,
+    "U8": 8,
+    "BOOL": 8,
+    "F8_E4M3": 8,
+    "F8_E5M2": 8,
+    "F8_E8M0": 8,
+    "F4": 4,
 }
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 INDEX = "model.safetensors.index.json"
@@ -66,8 +81,9 @@ def safetensors_tensor_bytes(path: Path) -> dict[str, int]:
         if bits is not None and isinstance(shape, list):
             expected = math.ceil(math.prod(int(d) for d in shape) * bits / 8)
             if expected != end - start:
-                raise Unsupported(f"{path.name}: tensor {name!r} is {end - start} bytes, its shape and dtype "
-                                  f"say {expected}")
+                raise Unsupported(
+                    f"{path.name}: tensor {name!r} is {end - start} bytes, its shape and dtype say {expected}"
+                )
         per_dtype[str(dtype)] = per_dtype.get(str(dtype), 0) + end - start
     return per_dtype
 
@@ -83,8 +99,10 @@ def _safetensors_files(folder: Path) -> list[Path]:
         names = sorted({str(v) for v in weight_map.values()})
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
-            raise Unsupported(f"{INDEX} lists shards that are missing: {', '.join(missing[:3])}"
-                              + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+            raise Unsupported(
+                f"{INDEX} lists shards that are missing: {', '.join(missing[:3])}"
+                + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            )
         return [folder / n for n in names]
     return sorted(folder.glob("*.safetensors"))
 

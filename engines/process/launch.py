@@ -53,8 +53,11 @@ def sweep_leftovers() -> list[int]:
     """Kill tagged processes whose gateway is gone (and whose reaper died with it): run at gateway start."""
     doomed = [t for t in procfs.tagged_processes() if not procfs.owner_alive(t)]
     if doomed:
-        _log.warning("killing %d leftover engine process(es) of a gateway that is gone: %s",
-                     len(doomed), ", ".join(f"{t.pid} ({t.engine_id})" for t in doomed))
+        _log.warning(
+            "killing %d leftover engine process(es) of a gateway that is gone: %s",
+            len(doomed),
+            ", ".join(f"{t.pid} ({t.engine_id})" for t in doomed),
+        )
         procfs.kill(t.pid for t in doomed)
     return [t.pid for t in doomed]
 
@@ -82,9 +85,17 @@ class EngineProcess:
     """One launch. ``start()`` once, then ``wait()`` for its end or ``stop()`` it; ``stop()`` is also the
     cleanup after an exit (it verifies that nothing with the tag is left and closes the pipes)."""
 
-    def __init__(self, argv: Sequence[str], *, engine_id: str, env: Mapping[str, str] | None = None,
-                 log: LogRing | None = None, logger: logging.Logger | None = None, grace: float = 20.0,
-                 secrets: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        engine_id: str,
+        env: Mapping[str, str] | None = None,
+        log: LogRing | None = None,
+        logger: logging.Logger | None = None,
+        grace: float = 20.0,
+        secrets: tuple[str, ...] = (),
+    ) -> None:
         self.argv = list(argv)
         self.secrets = secrets
         self.engine_id = engine_id
@@ -111,14 +122,27 @@ class EngineProcess:
         self._drained = loop.create_future()
         splitter = LineSplitter(self._line, max_line=self.log.max_line)
         read_end, write_end = os.pipe()
-        reaper = [sys.executable, "-I", str(REAPER_PATH), "--lifeline-fd", str(read_end),
-                  "--grace", f"{self.grace:g}", "--", *self.argv]
+        reaper = [
+            sys.executable,
+            "-I",
+            str(REAPER_PATH),
+            "--lifeline-fd",
+            str(read_end),
+            "--grace",
+            f"{self.grace:g}",
+            "--",
+            *self.argv,
+        ]
         try:
             transport, _ = await loop.subprocess_exec(
                 lambda: _Protocol(splitter, self._exited, self._drained),  # type: ignore[arg-type]
-                *reaper, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, env=engine_environ(self._env, self.engine_id),
-                start_new_session=True, pass_fds=(read_end,),
+                *reaper,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=engine_environ(self._env, self.engine_id),
+                start_new_session=True,
+                pass_fds=(read_end,),
             )
         except BaseException:
             os.close(write_end)
@@ -219,8 +243,12 @@ class EngineProcess:
             began = time.monotonic()
             self._signal_reaper(signal.SIGTERM)
             if not await self._wait_exited(grace + STOP_MARGIN):
-                _log.warning("%s: reaper %s still alive %.1fs after SIGTERM; killing its process group",
-                             self.engine_id, self.pid, time.monotonic() - began)
+                _log.warning(
+                    "%s: reaper %s still alive %.1fs after SIGTERM; killing its process group",
+                    self.engine_id,
+                    self.pid,
+                    time.monotonic() - began,
+                )
                 await asyncio.to_thread(self.kill_now)
                 if not await self._wait_exited(KILL_WAIT):
                     _log.error("%s: reaper %s survived SIGKILL", self.engine_id, self.pid)

@@ -75,8 +75,14 @@ class LogFollower:
 
 
 class LogRing:
-    def __init__(self, *, max_lines: int = 2000, max_bytes: int = 512 * 1024, max_line: int = 16 * 1024,
-                 follower_buffer: int = 1000) -> None:
+    def __init__(
+        self,
+        *,
+        max_lines: int = 2000,
+        max_bytes: int = 512 * 1024,
+        max_line: int = 16 * 1024,
+        follower_buffer: int = 1000,
+    ) -> None:
         if max_lines < 1 or max_bytes < 1 or max_line < 1:
             raise ValueError("LogRing bounds must be positive")
         self.max_lines = max_lines

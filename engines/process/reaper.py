@@ -168,8 +168,9 @@ class Reaper:
         # Dispositions that Python changed (SIGPIPE ignored, handlers above) go back to default for the engine.
         defaults = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
         try:
-            self.engine_pid = os.posix_spawnp(self.command[0], self.command, os.environ,
-                                              setsigdef=defaults, setsigmask=())
+            self.engine_pid = os.posix_spawnp(
+                self.command[0], self.command, os.environ, setsigdef=defaults, setsigmask=()
+            )
         except OSError as exc:
             _say(f"cannot start {self.command[0]!r}: {exc.strerror or exc}")
             return False

@@ -12,8 +12,13 @@ from engines.adapters.base import EngineAdapter
 MAX_BODY = 64 * 1024  # health bodies are tiny; a server that streams more is not a health endpoint
 
 
-async def probe(session: aiohttp.ClientSession, adapter: EngineAdapter, url: str, limit: float,
-                headers: dict[str, str] | None = None) -> tuple[bool, str]:
+async def probe(
+    session: aiohttp.ClientSession,
+    adapter: EngineAdapter,
+    url: str,
+    limit: float,
+    headers: dict[str, str] | None = None,
+) -> tuple[bool, str]:
     try:
         async with asyncio.timeout(limit):
             async with session.get(url, headers=headers, allow_redirects=False) as resp:

@@ -56,8 +56,9 @@ class Mailbox:
         done.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it: retrieved here
         self._queue.put_nowait(Command(kind, done))
 
-    async def wait(self, *, exited: asyncio.Future[int] | None = None, after: float | None = None,
-                   work: Awaitable[T] | None = None) -> tuple[WaitKind, Any]:
+    async def wait(
+        self, *, exited: asyncio.Future[int] | None = None, after: float | None = None, work: Awaitable[T] | None = None
+    ) -> tuple[WaitKind, Any]:
         """Until a command arrives, ``exited`` completes, ``work`` finishes, or ``after`` seconds pass.
 
         Returns ("exit", code), ("cmd", Command), ("work", result) or ("timeout", None), in that order of

@@ -43,11 +43,19 @@ HURRIED_GRACE = 1.0  # seconds between SIGTERM and SIGKILL when the operator sai
 
 
 class Supervisor:
-    def __init__(self, spec: ModelSpec, adapter: EngineAdapter, *, replica: int = 0,
-                 session: aiohttp.ClientSession, on_event: Callable[[StateChanged], None] | None = None,
-                 on_report: Callable[[int, bool], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep, log: LogRing | None = None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        adapter: EngineAdapter,
+        *,
+        replica: int = 0,
+        session: aiohttp.ClientSession,
+        on_event: Callable[[StateChanged], None] | None = None,
+        on_report: Callable[[int, bool], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        log: LogRing | None = None,
+    ) -> None:
         self.spec = spec
         self.adapter = adapter
         self.replica = replica
@@ -100,14 +108,25 @@ class Supervisor:
 
     def snapshot(self) -> ReplicaSnapshot:
         return ReplicaSnapshot(
-            model=self.model, replica=self.replica, state=self._state,
+            model=self.model,
+            replica=self.replica,
+            state=self._state,
             base_url=self.base_url if self._state is S.READY else None,
-            pid=self._proc.pid if self._proc else None, engine_pid=self._engine_pid, port=self._port,
-            restarts=self.restarts, last_exit_code=self.last_exit_code, last_error=self.last_error,
-            state_since=self._state_since, ready_since=self._ready_since, launches=self.launches,
-            argv=redact_argv(self._argv), health_failures=self.health_failures, probe_failures=self.probe_failures,
+            pid=self._proc.pid if self._proc else None,
+            engine_pid=self._engine_pid,
+            port=self._port,
+            restarts=self.restarts,
+            last_exit_code=self.last_exit_code,
+            last_error=self.last_error,
+            state_since=self._state_since,
+            ready_since=self._ready_since,
+            launches=self.launches,
+            argv=redact_argv(self._argv),
+            health_failures=self.health_failures,
+            probe_failures=self.probe_failures,
             inflight=self.inflight,
-            passive_failures=self.passive_failures)
+            passive_failures=self.passive_failures,
+        )
 
     async def wait_ready(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 (the API's name)
         """Whether the replica is READY within ``timeout``; gives up early once it is FAILED."""
@@ -260,12 +279,12 @@ class Supervisor:
                 self.last_error = reason
                 self._enter(S.STARTING, reason)
             elif loop.time() - failing_since >= health.restart_grace:
-                self._crashed(reason if self._state is S.READY
-                              else f"{reason}, for more than {health.restart_grace:g}s")
+                self._crashed(
+                    reason if self._state is S.READY else f"{reason}, for more than {health.restart_grace:g}s"
+                )
             elif self._state is S.READY:
                 self.last_error = reason
-                self._enter(S.UNHEALTHY, f"{reason}; out of rotation, restarted if it lasts "
-                                         f"{health.restart_grace:g}s")
+                self._enter(S.UNHEALTHY, f"{reason}; out of rotation, restarted if it lasts {health.restart_grace:g}s")
 
     async def _backing_off(self) -> None:
         await self._end_launch()
@@ -292,8 +311,15 @@ class Supervisor:
         self._argv, self._port, self._engine_pid = argv, port, None
         self.health_failures = self.passive_failures = 0
         self.log.append(f"[gateway] launch {self.launches}: {' '.join(redact_argv(argv))}")
-        proc = EngineProcess(argv, engine_id=engine_id, env=self.adapter.env(self.spec), log=self.log,
-                             logger=self._logger, grace=self.spec.stop_grace, secrets=secret_values(self.spec))
+        proc = EngineProcess(
+            argv,
+            engine_id=engine_id,
+            env=self.adapter.env(self.spec),
+            log=self.log,
+            logger=self._logger,
+            grace=self.spec.stop_grace,
+            secrets=secret_values(self.spec),
+        )
         await proc.start()
         self._proc = proc
         self._exit_task = asyncio.ensure_future(proc.wait())
@@ -368,8 +394,7 @@ class Supervisor:
                     self._enter(S.STOPPED, "stop requested")
             elif cmd.kind == "broken":
                 if self._state is S.READY and self.passive_failures >= self.spec.outlier.restart_after:
-                    self._crashed(f"{self.passive_failures} requests in a row failed while its health check "
-                                  "passed")
+                    self._crashed(f"{self.passive_failures} requests in a row failed while its health check passed")
             elif cmd.kind == "start":
                 if self._state in (S.STOPPED, S.FAILED, S.BACKOFF):
                     self._backoff.reset()

@@ -45,8 +45,9 @@ class Waiting:
         """The Lease once granted; raises Refused (incl. "timeout" after ``timeout`` s) or Abandoned."""
         future: asyncio.Future[int] = self._ticket.waiter
         try:
-            await asyncio.wait({future} if abandon is None else {future, abandon}, timeout=timeout,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {future} if abandon is None else {future, abandon}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
         except BaseException:
             self.cancel()
             raise

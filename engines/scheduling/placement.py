@@ -60,10 +60,18 @@ class ModelPlan:
 def plan_for(spec: ModelSpec, placement: Placement, *, spawns: bool = True) -> ModelPlan:
     found = placement.group_of(spec.name)
     return ModelPlan(
-        name=spec.name, gpus=frozenset(spec.gpus) if spawns else frozenset(),
-        group=found[0] if found else None, exclusive=bool(found and found[1].exclusive), spawns=spawns,
-        on_demand=spec.load == "on_demand", replicas=spec.replicas, max_queue=spec.max_queue,
-        max_concurrency=spec.max_concurrency, idle_timeout=spec.idle_timeout, outlier=spec.outlier)
+        name=spec.name,
+        gpus=frozenset(spec.gpus) if spawns else frozenset(),
+        group=found[0] if found else None,
+        exclusive=bool(found and found[1].exclusive),
+        spawns=spawns,
+        on_demand=spec.load == "on_demand",
+        replicas=spec.replicas,
+        max_queue=spec.max_queue,
+        max_concurrency=spec.max_concurrency,
+        idle_timeout=spec.idle_timeout,
+        outlier=spec.outlier,
+    )
 
 
 def must_stop_for(starting: ModelPlan, running: ModelPlan) -> bool:
@@ -93,12 +101,14 @@ def check_placement(specs: Sequence[ModelSpec], placement: Placement) -> None:
             seen[member] = group_name
     eager = [plan_for(s, placement, spawns=s.engine != "openai") for s in specs if s.load == "eager"]
     for i, a in enumerate(eager):
-        for b in eager[i + 1:]:
+        for b in eager[i + 1 :]:
             if must_stop_for(a, b) or must_stop_for(b, a):
                 shared = a.gpus & b.gpus
                 why = f"share GPU {min(shared)}" if shared else "cannot run together (exclusive group)"
-                raise ValueError(f"eager models {a.name!r} and {b.name!r} {why}; put them in one group "
-                                 "or make one of them load: on_demand")
+                raise ValueError(
+                    f"eager models {a.name!r} and {b.name!r} {why}; put them in one group "
+                    "or make one of them load: on_demand"
+                )
     spawned = sum(1 for p in eager if p.spawns)
     if placement.max_loaded and spawned > placement.max_loaded:
         raise ValueError(f"{spawned} eager models but max_loaded is {placement.max_loaded}")

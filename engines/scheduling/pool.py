@@ -88,10 +88,18 @@ class _Effects:
 
 
 class EnginePool:
-    def __init__(self, specs: Sequence[ModelSpec], *, placement: Placement | None = None,
-                 on_event: Callable[[StateChanged], None] | None = None, probe_connections: int = 100,
-                 sweep: bool = True, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep, tick: float = TICK_S) -> None:
+    def __init__(
+        self,
+        specs: Sequence[ModelSpec],
+        *,
+        placement: Placement | None = None,
+        on_event: Callable[[StateChanged], None] | None = None,
+        probe_connections: int = 100,
+        sweep: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        tick: float = TICK_S,
+    ) -> None:
         self.placement = placement or Placement()
         check_placement(specs, self.placement)
         self._on_event = on_event
@@ -293,8 +301,11 @@ class EnginePool:
                     raise ValueError(f"model name {name!r} is used twice")
             adapter_for(spec.engine)
         old = self._entries
-        fresh = {spec.name: self._new_entry(spec, gates_ready=False) for spec in specs
-                 if spec.name not in old or old[spec.name].spec != spec}
+        fresh = {
+            spec.name: self._new_entry(spec, gates_ready=False)
+            for spec in specs
+            if spec.name not in old or old[spec.name].spec != spec
+        }
         entries = {spec.name: fresh.get(spec.name) or old[spec.name] for spec in specs}
         by_name = self._index(list(entries.values()))[1]
         self.placement = placement
@@ -315,17 +326,21 @@ class EnginePool:
                 self._scheduler.replace(old[name].key, entry.key, self._plan(entry), now, start=eager)
             else:
                 self._scheduler.add(entry.key, self._plan(entry), now, start=eager)
-        return ReloadReport(added=tuple(n for n in fresh if n not in old), removed=tuple(removed),
-                            changed=tuple(n for n in fresh if n in old),
-                            unchanged=tuple(n for n in entries if n not in fresh))
+        return ReloadReport(
+            added=tuple(n for n in fresh if n not in old),
+            removed=tuple(removed),
+            changed=tuple(n for n in fresh if n in old),
+            unchanged=tuple(n for n in entries if n not in fresh),
+        )
 
     # -- plumbing -----------------------------------------------------------------------------------
 
     def _new_entry(self, spec: ModelSpec, *, gates_ready: bool = True) -> ModelEntry:
         adapter = adapter_for(spec.engine)
         self._next_key += 1
-        entry = ModelEntry(spec, adapter, request_model=adapter.request_model(spec), key=self._next_key,
-                           gates_ready=gates_ready)
+        entry = ModelEntry(
+            spec, adapter, request_model=adapter.request_model(spec), key=self._next_key, gates_ready=gates_ready
+        )
         self._by_key[entry.key] = entry
         return entry
 
@@ -335,8 +350,9 @@ class EnginePool:
         for entry in entries:
             for name in entry.spec.served_names:
                 if name in by_name:
-                    raise ValueError(f"model name {name!r} is used twice (by {by_name[name].name!r} "
-                                     f"and {entry.name!r})")
+                    raise ValueError(
+                        f"model name {name!r} is used twice (by {by_name[name].name!r} and {entry.name!r})"
+                    )
                 by_name[name] = entry
         return {entry.name: entry for entry in entries}, by_name
 
@@ -346,10 +362,18 @@ class EnginePool:
     def _supervise(self, entry: ModelEntry) -> None:
         assert self._session is not None
         entry.replicas = [
-            Supervisor(entry.spec.for_replica(i), entry.adapter, replica=i, session=self._session,
-                       on_event=functools.partial(self._replica_event, entry.key),
-                       on_report=functools.partial(self._report, entry.key), clock=self._clock, sleep=self._sleep)
-            for i in range(entry.spec.replicas)]
+            Supervisor(
+                entry.spec.for_replica(i),
+                entry.adapter,
+                replica=i,
+                session=self._session,
+                on_event=functools.partial(self._replica_event, entry.key),
+                on_report=functools.partial(self._report, entry.key),
+                clock=self._clock,
+                sleep=self._sleep,
+            )
+            for i in range(entry.spec.replicas)
+        ]
         tasks = self._tasks[entry.key] = []
         for sup in entry.replicas:
             task = asyncio.create_task(sup.run(), name=f"supervise {entry.name}/{sup.replica}")
@@ -365,8 +389,12 @@ class EnginePool:
         ejected_for = self._scheduler.report(key, replica, ok, self._clock())
         if ejected_for is not None:
             entry = self._by_key.get(key)
-            _log.warning("%s/%d: ejected from rotation for %.0fs after failures in a row on real traffic",
-                         entry.name if entry else key, replica, ejected_for)
+            _log.warning(
+                "%s/%d: ejected from rotation for %.0fs after failures in a row on real traffic",
+                entry.name if entry else key,
+                replica,
+                ejected_for,
+            )
 
     def _job(self, key: int, action: Literal["start", "stop"]) -> None:
         entry = self._by_key.get(key)
@@ -374,8 +402,7 @@ class EnginePool:
             return
 
         async def job() -> None:
-            results = await asyncio.gather(*(getattr(sup, action)() for sup in entry.replicas),
-                                           return_exceptions=True)
+            results = await asyncio.gather(*(getattr(sup, action)() for sup in entry.replicas), return_exceptions=True)
             for sup, result in zip(entry.replicas, results, strict=True):
                 if isinstance(result, BaseException):
                     _log.error("%s of %s/%d failed: %r", action, sup.model, sup.replica, result)

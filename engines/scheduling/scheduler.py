@@ -91,8 +91,9 @@ class Scheduler:
     # -- the set of models (start-up and reload) ----------------------------------------------------
 
     def add(self, key: int, plan: ModelPlan, now: float, *, start: bool = False) -> None:
-        self._models[key] = _Model(key, plan, [_Replica() for _ in range(plan.replicas)], last_used=now,
-                                   want=now if start else None)
+        self._models[key] = _Model(
+            key, plan, [_Replica() for _ in range(plan.replicas)], last_used=now, want=now if start else None
+        )
         self._advance(now)
 
     def set_plan(self, key: int, plan: ModelPlan) -> None:
@@ -109,8 +110,14 @@ class Scheduler:
         start = start or previous.up or previous.want is not None
         waiting, previous.queue = previous.queue, deque()
         self._retire(previous)
-        self._models[new] = _Model(new, plan, [_Replica() for _ in range(plan.replicas)], last_used=now,
-                                   want=now if start else None, queue=waiting)
+        self._models[new] = _Model(
+            new,
+            plan,
+            [_Replica() for _ in range(plan.replicas)],
+            last_used=now,
+            want=now if start else None,
+            queue=waiting,
+        )
         for ticket in waiting:
             ticket.key = new
         self._advance(now)
@@ -188,8 +195,12 @@ class Scheduler:
                 return index
         if not model.running() and all(r.state is S.FAILED for r in model.replicas):
             raise Refused("failed", model.plan.name)
-        waits = (model.drain is not None or not model.running() or model.cold
-                 or any(r.state is S.READY for r in model.replicas))
+        waits = (
+            model.drain is not None
+            or not model.running()
+            or model.cold
+            or any(r.state is S.READY for r in model.replicas)
+        )
         if not waits:
             raise Refused("unavailable", model.plan.name)  # crash-restarting: 503 now, not a long wait
         if len(model.queue) >= model.plan.max_queue:
@@ -267,8 +278,16 @@ class Scheduler:
         """Idle stops; ejections that ended are noticed by the next pick on their own."""
         for model in self._models.values():
             plan = model.plan
-            if (plan.on_demand and plan.idle_timeout > 0 and model.up and not model.cold and model.drain is None
-                    and not model.queue and model.active == 0 and now - model.last_used >= plan.idle_timeout):
+            if (
+                plan.on_demand
+                and plan.idle_timeout > 0
+                and model.up
+                and not model.cold
+                and model.drain is None
+                and not model.queue
+                and model.active == 0
+                and now - model.last_used >= plan.idle_timeout
+            ):
                 model.drain = "idle"
         self._advance(now)
 
@@ -290,8 +309,15 @@ class Scheduler:
             phase = Phase.FAILED
         else:
             phase = Phase.STOPPED
-        return ModelStatus(phase, len(model.queue), model.active, model.parked, model.standby and not model.parked,
-                           model.drain, tuple(i for i, r in enumerate(model.replicas) if r.outlier.ejected(now)))
+        return ModelStatus(
+            phase,
+            len(model.queue),
+            model.active,
+            model.parked,
+            model.standby and not model.parked,
+            model.drain,
+            tuple(i for i, r in enumerate(model.replicas) if r.outlier.ejected(now)),
+        )
 
     # -- decisions ----------------------------------------------------------------------------------
 
@@ -372,8 +398,12 @@ class Scheduler:
                 self._launch(model, now)
 
     def _wants_up(self, model: _Model) -> bool:
-        return (not model.running() and not model.parked and not model.retiring
-                and (bool(model.queue) or model.want is not None))
+        return (
+            not model.running()
+            and not model.parked
+            and not model.retiring
+            and (bool(model.queue) or model.want is not None)
+        )
 
     def _running_others(self, model: _Model) -> Iterator[_Model]:
         return (m for m in self._models.values() if m is not model and m.running())

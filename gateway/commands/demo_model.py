@@ -123,7 +123,8 @@ def _generation_config(tokenizer: Any) -> Any:
 
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     suppress = [
-        i for i in range(len(tokenizer))
+        i
+        for i in range(len(tokenizer))
         if i != eos_id and not _printable(tokenizer.decode([i], skip_special_tokens=False))
     ]
     return GenerationConfig(
@@ -168,9 +169,17 @@ def _save(path: Path, *parts: Any) -> None:
 def _text_shape(pad_id: int, eos_id: int) -> dict[str, Any]:
     """The tiny decoder both demo models share: ~100k parameters, fast on one CPU core."""
     return {
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 2048, "initializer_range": INIT_RANGE,
-        "tie_word_embeddings": True, "bos_token_id": pad_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "initializer_range": INIT_RANGE,
+        "tie_word_embeddings": True,
+        "bos_token_id": pad_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
     }
 
 

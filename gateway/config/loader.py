@@ -84,8 +84,9 @@ def _location(loc: tuple[int | str, ...], raw_models: Mapping[str, Any]) -> str:
     return ".".join(parts)
 
 
-def build_config(raw: Mapping[str, Any] | None, *, gpus: Sequence[GpuSlot] | None = None,
-                 previous: Config | None = None) -> Config:
+def build_config(
+    raw: Mapping[str, Any] | None, *, gpus: Sequence[GpuSlot] | None = None, previous: Config | None = None
+) -> Config:
     """Validate ``raw`` and add the models found in ``models_dir``.
 
     ``gpus`` is the GPU inventory for placing discovered models (None: read NVML, only when there is a
@@ -104,8 +105,10 @@ def build_config(raw: Mapping[str, Any] | None, *, gpus: Sequence[GpuSlot] | Non
     try:
         config = Config.model_validate({**fields, "models_dir": models_dir, "models": (*config.models, *result.specs)})
     except ValidationError as exc:
-        raise ConfigError(f"models_dir {models_dir}: the models found there clash with the config: "
-                          + "; ".join(e["msg"] for e in exc.errors())) from None
+        raise ConfigError(
+            f"models_dir {models_dir}: the models found there clash with the config: "
+            + "; ".join(e["msg"] for e in exc.errors())
+        ) from None
     config._discovered = result
     return config
 
@@ -137,8 +140,16 @@ def _log(result: DiscoveryResult) -> None:
         log.info("models_dir %s: %s", result.models_dir, note)
     for p in result.plan:
         gpus = ",".join(map(str, p.gpus)) or "cpu"
-        log.info("models_dir %s: serving %s as %r (%s, %s, GPUs %s%s)", result.models_dir, p.folder, p.name, p.kind,
-                 p.engine, gpus, f", cpu offload {p.offload_gib} GiB per GPU" if p.offload_gib else "")
+        log.info(
+            "models_dir %s: serving %s as %r (%s, %s, GPUs %s%s)",
+            result.models_dir,
+            p.folder,
+            p.name,
+            p.kind,
+            p.engine,
+            gpus,
+            f", cpu offload {p.offload_gib} GiB per GPU" if p.offload_gib else "",
+        )
 
 
 def _validate(raw: Mapping[str, Any] | None) -> Config:
@@ -171,8 +182,9 @@ def _validate(raw: Mapping[str, Any] | None) -> Config:
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
 
 
-def load_config(path: str | os.PathLike[str] | None, *, gpus: Sequence[GpuSlot] | None = None,
-                previous: Config | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None, *, gpus: Sequence[GpuSlot] | None = None, previous: Config | None = None
+) -> Config:
     """The config file, validated, with ``models_dir`` scanned (see ``build_config``)."""
     if path is None:
         return build_config({}, gpus=gpus, previous=previous)

@@ -49,15 +49,26 @@ class Reloader:
             if state.workers is not None:
                 state.workers.publish(state.config)
         result: dict[str, Any] = {
-            "object": "reload", "added": list(report.added), "removed": list(report.removed),
-            "changed": list(report.changed), "unchanged": list(report.unchanged), "restart_required": restart,
+            "object": "reload",
+            "added": list(report.added),
+            "removed": list(report.removed),
+            "changed": list(report.changed),
+            "unchanged": list(report.unchanged),
+            "restart_required": restart,
         }
         if restart:
-            result["message"] = (f"Changes to {', '.join(restart)} take effect only after a restart; they were "
-                                 "not applied. Model changes were applied.")
-        log.info("config reloaded from %s: added %s, removed %s, changed %s%s", self.path, report.added or "none",
-                 report.removed or "none", report.changed or "none",
-                 f"; restart required for {', '.join(restart)}" if restart else "")
+            result["message"] = (
+                f"Changes to {', '.join(restart)} take effect only after a restart; they were "
+                "not applied. Model changes were applied."
+            )
+        log.info(
+            "config reloaded from %s: added %s, removed %s, changed %s%s",
+            self.path,
+            report.added or "none",
+            report.removed or "none",
+            report.changed or "none",
+            f"; restart required for {', '.join(restart)}" if restart else "",
+        )
         return result
 
 

@@ -128,11 +128,16 @@ class GatewayMiddleware:
         except Exception:
             log.exception("request %s failed inside the gateway", request_id)
             if not started:
-                await send_wrapper({"type": "http.response.start", "status": 500,
-                                    "headers": [(b"content-type", b"application/json")]})
-                await send_wrapper({"type": "http.response.body", "more_body": False,
-                                    "body": error_body("The gateway failed to answer.", "internal_error",
-                                                       "internal_error")})
+                await send_wrapper(
+                    {"type": "http.response.start", "status": 500, "headers": [(b"content-type", b"application/json")]}
+                )
+                await send_wrapper(
+                    {
+                        "type": "http.response.body",
+                        "more_body": False,
+                        "body": error_body("The gateway failed to answer.", "internal_error", "internal_error"),
+                    }
+                )
         finally:
             status = scope.get(STATUS_KEY, status)
             model = scope.get(MODEL_KEY, "")

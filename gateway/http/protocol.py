@@ -63,8 +63,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         except httptools.HttpParserError:
             # httptools re-raises a callback's exception as its own error type; the flag says which it was.
             if self._headers_too_large:
-                self._reject(431, "request_header_fields_too_large",
-                             "The request headers are too many or too large.")
+                self._reject(431, "request_header_fields_too_large", "The request headers are too many or too large.")
             else:
                 self.logger.warning("Invalid HTTP request received.")
                 self.send_400_response("Invalid HTTP request received.")
@@ -100,13 +99,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         body = error_body(message, "invalid_request_error", code)
-        self.transport.write(b"".join([
-            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status]),
-            b"content-type: application/json\r\n",
-            b"content-length: %d\r\n" % len(body),
-            b"connection: close\r\n\r\n",
-            body,
-        ]))
+        self.transport.write(
+            b"".join(
+                [
+                    b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status]),
+                    b"content-type: application/json\r\n",
+                    b"content-length: %d\r\n" % len(body),
+                    b"connection: close\r\n\r\n",
+                    body,
+                ]
+            )
+        )
         self.transport.close()
 
     def _arm_header_timer(self) -> None:

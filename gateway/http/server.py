@@ -18,5 +18,14 @@ def uvicorn_config(app: ASGIApp, s: ServerSettings, **where: Any) -> uvicorn.Con
     # iteration, so on a busy loop (hundreds of streams) new clients wait seconds in the kernel's accept queue
     # (measured: first event p99 1.6-5.9 s vs 0.21 s; tests/bench/README.md). asyncio drains the queue at once
     # and costs the same CPU here (within +-4 % per request and per streamed event).
-    return uvicorn.Config(app, loop="asyncio", http=protocol, lifespan="on", access_log=s.access_log,
-                          log_config=None, timeout_graceful_shutdown=5, server_header=False, **where)
+    return uvicorn.Config(
+        app,
+        loop="asyncio",
+        http=protocol,
+        lifespan="on",
+        access_log=s.access_log,
+        log_config=None,
+        timeout_graceful_shutdown=5,
+        server_header=False,
+        **where,
+    )

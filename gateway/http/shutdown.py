@@ -67,8 +67,9 @@ class InFlight:
 class DrainingServer(uvicorn.Server):
     """uvicorn, with a drain between the first signal and the stop."""
 
-    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]],
-                 abort: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]], abort: Callable[[], None] = lambda: None
+    ) -> None:
         super().__init__(config)
         self._drain = drain
         self._abort = abort

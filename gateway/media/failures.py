@@ -59,8 +59,11 @@ def too_many_pixels(limit: int, param: str | None = None) -> MediaError:
 
 
 def too_small(limit: int, param: str | None = None) -> MediaError:
-    return MediaError(f"The image is smaller than {limit} pixels on a side; the models here need at least that.",
-                      code=TOO_SMALL, param=param)
+    return MediaError(
+        f"The image is smaller than {limit} pixels on a side; the models here need at least that.",
+        code=TOO_SMALL,
+        param=param,
+    )
 
 
 def too_many_frames(limit: int, param: str | None = None) -> MediaError:

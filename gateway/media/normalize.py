@@ -120,7 +120,8 @@ class MediaNormalizer:
         kind = reference_kind(ref)
         if kind == "http":
             return await self._fetch_cached(
-                ref, param, lambda fetched: image_data_url(fetched.data, self.config, param))
+                ref, param, lambda fetched: image_data_url(fetched.data, self.config, param)
+            )
         if kind == "data":
             return await self._inline_image(parse_data_url(ref, param).payload, param)
         if kind == "other" and looks_like_base64(ref) and sniff_image(decode_head(ref)) is not None:
@@ -175,7 +176,8 @@ class MediaNormalizer:
             return ref
         if kind == "http":
             return await self._fetch_cached(
-                ref, param, lambda fetched: self._media_data_url(fetched.data, fetched.content_type, param))
+                ref, param, lambda fetched: self._media_data_url(fetched.data, fetched.content_type, param)
+            )
         if kind in ("file", "other"):
             data = await self._read_local(ref, param)
             return await asyncio.to_thread(self._media_data_url, data, None, param)

@@ -51,8 +51,9 @@ class GpuReport:
 class GpuProbe:
     """Reads NVML through ``nvml`` (``pynvml`` from nvidia-ml-py, or a fake in tests)."""
 
-    def __init__(self, nvml: ModuleType | Any | None = None, *, ttl: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, nvml: ModuleType | Any | None = None, *, ttl: float = 2.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._nvml = nvml
         self._ttl = ttl
         self._clock = clock
@@ -141,7 +142,9 @@ class GpuProbe:
             index=index,
             name=_text(nvml.nvmlDeviceGetName(handle)),
             uuid=_optional(lambda: _text(nvml.nvmlDeviceGetUUID(handle))) or "",
-            memory_total=int(mem.total), memory_used=int(mem.used), memory_free=int(mem.free),
+            memory_total=int(mem.total),
+            memory_used=int(mem.used),
+            memory_free=int(mem.free),
             utilization=_optional(lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0),
             temperature_c=_optional(lambda: int(nvml.nvmlDeviceGetTemperature(handle, _TEMPERATURE_GPU))),
             power_w=_optional(lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0),

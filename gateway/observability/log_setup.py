@@ -36,9 +36,13 @@ class _JsonFormatter(logging.Formatter):
         self._worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, object] = {"ts": round(record.created, 3), "level": record.levelname.lower(),
-                                   "logger": record.name, "request_id": getattr(record, "request_id", "-"),
-                                   "message": record.getMessage()}
+        data: dict[str, object] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "request_id": getattr(record, "request_id", "-"),
+            "message": record.getMessage(),
+        }
         if self._worker is not None:
             data["worker"] = self._worker
         if record.exc_info:
@@ -53,8 +57,9 @@ def configure_logging(level: str = "info", fmt: str = "text", *, worker: int | N
         handler.setFormatter(_JsonFormatter(worker))
     else:
         tag = "" if worker is None else f"w{worker} "
-        handler.setFormatter(logging.Formatter(
-            f"%(asctime)s %(levelname)-7s {tag}%(name)s [%(request_id)s]: %(message)s"))
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)-7s {tag}%(name)s [%(request_id)s]: %(message)s")
+        )
     handler.addFilter(_RequestIdFilter())
     handler.addFilter(_AccessQueryFilter())
     root = logging.getLogger()

@@ -55,26 +55,56 @@ class Metrics:
     def __init__(self) -> None:
         disable_created_metrics()  # `_created` series double the scrape for no dashboard's benefit
         self.registry = r = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("gateway_requests", "Requests answered, by model, endpoint and status.",
-                                ["model", "endpoint", "status"], registry=r)
-        self.duration = Histogram("gateway_request_duration_seconds", "Time from request to the last byte.",
-                                  ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("gateway_time_to_first_token_seconds", "Time from request to the first streamed event.",
-                              ["model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.chunk_gap = Histogram("gateway_time_between_chunks_seconds",
-                                   "Mean gap between streamed events, one observation per stream.",
-                                   ["model"], buckets=_GAP_BUCKETS, registry=r)
-        self.in_flight = Gauge("gateway_requests_in_flight", "Requests being answered by an engine.", ["model"],
-                               registry=r)
-        self.queued = Gauge("gateway_queue_depth", "Requests waiting for a model to become ready.", ["model"],
-                            registry=r)
-        self.upstream_errors = Counter("gateway_upstream_errors", "Failures talking to engines, by kind.",
-                                       ["model", "kind"], registry=r)
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests answered, by model, endpoint and status.",
+            ["model", "endpoint", "status"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Time from request to the last byte.",
+            ["model", "endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds",
+            "Time from request to the first streamed event.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.chunk_gap = Histogram(
+            "gateway_time_between_chunks_seconds",
+            "Mean gap between streamed events, one observation per stream.",
+            ["model"],
+            buckets=_GAP_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight", "Requests being answered by an engine.", ["model"], registry=r
+        )
+        self.queued = Gauge(
+            "gateway_queue_depth", "Requests waiting for a model to become ready.", ["model"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors", "Failures talking to engines, by kind.", ["model", "kind"], registry=r
+        )
         self.tokens = Counter("gateway_tokens", "Tokens reported by engines in usage.", ["model", "kind"], registry=r)
-        self.restarts = Counter("gateway_engine_restarts", "Engine restarts after a crash or failed health.",
-                                ["model", "replica"], registry=r)
-        self.startup = Histogram("gateway_engine_startup_seconds", "Time from launch to ready.", ["model"],
-                                 buckets=_STARTUP_BUCKETS, registry=r)
+        self.restarts = Counter(
+            "gateway_engine_restarts",
+            "Engine restarts after a crash or failed health.",
+            ["model", "replica"],
+            registry=r,
+        )
+        self.startup = Histogram(
+            "gateway_engine_startup_seconds",
+            "Time from launch to ready.",
+            ["model"],
+            buckets=_STARTUP_BUCKETS,
+            registry=r,
+        )
         # The request path's children, cached (``requests_of(model, endpoint, status).inc()``).
         self.requests_of = _Children(self.requests)
         self.duration_of = _Children(self.duration)
@@ -94,8 +124,9 @@ class Metrics:
 
 def probe_failures_family(rows: Iterable[tuple[str, int, int]]) -> CounterMetricFamily:
     """``gateway_engine_probe_failures_total{model,replica}``: a flapping engine shows here before any state."""
-    family = CounterMetricFamily("gateway_engine_probe_failures", "Failed health probes of a running engine.",
-                                 labels=["model", "replica"])
+    family = CounterMetricFamily(
+        "gateway_engine_probe_failures", "Failed health probes of a running engine.", labels=["model", "replica"]
+    )
     for model, replica, count in rows:
         family.add_metric([model, str(replica)], float(count))
     return family
@@ -113,8 +144,9 @@ def worker_families(connected: int, restarts: int) -> list[Metric]:
 
 def engine_state_family(rows: Iterable[tuple[str, int, str]]) -> GaugeMetricFamily:
     """``gateway_engine_state{model,replica,state}``: 1 for the state each replica is in, 0 for the others."""
-    family = GaugeMetricFamily("gateway_engine_state", "Engine replica state (1 = current).",
-                               labels=["model", "replica", "state"])
+    family = GaugeMetricFamily(
+        "gateway_engine_state", "Engine replica state (1 = current).", labels=["model", "replica", "state"]
+    )
     for model, replica, current in rows:
         for state in EngineState:
             family.add_metric([model, str(replica), state.value], 1.0 if state.value == current else 0.0)
@@ -178,8 +210,11 @@ def merge_expositions(texts: Iterable[str]) -> bytes:
         lines.append(f"# TYPE {shown} {type_}")
         for (sample_name, labels), value in samples.items():
             rendered = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels)
-            lines.append(f"{sample_name}{{{rendered}}} {floatToGoString(value)}" if rendered
-                         else f"{sample_name} {floatToGoString(value)}")
+            lines.append(
+                f"{sample_name}{{{rendered}}} {floatToGoString(value)}"
+                if rendered
+                else f"{sample_name} {floatToGoString(value)}"
+            )
     return ("\n".join(lines) + "\n").encode()
 
 

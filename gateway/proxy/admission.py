@@ -40,8 +40,15 @@ def resolve(pool: EnginePool | RemotePool, name: str) -> ModelEntry:
     return entry
 
 
-async def acquire(pool: EnginePool | RemotePool, entry: ModelEntry, request: Request, *, queue_timeout: float,
-                  retry_after: float, metrics: Metrics) -> Lease | RemoteLease:
+async def acquire(
+    pool: EnginePool | RemotePool,
+    entry: ModelEntry,
+    request: Request,
+    *,
+    queue_timeout: float,
+    retry_after: float,
+    metrics: Metrics,
+) -> Lease | RemoteLease:
     """A lease on a replica of ``entry``; the caller releases it (the relay does, when it is over)."""
     name = entry.spec.name
     try:
@@ -97,12 +104,15 @@ async def _client_left(request: Request) -> None:
 def refusal_error(refused: Refused, name: str, retry_after: float) -> GatewayError:
     reason = refused.reason
     if reason == "queue_full":
-        return QueueFull(f"Too many requests are waiting for the model '{name}'; retry shortly.",
-                         retry_after=retry_after)
+        return QueueFull(
+            f"Too many requests are waiting for the model '{name}'; retry shortly.", retry_after=retry_after
+        )
     if reason == "failed":
         return EngineUnavailable(
             f"The model '{name}' failed to start repeatedly and is stopped; an operator must restart it.",
-            code="engine_failed", retry_after=retry_after * 6)
+            code="engine_failed",
+            retry_after=retry_after * 6,
+        )
     if reason == "stopped":
         return EngineUnavailable(f"The model '{name}' was stopped by an operator.", retry_after=retry_after * 6)
     if reason == "removed":
@@ -110,6 +120,7 @@ def refusal_error(refused: Refused, name: str, retry_after: float) -> GatewayErr
     if reason == "shutdown":
         return ShuttingDown("The gateway is shutting down; retry on another instance.", retry_after=retry_after)
     if reason == "timeout":
-        return EngineUnavailable(f"The model '{name}' did not become available in time; retry shortly.",
-                                 retry_after=retry_after)
+        return EngineUnavailable(
+            f"The model '{name}' did not become available in time; retry shortly.", retry_after=retry_after
+        )
     return EngineUnavailable(f"The model '{name}' is not ready yet; retry shortly.", retry_after=retry_after)

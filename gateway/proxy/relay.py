@@ -145,8 +145,9 @@ class Relay(Response):
                         return
                     response = await self._connect()
                     if self.stream and response.status == 200 and response.content_type == "text/event-stream":
-                        await self._relay_stream(response, send, scope.get(BODY_SEND_KEY, send), clock,
-                                                 total_deadline, t0, outcome)
+                        await self._relay_stream(
+                            response, send, scope.get(BODY_SEND_KEY, send), clock, total_deadline, t0, outcome
+                        )
                     else:
                         clock.reschedule(total_deadline)
                         await self._relay_whole(response, send, outcome)
@@ -157,17 +158,24 @@ class Relay(Response):
                         "The engine for this model is not accepting connections; it may be restarting.",
                         retry_after=self.target.retry_after,
                     ) from None
-                except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
-                        aiohttp.ClientResponseError, EngineClosed):
+                except (
+                    aiohttp.ClientPayloadError,
+                    aiohttp.ServerDisconnectedError,
+                    aiohttp.ClientOSError,
+                    aiohttp.ClientResponseError,
+                    EngineClosed,
+                ):
                     outcome.error_kind = "disconnected"
                     self.target.replica.report_failure()
-                    raise UpstreamError("The engine closed the connection before the answer was complete.",
-                                        code="upstream_disconnected") from None
+                    raise UpstreamError(
+                        "The engine closed the connection before the answer was complete.", code="upstream_disconnected"
+                    ) from None
         except TimeoutError:
             outcome.error_kind = outcome.error_kind or ("timeout_stream" if self._started else "timeout")
             self.target.replica.report_failure()
-            await self._fail(send, UpstreamTimeout(self._timeout_message(loop.time() >= total_deadline),
-                                                   code="upstream_timeout"))
+            await self._fail(
+                send, UpstreamTimeout(self._timeout_message(loop.time() >= total_deadline), code="upstream_timeout")
+            )
         except GatewayError as exc:
             await self._fail(send, exc)
         except asyncio.CancelledError:
@@ -222,8 +230,12 @@ class Relay(Response):
         self._let_go(target)
         other.replica.inflight += 1
         self.target = other
-        log.info("replica %s of %s refused the connection; sent to replica %s", target.replica.replica,
-                 target.model, other.replica.replica)
+        log.info(
+            "replica %s of %s refused the connection; sent to replica %s",
+            target.replica.replica,
+            target.model,
+            other.replica.replica,
+        )
         return True
 
     @staticmethod
@@ -272,11 +284,11 @@ class Relay(Response):
                 outcome.error_kind = "too_large"
                 raise UpstreamError("The engine's answer was too large.", code="bad_upstream_response")
             parts.append(part)
-        await self._answer_whole(response.status, response.headers.get("retry-after"), b"".join(parts), send,
-                                 outcome)
+        await self._answer_whole(response.status, response.headers.get("retry-after"), b"".join(parts), send, outcome)
 
-    async def _answer_whole(self, status: int, retry_after: str | None, body: bytes, send: Send,
-                            outcome: Outcome) -> None:
+    async def _answer_whole(
+        self, status: int, retry_after: str | None, body: bytes, send: Send, outcome: Outcome
+    ) -> None:
         """A whole answer from the engine, as the client gets it: errors reshaped, model names rewritten."""
         extra: list[tuple[bytes, bytes]] = []
         if status >= 400:
@@ -295,8 +307,9 @@ class Relay(Response):
             except orjson.JSONDecodeError:
                 outcome.error_kind = "bad_response"
                 self.target.replica.report_failure()
-                raise UpstreamError("The engine sent an answer that is not valid JSON.",
-                                    code="bad_upstream_response") from None
+                raise UpstreamError(
+                    "The engine sent an answer that is not valid JSON.", code="bad_upstream_response"
+                ) from None
             self.target.replica.report_success()
             if isinstance(data, dict):
                 count_usage(data.get("usage"), outcome)
@@ -311,8 +324,13 @@ class Relay(Response):
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _start_stream(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": self._headers(b"text/event-stream; charset=utf-8", _STREAM_HEADERS)})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": self._headers(b"text/event-stream; charset=utf-8", _STREAM_HEADERS),
+            }
+        )
         self._started = True
 
     async def _relay_stream(
@@ -383,8 +401,11 @@ class Relay(Response):
                     raise _ConnectFailed from None
                 conn.send(request)
                 await conn.headers_done
-            if (not self.stream or conn.status != 200
-                    or not conn.headers.get(b"content-type", b"").startswith(b"text/event-stream")):
+            if (
+                not self.stream
+                or conn.status != 200
+                or not conn.headers.get(b"content-type", b"").startswith(b"text/event-stream")
+            ):
                 clock.reschedule(total_deadline)
                 try:
                     body = await conn.read_body(_MAX_BODY_BYTES)
@@ -392,8 +413,9 @@ class Relay(Response):
                     outcome.error_kind = "too_large"
                     raise UpstreamError("The engine's answer was too large.", code="bad_upstream_response") from None
                 retry_after = conn.headers.get(b"retry-after")
-                await self._answer_whole(conn.status, retry_after.decode("latin-1") if retry_after else None, body,
-                                         send, outcome)
+                await self._answer_whole(
+                    conn.status, retry_after.decode("latin-1") if retry_after else None, body, send, outcome
+                )
                 kept = True
                 return
             await self._start_stream(send)
@@ -470,8 +492,13 @@ class Relay(Response):
             await send({"type": "http.response.start", "status": exc.status, "headers": headers})
             await send({"type": "http.response.body", "body": exc.body(), "more_body": False})
         else:
-            await send({"type": "http.response.body", "body": sse_error_event(exc.message, exc.type, exc.code),
-                        "more_body": False})
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": sse_error_event(exc.message, exc.type, exc.code),
+                    "more_body": False,
+                }
+            )
         self._started = True
 
     def _record(self, outcome: Outcome) -> None:
@@ -500,14 +527,18 @@ def _transformed(transform: Callable[[dict[str, Any]], Any], data: object, outco
     except (KeyError, IndexError, TypeError, ValueError):
         # Not the engine's fault as far as health goes (it answered); the client still gets a clear 502.
         outcome.error_kind = "bad_response"
-        raise UpstreamError("The engine's answer did not have the expected shape.",
-                            code="bad_upstream_response") from None
+        raise UpstreamError(
+            "The engine's answer did not have the expected shape.", code="bad_upstream_response"
+        ) from None
 
 
 async def send_error(send: Send, exc: GatewayError, request_id: str) -> None:
     body = exc.body()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"x-request-id", request_id.encode())]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode()),
+    ]
     headers += [(k.encode(), v.encode()) for k, v in exc.headers().items()]
     start: Message = {"type": "http.response.start", "status": exc.status, "headers": headers}
     await send(start)

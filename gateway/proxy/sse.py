@@ -119,8 +119,10 @@ def _raise_at_error_event(chunk: bytes, outcome: Outcome) -> None:
         type_ = error.get("type") if isinstance(error.get("type"), str) else "upstream_error"
         code = error.get("code")
         outcome.error_kind = "stream_error"
-        raise StreamEnded(before + b"\n\n" if before else b"",
-                          sse_error_event(message, type_, code if isinstance(code, str) else "upstream_error"))
+        raise StreamEnded(
+            before + b"\n\n" if before else b"",
+            sse_error_event(message, type_, code if isinstance(code, str) else "upstream_error"),
+        )
 
 
 def count_usage(usage: object, outcome: Outcome) -> None:

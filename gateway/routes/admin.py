@@ -41,12 +41,24 @@ def _json(data: Any) -> Response:
 def engine_row(entry: ModelEntry, snap: ReplicaSnapshot) -> dict[str, Any]:
     spec = entry.spec
     return {
-        "model": spec.name, "replica": snap.replica, "engine": spec.engine, "load": spec.load,
-        "state": snap.state.value, "since": snap.state_since, "ready_since": snap.ready_since,
-        "pid": snap.pid, "engine_pid": snap.engine_pid, "port": snap.port,
-        "restarts": snap.restarts, "launches": snap.launches, "last_exit_code": snap.last_exit_code,
-        "last_error": snap.last_error, "health_failures": snap.health_failures, "in_flight": snap.inflight,
-        "gpus": list(_replica_gpus(spec, snap.replica)), "argv": snap.argv,  # argv: secrets already redacted
+        "model": spec.name,
+        "replica": snap.replica,
+        "engine": spec.engine,
+        "load": spec.load,
+        "state": snap.state.value,
+        "since": snap.state_since,
+        "ready_since": snap.ready_since,
+        "pid": snap.pid,
+        "engine_pid": snap.engine_pid,
+        "port": snap.port,
+        "restarts": snap.restarts,
+        "launches": snap.launches,
+        "last_exit_code": snap.last_exit_code,
+        "last_error": snap.last_error,
+        "health_failures": snap.health_failures,
+        "in_flight": snap.inflight,
+        "gpus": list(_replica_gpus(spec, snap.replica)),
+        "argv": snap.argv,  # argv: secrets already redacted
     }
 
 
@@ -65,8 +77,7 @@ def _replicas(entry: ModelEntry, replica: int | None) -> list[Supervisor]:
         return list(entry.replicas)
     chosen = [sup for sup in entry.replicas if sup.replica == replica]
     if not chosen:
-        raise NotFound(f"The model '{entry.name}' has no replica {replica}.", code="replica_not_found",
-                       param="replica")
+        raise NotFound(f"The model '{entry.name}' has no replica {replica}.", code="replica_not_found", param="replica")
     return chosen
 
 
@@ -80,10 +91,10 @@ async def _command(state: GatewayState, model: str, replica: int | None, action:
     except Exception as exc:
         # The only expected cause: the supervisor shut down between our lookup and its mailbox.
         log.error("admin %s of %s failed: %r", action, entry.name, exc)
-        raise EngineUnavailable(f"Could not {action} '{entry.name}': its supervisor is shutting down.",
-                                code="engine_unavailable") from None
-    return _json({"model": entry.name, "action": action,
-                  "data": [engine_row(entry, sup.snapshot()) for sup in sups]})
+        raise EngineUnavailable(
+            f"Could not {action} '{entry.name}': its supervisor is shutting down.", code="engine_unavailable"
+        ) from None
+    return _json({"model": entry.name, "action": action, "data": [engine_row(entry, sup.snapshot()) for sup in sups]})
 
 
 @router.post("/engines/{model:path}/start")
@@ -105,8 +116,9 @@ async def restart(model: str, state: StateDep, replica: ReplicaQuery = None) -> 
 async def reload(state: StateDep) -> Response:
     """Re-read the config file: models added, removed and changed are applied; see gateway/config/reload.py."""
     if state.reloader is None:
-        raise BadRequest("The gateway was started without a config file: there is nothing to reload.",
-                         code="no_config_file")
+        raise BadRequest(
+            "The gateway was started without a config file: there is nothing to reload.", code="no_config_file"
+        )
     if state.draining:
         raise EngineUnavailable("The gateway is shutting down.", code="shutting_down")
     try:
@@ -116,17 +128,27 @@ async def reload(state: StateDep) -> Response:
 
 
 @router.get("/engines/{model:path}/logs")
-async def logs(model: str, state: StateDep, replica: ReplicaQuery = None,
-               tail: Annotated[int | None, Query(ge=0, le=100_000)] = None, follow: bool = False) -> Response:
+async def logs(
+    model: str,
+    state: StateDep,
+    replica: ReplicaQuery = None,
+    tail: Annotated[int | None, Query(ge=0, le=100_000)] = None,
+    follow: bool = False,
+) -> Response:
     """``tail`` lines (default 100) as JSON; with ``follow``, the last ``tail`` (default 0) then live, as SSE."""
     entry = resolve(state.pool, model)
     sups = _replicas(entry, replica)
     if follow:
         return LogStream([(sup.replica, sup.log) for sup in sups], tail or 0, lambda: state.draining)
     n = 100 if tail is None else tail
-    return _json({"model": entry.name, "data": [
-        {"replica": sup.replica, "total_lines": sup.log.total_lines,
-         "lines": sup.log.tail(n)} for sup in sups]})  # engine output is scrubbed of secrets at the pipe
+    return _json(
+        {
+            "model": entry.name,
+            "data": [
+                {"replica": sup.replica, "total_lines": sup.log.total_lines, "lines": sup.log.tail(n)} for sup in sups
+            ],
+        }
+    )  # engine output is scrubbed of secrets at the pipe
 
 
 @router.get("/engines/{model:path}")
@@ -190,9 +212,17 @@ class LogStream(Response):
 
         tasks: list[asyncio.Task[None]] = []
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": [
-                (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"cache-control", b"no-cache"),
+                        (b"x-accel-buffering", b"no"),
+                    ],
+                }
+            )
             for replica, line in backlog:
                 await write(_event(replica, line))
             tasks = [asyncio.create_task(c) for c in (left(), pumps(), ticker())]

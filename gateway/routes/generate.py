@@ -63,12 +63,16 @@ async def inline_images(multimodal: Any, media: MediaNormalizer) -> None:
         return
     if not isinstance(images, list):
         raise BadRequest(f"'{_IMAGES}' must be a list.", param=_IMAGES)
-    jobs = [(item, ref, f"{_IMAGES}[{i}]") for i, item in enumerate(images)
-            if (ref := _image_ref(item, f"{_IMAGES}[{i}]")) is not None]
+    jobs = [
+        (item, ref, f"{_IMAGES}[{i}]")
+        for i, item in enumerate(images)
+        if (ref := _image_ref(item, f"{_IMAGES}[{i}]")) is not None
+    ]
     limit = media.config.max_images_per_request
     if len(jobs) > limit:
-        raise MediaError(f"The request has {len(jobs)} images; at most {limit} are accepted.",
-                         code=failures.TOO_MANY, param=_IMAGES)
+        raise MediaError(
+            f"The request has {len(jobs)} images; at most {limit} are accepted.", code=failures.TOO_MANY, param=_IMAGES
+        )
     try:
         # TaskGroup: the first refusal cancels the other fetches.
         async with asyncio.TaskGroup() as group:
@@ -91,15 +95,19 @@ async def generate_request(request: Request, state: GatewayState, *, stream_path
         raise BadRequest("'stream' must be true or false.", param="stream")
     stream = stream or stream_path
     if not isinstance(body.get("inputs"), str):
-        raise BadRequest("'inputs' is required: the raw prompt string (no chat template is applied).",
-                         param="inputs", code="missing_field")
+        raise BadRequest(
+            "'inputs' is required: the raw prompt string (no chat template is applied).",
+            param="inputs",
+            code="missing_field",
+        )
     if not isinstance(body.get("parameters", {}), dict):
         raise BadRequest("'parameters' must be an object.", param="parameters")
     if body.get("multimodal_params") is not None:
         # Before a replica is chosen: a slow image must not hold an engine's slot.
         await while_connected(request, inline_images(body["multimodal_params"], state.media))
-    return await relay(request, state, entry, body, path="/generate_stream" if stream else "/generate",
-                       stream=stream, stream_end="eof")
+    return await relay(
+        request, state, entry, body, path="/generate_stream" if stream else "/generate", stream=stream, stream_end="eof"
+    )
 
 
 @router.post("/generate")

@@ -79,9 +79,14 @@ def _gpu_row(gpu: GpuInfo, holders: Sequence[Holder], owners: dict[int, tuple[st
             holder = by_key.get(key)
             snap = holder.snapshot if holder else None
             engines[key] = {
-                "model": key[0], "replica": key[1], "state": snap.state.value if snap else None,
-                "pid": snap.pid if snap else None, "engine_pid": snap.engine_pid if snap else None,
-                "configured": bool(holder and gpu.index in holder.gpus), "pids": []}
+                "model": key[0],
+                "replica": key[1],
+                "state": snap.state.value if snap else None,
+                "pid": snap.pid if snap else None,
+                "engine_pid": snap.engine_pid if snap else None,
+                "configured": bool(holder and gpu.index in holder.gpus),
+                "pids": [],
+            }
         return engines[key]
 
     for holder in holders:
@@ -92,14 +97,26 @@ def _gpu_row(gpu: GpuInfo, holders: Sequence[Holder], owners: dict[int, tuple[st
         owner = owners.get(proc.pid)
         if owner is not None:
             engine(owner)["pids"].append(proc.pid)
-        processes.append({"pid": proc.pid, "used_memory_bytes": proc.used_memory,
-                          "model": owner[0] if owner else None, "replica": owner[1] if owner else None})
+        processes.append(
+            {
+                "pid": proc.pid,
+                "used_memory_bytes": proc.used_memory,
+                "model": owner[0] if owner else None,
+                "replica": owner[1] if owner else None,
+            }
+        )
     return {
-        "index": gpu.index, "name": gpu.name, "uuid": gpu.uuid,
-        "memory_total_bytes": gpu.memory_total, "memory_used_bytes": gpu.memory_used,
-        "memory_free_bytes": gpu.memory_free, "utilization": gpu.utilization,
-        "temperature_c": gpu.temperature_c, "power_w": gpu.power_w,
-        "engines": list(engines.values()), "processes": processes,
+        "index": gpu.index,
+        "name": gpu.name,
+        "uuid": gpu.uuid,
+        "memory_total_bytes": gpu.memory_total,
+        "memory_used_bytes": gpu.memory_used,
+        "memory_free_bytes": gpu.memory_free,
+        "utilization": gpu.utilization,
+        "temperature_c": gpu.temperature_c,
+        "power_w": gpu.power_w,
+        "engines": list(engines.values()),
+        "processes": processes,
     }
 
 
@@ -108,8 +125,14 @@ def status_body(report: GpuReport, holders: Sequence[Holder], owners: dict[int, 
     seen = {gpu.index for gpu in report.devices}
     # Only claimed when NVML answered: without it every configured GPU would look missing.
     unseen = [] if not report.devices else sorted({(h.model, g) for h in holders for g in h.gpus if g not in seen})
-    return {"object": "gpu.status", "count": len(gpus), "reason": report.reason, "read_at": report.read_at,
-            "gpus": gpus, "unseen": [{"model": m, "gpu": g} for m, g in unseen]}
+    return {
+        "object": "gpu.status",
+        "count": len(gpus),
+        "reason": report.reason,
+        "read_at": report.read_at,
+        "gpus": gpus,
+        "unseen": [{"model": m, "gpu": g} for m, g in unseen],
+    }
 
 
 @router.get("/gpu/status")

@@ -18,11 +18,21 @@ router = APIRouter()
 def _cards(pool: EnginePool, entry: ModelEntry, created: int) -> list[dict[str, Any]]:
     spec = entry.spec
     status = model_state(pool, entry)  # state (stopped, starting, ready, draining, failed), queue_depth
-    base = {"object": "model", "created": created, "owned_by": "gateway", "engine": spec.engine,
-            "display_name": spec.display_name or spec.name, **status, "loaded": status["state"] == "ready",
-            "kind": spec.kind, "source": spec.source}
-    return [{"id": name, **base, "root": spec.name, "alias_of": None if name == spec.name else spec.name}
-            for name in spec.served_names]
+    base = {
+        "object": "model",
+        "created": created,
+        "owned_by": "gateway",
+        "engine": spec.engine,
+        "display_name": spec.display_name or spec.name,
+        **status,
+        "loaded": status["state"] == "ready",
+        "kind": spec.kind,
+        "source": spec.source,
+    }
+    return [
+        {"id": name, **base, "root": spec.name, "alias_of": None if name == spec.name else spec.name}
+        for name in spec.served_names
+    ]
 
 
 def _created(state: GatewayState) -> int:

@@ -25,10 +25,16 @@ router = APIRouter()
 _BODY_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": {
-            "type": "object", "required": ["model"], "additionalProperties": True,
-            "properties": {"model": {"type": "string"}, "stream": {"type": "boolean"}},
-        }}},
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model"],
+                    "additionalProperties": True,
+                    "properties": {"model": {"type": "string"}, "stream": {"type": "boolean"}},
+                }
+            }
+        },
     }
 }
 
@@ -52,14 +58,16 @@ def route(request: Request, state: GatewayState, name: str, endpoint: str) -> Mo
     Every model endpoint passes here, so this is also where a draining gateway turns new work away.
     """
     if state.draining:
-        raise ShuttingDown("The gateway is shutting down; retry on another instance.",
-                           retry_after=state.config.server.retry_after)
+        raise ShuttingDown(
+            "The gateway is shutting down; retry on another instance.", retry_after=state.config.server.retry_after
+        )
     entry = resolve(state.pool, name)
     request.scope[MODEL_KEY] = entry.spec.name
     if endpoint not in entry.adapter.endpoints:
         shown_path = OPENAI_PATHS.get(endpoint, f"/{endpoint}")
-        raise BadRequest(f"The model '{entry.spec.name}' does not serve {shown_path}.",
-                         param="model", code="unsupported_endpoint")
+        raise BadRequest(
+            f"The model '{entry.spec.name}' does not serve {shown_path}.", param="model", code="unsupported_endpoint"
+        )
     return entry
 
 
@@ -80,12 +88,21 @@ async def relay(
     ``stream_end`` overrides the adapter's; ``transform`` reshapes a non-stream 2xx answer (``Target``).
     """
     settings = state.config.server
-    lease = await acquire(state.pool, entry, request, queue_timeout=settings.queue_timeout,
-                          retry_after=settings.retry_after, metrics=state.metrics)
+    lease = await acquire(
+        state.pool,
+        entry,
+        request,
+        queue_timeout=settings.queue_timeout,
+        retry_after=settings.retry_after,
+        metrics=state.metrics,
+    )
     try:
         request_id: str = request.scope[REQUEST_ID_KEY]
-        headers = {"Content-Type": "application/json", "X-Request-Id": request_id,
-                   "Accept": "text/event-stream" if stream else "application/json"}
+        headers = {
+            "Content-Type": "application/json",
+            "X-Request-Id": request_id,
+            "Accept": "text/event-stream" if stream else "application/json",
+        }
         key = entry.spec.engine_key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
@@ -111,8 +128,16 @@ async def relay(
             return None if other is None else target(other, None)
 
         first = target(lease, failover if entry.spec.replicas > 1 else None)
-        return Relay(state.upstream, first, orjson.dumps(body), stream=stream, clocks=state.clocks,
-                     request_id=request_id, metrics=state.metrics, in_flight=state.in_flight)
+        return Relay(
+            state.upstream,
+            first,
+            orjson.dumps(body),
+            stream=stream,
+            clocks=state.clocks,
+            request_id=request_id,
+            metrics=state.metrics,
+            in_flight=state.in_flight,
+        )
     except BaseException:
         lease.release()  # the relay never got it: hand the slot back
         raise

@@ -52,11 +52,20 @@ def _replica_summary(entry: ModelEntry, ejected: tuple[int, ...]) -> list[dict[s
     rows = []
     for replica in entry.replicas:
         s = replica.snapshot()
-        rows.append({
-            "replica": s.replica, "state": s.state.value, "pid": s.engine_pid or s.pid, "restarts": s.restarts,
-            "last_exit_code": s.last_exit_code, "last_error": s.last_error, "since": s.state_since,
-            "in_flight": replica.inflight, "gpus": list(replica.spec.gpus), "ejected": s.replica in ejected,
-        })
+        rows.append(
+            {
+                "replica": s.replica,
+                "state": s.state.value,
+                "pid": s.engine_pid or s.pid,
+                "restarts": s.restarts,
+                "last_exit_code": s.last_exit_code,
+                "last_error": s.last_error,
+                "since": s.state_since,
+                "in_flight": replica.inflight,
+                "gpus": list(replica.spec.gpus),
+                "ejected": s.replica in ejected,
+            }
+        )
     return rows
 
 
@@ -90,11 +99,22 @@ async def health(request: Request, state: StateDep) -> Response:
     if not detailed(state, request):
         entries = state.pool.entries()
         ready = sum(1 for e in entries if state.pool.status(e).phase is Phase.READY)
-        return _json({"status": status, "uptime_s": round(time.time() - state.started_at, 1),
-                      "gpus": state.gpus.count(), "models_ready": ready, "models_total": len(entries)})
+        return _json(
+            {
+                "status": status,
+                "uptime_s": round(time.time() - state.started_at, 1),
+                "gpus": state.gpus.count(),
+                "models_ready": ready,
+                "models_total": len(entries),
+            }
+        )
     models = {
-        e.spec.name: {"engine": e.spec.engine, "load": e.spec.load, **model_state(state.pool, e),
-                      "replicas": _replica_summary(e, state.pool.status(e).ejected)}
+        e.spec.name: {
+            "engine": e.spec.engine,
+            "load": e.spec.load,
+            **model_state(state.pool, e),
+            "replicas": _replica_summary(e, state.pool.status(e).ejected),
+        }
         for e in state.pool.entries()
     }
     body: dict[str, Any] = {

@@ -35,9 +35,9 @@ router = APIRouter()
 TASKS: dict[str, str] = {
     "describe": "Describe this image in detail: the main subject, the setting, and anything notable.",
     "ocr": "Transcribe all text visible in this image exactly as written, keeping its line breaks. "
-           "If there is no text, answer: No text found.",
+    "If there is no text, answer: No text found.",
     "objects": "List the distinct objects visible in this image, one per line, each with a few words on "
-               "where it is in the image.",
+    "where it is in the image.",
 }
 _OPTIONS = frozenset({"model", "max_tokens", "temperature", "top_p", "system", "stream"})
 INFER_FIELDS = _OPTIONS | {"prompt", "image"}
@@ -55,8 +55,9 @@ def default_model(state: GatewayState, endpoint: str) -> str:
     for entry in state.pool.entries():
         if endpoint in entry.adapter.endpoints:
             return entry.spec.name
-    raise BadRequest("No configured model serves this endpoint; name one with 'model'.", param="model",
-                     code="missing_model")
+    raise BadRequest(
+        "No configured model serves this endpoint; name one with 'model'.", param="model", code="missing_model"
+    )
 
 
 def chosen_model(state: GatewayState, fields: Mapping[str, Any], endpoint: str) -> str:
@@ -69,8 +70,11 @@ def check_known(fields: Mapping[str, Any], allowed: frozenset[str]) -> None:
     # A misspelt option silently ignored is worse than a 400 naming it.
     for name in fields:
         if name not in allowed:
-            raise BadRequest(f"Unknown field '{str(name)[:40]}'; accepted: {', '.join(sorted(allowed))}.",
-                             param=str(name)[:40], code="unknown_field")
+            raise BadRequest(
+                f"Unknown field '{str(name)[:40]}'; accepted: {', '.join(sorted(allowed))}.",
+                param=str(name)[:40],
+                code="unknown_field",
+            )
 
 
 def text_field(fields: Mapping[str, Any], name: str, *, required: bool = False) -> str | None:
@@ -135,8 +139,16 @@ def simple_answer(data: dict[str, Any], *, model: str, task: str | None) -> dict
     return answer
 
 
-async def ask(request: Request, state: GatewayState, fields: Mapping[str, Any], *, text: str, task: str | None,
-              image: ImageLoader | None, image_param: str) -> Relay:
+async def ask(
+    request: Request,
+    state: GatewayState,
+    fields: Mapping[str, Any],
+    *,
+    text: str,
+    task: str | None,
+    image: ImageLoader | None,
+    image_param: str,
+) -> Relay:
     body = chat_request(fields, text)
     entry = route(request, state, chosen_model(state, fields, "chat"), "chat")
     stream = check_fields(body, "chat")
@@ -180,8 +192,9 @@ def form_value(name: str, value: str) -> Any:
         raise BadRequest(f"'{name}' must be {kind}.", param=name) from None
 
 
-async def read_upload(request: Request, state: GatewayState,
-                      allowed: frozenset[str]) -> tuple[dict[str, Any], bytes | None]:
+async def read_upload(
+    request: Request, state: GatewayState, allowed: frozenset[str]
+) -> tuple[dict[str, Any], bytes | None]:
     """The text fields and the ``file`` bytes of a multipart body, capped near ``media.max_image_bytes``.
 
     The cap applies while reading (Content-Length first), so an oversized upload is a 413 before it is
@@ -189,8 +202,9 @@ async def read_upload(request: Request, state: GatewayState,
     """
     content_type = request.headers.get("content-type", "")
     if content_type.split(";", 1)[0].strip().lower() != "multipart/form-data":
-        raise BadRequest("The request body must be multipart/form-data with a 'file' part.",
-                         code="invalid_content_type")
+        raise BadRequest(
+            "The request body must be multipart/form-data with a 'file' part.", code="invalid_content_type"
+        )
     settings, media = state.config.server, state.media.config
     limit = min(settings.max_body_bytes, media.max_image_bytes + FORM_SLACK)
     raw = await read_body(request, limit=limit, body_timeout=settings.body_timeout)

@@ -136,8 +136,18 @@ class Fleet:
     async def _spawn(self, worker: int) -> None:
         fd = self.listener.fileno()
         self._procs[worker] = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway.workers.worker", "--worker", str(worker), "--fd", str(fd),
-            "--run-dir", str(self.run_dir), pass_fds=(fd,), start_new_session=True)
+            sys.executable,
+            "-m",
+            "gateway.workers.worker",
+            "--worker",
+            str(worker),
+            "--fd",
+            str(fd),
+            "--run-dir",
+            str(self.run_dir),
+            pass_fds=(fd,),
+            start_new_session=True,
+        )
 
     async def _watch(self, worker: int) -> None:
         pause = _BACKOFF_FIRST
@@ -149,8 +159,13 @@ class Fleet:
                 break
             if time.monotonic() - started >= _HEALTHY_AFTER:
                 pause = _BACKOFF_FIRST
-            log.error("worker %d (pid %d) exited with %s; starting a new one in %.0f s", worker, proc.pid,
-                      _exit_reason(code), pause)
+            log.error(
+                "worker %d (pid %d) exited with %s; starting a new one in %.0f s",
+                worker,
+                proc.pid,
+                _exit_reason(code),
+                pause,
+            )
             await asyncio.sleep(pause)
             if self._stopping:
                 break

@@ -20,8 +20,20 @@ from gateway.http.errors import error_body
 
 log = logging.getLogger("gateway.workers")
 
-_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"trailer",
-                         b"proxy-authorization", b"proxy-connection", b"host", b"content-length"})
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"te",
+        b"upgrade",
+        b"trailer",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"host",
+        b"content-length",
+    }
+)
 _OUT_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"trailer"})
 
 
@@ -35,8 +47,9 @@ class OwnerForward:
 
     async def start(self) -> None:
         connector = aiohttp.UnixConnector(path=self._path, limit=64)
-        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                              timeout=aiohttp.ClientTimeout(total=None, connect=5))
+        self._session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None, connect=5)
+        )
 
     async def close(self) -> None:
         if self._session is not None:
@@ -54,16 +67,26 @@ class OwnerForward:
             target += b"?" + scope["query_string"]
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k not in _HOP_BY_HOP]
         try:
-            response = await self._session.request(scope["method"], "http://owner" + target.decode("latin-1"),
-                                                   headers=headers, data=body, allow_redirects=False,
-                                                   skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"))
+            response = await self._session.request(
+                scope["method"],
+                "http://owner" + target.decode("latin-1"),
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
+            )
         except (aiohttp.ClientError, OSError):
             log.warning("the owner process did not answer a forwarded %s", scope["path"])
             await _unavailable(send)
             return
         async with response:
-            await send({"type": "http.response.start", "status": response.status,
-                        "headers": [(k, v) for k, v in response.raw_headers if k.lower() not in _OUT_HOP_BY_HOP]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status,
+                    "headers": [(k, v) for k, v in response.raw_headers if k.lower() not in _OUT_HOP_BY_HOP],
+                }
+            )
             copy = asyncio.ensure_future(self._copy(response, send))
             left = asyncio.ensure_future(_client_left(receive))
             try:
@@ -84,8 +107,11 @@ class OwnerForward:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self._max_body:
-                await _reply(send, 413, error_body("The request body is too large.", "invalid_request_error",
-                                                   "request_too_large"))
+                await _reply(
+                    send,
+                    413,
+                    error_body("The request body is too large.", "invalid_request_error", "request_too_large"),
+                )
                 return None
             chunks.append(chunk)
             if not message.get("more_body"):
@@ -108,8 +134,14 @@ async def _client_left(receive: Receive) -> None:
 
 
 async def _unavailable(send: Send) -> None:
-    await _reply(send, 503, error_body("The gateway's owner process is not answering; retry shortly.",
-                                       "service_unavailable", "owner_unavailable"), retry_after=b"1")
+    await _reply(
+        send,
+        503,
+        error_body(
+            "The gateway's owner process is not answering; retry shortly.", "service_unavailable", "owner_unavailable"
+        ),
+        retry_after=b"1",
+    )
 
 
 async def _reply(send: Send, status: int, body: bytes, retry_after: bytes | None = None) -> None:

@@ -117,8 +117,9 @@ class _Link:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _queued(self, lid: int, entry: ModelEntry, waiting: Waiting, seconds: float,
-                      gave_up: asyncio.Future[None]) -> None:
+    async def _queued(
+        self, lid: int, entry: ModelEntry, waiting: Waiting, seconds: float, gave_up: asyncio.Future[None]
+    ) -> None:
         try:
             lease = await waiting.wait(seconds, abandon=gave_up)
         except Refused as refused:
@@ -193,8 +194,12 @@ class LeaseHub:
         if link in self._links:
             self._links.discard(link)
             if held:
-                log.info("worker %d (pid %d) left holding %d lease(s) or queue place(s): given back", link.worker,
-                         link.pid, held)
+                log.info(
+                    "worker %d (pid %d) left holding %d lease(s) or queue place(s): given back",
+                    link.worker,
+                    link.pid,
+                    held,
+                )
         self.changed()
 
     def changed(self) -> None:
@@ -248,8 +253,11 @@ class LeaseHub:
         for future in pending:
             future.cancel()
         if pending:
-            log.warning("metrics: %d worker(s) did not answer in %.0fs; their series are missing from this scrape",
-                        len(pending), seconds)
+            log.warning(
+                "metrics: %d worker(s) did not answer in %.0fs; their series are missing from this scrape",
+                len(pending),
+                seconds,
+            )
         return [f.result() for f in done]
 
     def metrics_arrived(self, seq: int, text: str) -> None:

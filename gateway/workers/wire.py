@@ -39,8 +39,13 @@ def peer_uid(sock: socket.socket) -> int:
 class Channel(asyncio.Protocol):
     """One end of the line. ``on_message`` gets each decoded message; ``on_close`` runs once when it ends."""
 
-    def __init__(self, on_message: Callable[[Any], None], on_close: Callable[[], None] = lambda: None, *,
-                 same_user_only: bool = False) -> None:
+    def __init__(
+        self,
+        on_message: Callable[[Any], None],
+        on_close: Callable[[], None] = lambda: None,
+        *,
+        same_user_only: bool = False,
+    ) -> None:
         self._on_message = on_message
         self._same_user_only = same_user_only
         self._on_close = on_close
@@ -93,7 +98,7 @@ class Channel(asyncio.Protocol):
                 return
             if len(buffer) - start - 4 < size:
                 break
-            message = pickle.loads(buffer[start + 4:start + 4 + size])
+            message = pickle.loads(buffer[start + 4 : start + 4 + size])
             start += 4 + size
             try:
                 self._on_message(message)

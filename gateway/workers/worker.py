@@ -70,8 +70,11 @@ class Worker:
         self._closing = False
         self._stop = asyncio.Event()  # the owner's word that every worker is drained
         self._ordered = False  # this drain is the owner's (not a signal sent to this worker alone)
-        self.app = _Split(self._local_app(), self.forward,
-                          frozenset(route.path for router in LOCAL_ROUTERS for route in router.routes))  # type: ignore[attr-defined]
+        self.app = _Split(
+            self._local_app(),
+            self.forward,
+            frozenset(route.path for router in LOCAL_ROUTERS for route in router.routes),
+        )  # type: ignore[attr-defined]
 
     def _local_app(self) -> FastAPI:
         config = self.config
@@ -79,12 +82,19 @@ class Worker:
         @asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             clocks = Clocks.from_settings(config.server)
-            link = self._link = await OwnerLink.connect(str(self.run_dir / CONTROL_SOCKET), self.worker,
-                                                        self._on_message)
+            link = self._link = await OwnerLink.connect(
+                str(self.run_dir / CONTROL_SOCKET), self.worker, self._on_message
+            )
             state = self.state = GatewayState(
-                config=config, pool=RemotePool(link, config.models),
-                upstream=Upstream(clocks, splice=config.server.raw_connections), media=MediaNormalizer(config.media),
-                metrics=self.metrics, keys=KeyRing(config.auth), clocks=clocks, gpus=GpuProbe())
+                config=config,
+                pool=RemotePool(link, config.models),
+                upstream=Upstream(clocks, splice=config.server.raw_connections),
+                media=MediaNormalizer(config.media),
+                metrics=self.metrics,
+                keys=KeyRing(config.auth),
+                clocks=clocks,
+                gpus=GpuProbe(),
+            )
             await state.upstream.start()
             await state.media.start()
             await self.forward.start()

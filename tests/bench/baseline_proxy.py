@@ -49,7 +49,9 @@ def create_app(upstream: str, paced_upstream: str, *, client: str = "httpx", poo
         base = paced_upstream if path.startswith(("paced/", "ttfb/")) else upstream
         client = clients["shared"]
         upstream_request = client.build_request(
-            request.method, f"{base}/{path}", content=await request.body(),
+            request.method,
+            f"{base}/{path}",
+            content=await request.body(),
             headers={"content-type": request.headers.get("content-type", "application/json")},
         )
         response = await client.send(upstream_request, stream=True)
@@ -61,8 +63,9 @@ def create_app(upstream: str, paced_upstream: str, *, client: str = "httpx", poo
             finally:  # also when the client leaves mid-stream: else the pooled connection leaks
                 await response.aclose()
 
-        return StreamingResponse(passthrough(), status_code=response.status_code,
-                                 media_type=response.headers.get("content-type"))
+        return StreamingResponse(
+            passthrough(), status_code=response.status_code, media_type=response.headers.get("content-type")
+        )
 
     return app
 
@@ -77,9 +80,16 @@ def main() -> None:
     parser.add_argument("--pool", type=int, help="max_connections = max_keepalive_connections (default: httpx's)")
     args = parser.parse_args()
     app = create_app(args.upstream.rstrip("/"), args.paced_upstream.rstrip("/"), client=args.client, pool=args.pool)
-    uvicorn.run(app, host=args.host,
-                port=args.port, loop="uvloop", http="httptools", access_log=False, log_level="warning",
-                server_header=False)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+        server_header=False,
+    )
 
 
 if __name__ == "__main__":

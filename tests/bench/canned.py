@@ -18,16 +18,31 @@ _CREATED = 1_700_000_000
 
 def _completion() -> bytes:
     def build(content: str) -> bytes:
-        return orjson.dumps({
-            "id": _ID, "object": "chat.completion", "created": _CREATED, "model": MODEL,
-            "system_fingerprint": "fp_bench",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": None},
-                         "logprobs": None, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 12, "completion_tokens": 28, "total_tokens": 40,
-                      "prompt_tokens_details": {"cached_tokens": 0},
-                      "completion_tokens_details": {"reasoning_tokens": 0}},
-            "service_tier": "default",
-        })
+        return orjson.dumps(
+            {
+                "id": _ID,
+                "object": "chat.completion",
+                "created": _CREATED,
+                "model": MODEL,
+                "system_fingerprint": "fp_bench",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": content, "refusal": None},
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": 12,
+                    "completion_tokens": 28,
+                    "total_tokens": 40,
+                    "prompt_tokens_details": {"cached_tokens": 0},
+                    "completion_tokens_details": {"reasoning_tokens": 0},
+                },
+                "service_tier": "default",
+            }
+        )
 
     text = "Hello! This is the benchmark upstream's canned answer, as long as a short reply from a model"
     body = build(text)
@@ -39,9 +54,14 @@ def _completion() -> bytes:
 
 def _events() -> list[bytes]:
     def chunk(delta: dict[str, str], finish: str | None) -> dict[str, object]:
-        return {"id": _ID, "object": "chat.completion.chunk", "created": _CREATED, "model": MODEL,
-                "system_fingerprint": "fp_bench",
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        return {
+            "id": _ID,
+            "object": "chat.completion.chunk",
+            "created": _CREATED,
+            "model": MODEL,
+            "system_fingerprint": "fp_bench",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
 
     events = [chunk({"role": "assistant", "content": ""}, None)]
     events += [chunk({"content": f" token{i:02d}"}, None) for i in range(1, STREAM_EVENTS - 2)]
@@ -58,11 +78,18 @@ COMPLETION: bytes = _completion()
 # SSE events, each one ``data: ...\n\n``; the last is ``data: [DONE]\n\n``.
 EVENTS: list[bytes] = _events()
 STREAM: bytes = b"".join(EVENTS)
-MODELS: bytes = orjson.dumps({"object": "list", "data": [
-    {"id": MODEL, "object": "model", "created": _CREATED, "owned_by": "bench"}]})
+MODELS: bytes = orjson.dumps(
+    {"object": "list", "data": [{"id": MODEL, "object": "model", "created": _CREATED, "owned_by": "bench"}]}
+)
 
 
 def request_body(model: str, stream: bool) -> bytes:
     """What the load generators POST: a small chat request."""
-    return orjson.dumps({"model": model, "messages": [{"role": "user", "content": "Say hello in one sentence."}],
-                         "max_tokens": 64, "stream": stream})
+    return orjson.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "Say hello in one sentence."}],
+            "max_tokens": 64,
+            "stream": stream,
+        }
+    )

@@ -45,10 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="server.workers: processes answering clients")
     args = p.parse_args(argv)
     stream_s = args.tokens / args.rate
-    load = chaos.Load(streams=args.streams, tokens=args.tokens, duration=args.duration, kill_every=args.kill_every,
-                      deadline=stream_s * 3 + 60, seed=args.seed)
-    config = chaos.config(token_interval=1 / args.rate, command=standin_command("vllm"),
-                         total_timeout=stream_s * 3 + 30)
+    load = chaos.Load(
+        streams=args.streams,
+        tokens=args.tokens,
+        duration=args.duration,
+        kill_every=args.kill_every,
+        deadline=stream_s * 3 + 60,
+        seed=args.seed,
+    )
+    config = chaos.config(
+        token_interval=1 / args.rate, command=standin_command("vllm"), total_timeout=stream_s * 3 + 30
+    )
     config["server"]["workers"] = args.workers
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gateway-chaos-") as tmp:
@@ -61,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     done = sum(report.outcomes.values())
     start, end = report.resources["start"], report.resources["end"]
     print(f"# Gateway under chaos — {time.strftime('%Y-%m-%d %H:%M')}\n")
-    print(f"{args.streams} concurrent streams of {args.tokens} tokens at {args.rate:g} tokens/s for "
-          f"{args.duration:g} s, {args.workers} worker process(es), an engine SIGKILLed every {args.kill_every:g} s "
-          f"({len(report.kills)} kills); {took:.0f} s in all.\n")
+    print(
+        f"{args.streams} concurrent streams of {args.tokens} tokens at {args.rate:g} tokens/s for "
+        f"{args.duration:g} s, {args.workers} worker process(es), an engine SIGKILLed every {args.kill_every:g} s "
+        f"({len(report.kills)} kills); {took:.0f} s in all.\n"
+    )
     print("| | value |\n|---|---:|")
     print(f"| requests ended | {done:,} |")
     for kind in ("ok", "error_event", "http_error", "malformed", "hung"):
@@ -73,13 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| slowest request | {report.slowest:.2f} s (deadline {load.deadline:g} s) |")
     if report.probes:
         probes_ms = [x * 1000 for x in report.probes]
-        print(f"| /health + /ready under load: p50 / p99 / max | {statistics.median(probes_ms):.1f} / "
-              f"{_pct(probes_ms, 0.99):.1f} / {max(probes_ms):.1f} ms ({len(probes_ms)} probes) |")
-    print(f"| gateway RSS: start → end (peak) | {start['rss_kb'] / 1024:.1f} → {end['rss_kb'] / 1024:.1f} MB "
-          f"({end['peak_rss_kb'] / 1024:.1f} MB) |")
-    print(f"| gateway fds: start → end | {start['total']} → {end['total']} (pipes {start.get('pipe', 0)} → "
-          f"{end.get('pipe', 0)}, anon_inode {start.get('anon_inode', 0)} → {end.get('anon_inode', 0)}, sockets "
-          f"{start.get('socket', 0)} → {end.get('socket', 0)}: the engines' keep-alive pool) |")
+        print(
+            f"| /health + /ready under load: p50 / p99 / max | {statistics.median(probes_ms):.1f} / "
+            f"{_pct(probes_ms, 0.99):.1f} / {max(probes_ms):.1f} ms ({len(probes_ms)} probes) |"
+        )
+    print(
+        f"| gateway RSS: start → end (peak) | {start['rss_kb'] / 1024:.1f} → {end['rss_kb'] / 1024:.1f} MB "
+        f"({end['peak_rss_kb'] / 1024:.1f} MB) |"
+    )
+    print(
+        f"| gateway fds: start → end | {start['total']} → {end['total']} (pipes {start.get('pipe', 0)} → "
+        f"{end.get('pipe', 0)}, anon_inode {start.get('anon_inode', 0)} → {end.get('anon_inode', 0)}, sockets "
+        f"{start.get('socket', 0)} → {end.get('socket', 0)}: the engines' keep-alive pool) |"
+    )
     print(f"| orphaned processes of killed launches | {len(report.orphans)} |")
     print(f"| gauges not at 0 afterwards | {report.gauges or 'none'} |")
     print("\n" + ("\n".join(f"- PROBLEM: {p}" for p in problems) if problems else "All checks passed."))

@@ -89,13 +89,16 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(len(values) * q))]
 
 
-async def probe(url: str, body: bytes, headers: dict[str, str], streams: int, duration: float, gap: float,
-                events: int) -> dict[str, float]:
+async def probe(
+    url: str, body: bytes, headers: dict[str, str], streams: int, duration: float, gap: float, events: int
+) -> dict[str, float]:
     u = urlsplit(url)
     host, port = u.hostname or "127.0.0.1", u.port or 80
     extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    request = (f"POST {u.path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-               f"Accept: text/event-stream\r\n{extra}Content-Length: {len(body)}\r\n\r\n").encode() + body
+    request = (
+        f"POST {u.path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Accept: text/event-stream\r\n{extra}Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
     loop = asyncio.get_running_loop()
     deadline = time.perf_counter() + duration
     conns = []
@@ -119,13 +122,21 @@ async def probe(url: str, body: bytes, headers: dict[str, str], streams: int, du
             gaps += [b - a for a, b in itertools.pairwise(times)]
     n_events = sum(len(t) for c in conns for _, t in c.streams)
     return {
-        "streams": len(totals), "events": n_events, "bad": sum(c.bad for c in conns),
+        "streams": len(totals),
+        "events": n_events,
+        "bad": sum(c.bad for c in conns),
         "merged": sum(c.merged for c in conns) / n_events if n_events else float("nan"),
-        "gap_p50": _pct(gaps, 0.5), "gap_p99": _pct(gaps, 0.99), "gap_p999": _pct(gaps, 0.999),
+        "gap_p50": _pct(gaps, 0.5),
+        "gap_p99": _pct(gaps, 0.99),
+        "gap_p999": _pct(gaps, 0.999),
         "gap_max": max(gaps, default=float("nan")),
-        "added_p50": _pct(gaps, 0.5) - gap, "added_p99": _pct(gaps, 0.99) - gap,
-        "first_p50": _pct(firsts, 0.5), "first_p99": _pct(firsts, 0.99),
-        "total_p50": _pct(totals, 0.5), "total_p99": _pct(totals, 0.99), "total_max": max(totals, default=float("nan")),
+        "added_p50": _pct(gaps, 0.5) - gap,
+        "added_p99": _pct(gaps, 0.99) - gap,
+        "first_p50": _pct(firsts, 0.5),
+        "first_p99": _pct(firsts, 0.99),
+        "total_p50": _pct(totals, 0.5),
+        "total_p99": _pct(totals, 0.99),
+        "total_max": max(totals, default=float("nan")),
     }
 
 
@@ -142,8 +153,9 @@ def main() -> None:
     with open(a.body_file, "rb") as f:
         body = f.read()
     headers = dict(h.split(":", 1) for h in a.header)
-    result = uvloop.run(probe(a.url, body, {k: v.strip() for k, v in headers.items()}, a.streams, a.duration,
-                              a.gap_ms / 1000, a.events))
+    result = uvloop.run(
+        probe(a.url, body, {k: v.strip() for k, v in headers.items()}, a.streams, a.duration, a.gap_ms / 1000, a.events)
+    )
     print("PROBE " + json.dumps(result), flush=True)
 
 

@@ -69,18 +69,34 @@ class Procs:
         cpus = self.proxy_cpus if cpu == PROXY else {cpu}
         return lambda: os.sched_setaffinity(0, cpus)
 
-    def start(self, name: str, argv: list[str], *, cpu: int, env: dict[str, str] | None = None
-              ) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, argv: list[str], *, cpu: int, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         with (self.logs / f"{name}.log").open("ab") as out:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                                    env=env, start_new_session=True, preexec_fn=self._on_core(cpu))
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=env,
+                start_new_session=True,
+                preexec_fn=self._on_core(cpu),
+            )
         self.running[name] = proc
         return proc
 
     def run(self, name: str, argv: list[str], *, cpu: int, timeout: float) -> str:
         """Run to completion (in its own session, so it is stopped with the rest on Ctrl-C); its stdout."""
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                cwd=REPO, start_new_session=True, preexec_fn=self._on_core(cpu))
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+            preexec_fn=self._on_core(cpu),
+        )
         self.running[name] = proc
         try:
             out, _ = proc.communicate(timeout=timeout)
@@ -230,8 +246,9 @@ http {{
 
 def start_upstream(procs: Procs, tmp: Path, which: str, gap_ms: float) -> Upstream:
     py_port = free_port()
-    py = procs.start("upstream", [PY, str(HERE / "upstream.py"), "--port", str(py_port), "--gap-ms", str(gap_ms)],
-                     cpu=0)
+    py = procs.start(
+        "upstream", [PY, str(HERE / "upstream.py"), "--port", str(py_port), "--gap-ms", str(gap_ms)], cpu=0
+    )
     why = wait_http(f"http://127.0.0.1:{py_port}/v1/models", py, 15)
     if why:
         raise SystemExit(f"the asyncio upstream did not start: {why}\n{procs.tail('upstream')}")
@@ -241,9 +258,13 @@ def start_upstream(procs: Procs, tmp: Path, which: str, gap_ms: float) -> Upstre
         raise SystemExit("nginx is not installed: apt-get install -y nginx (or --upstream python)")
     if which == "python" or not nginx:
         pids = [py.pid]
-        return Upstream({k: py_base for k in KINDS}, {k: pids for k in KINDS},
-                        "raw asyncio server (uvloop) for everything (nginx not installed)" if which != "python"
-                        else "raw asyncio server (uvloop) for everything")
+        return Upstream(
+            {k: py_base for k in KINDS},
+            {k: pids for k in KINDS},
+            "raw asyncio server (uvloop) for everything (nginx not installed)"
+            if which != "python"
+            else "raw asyncio server (uvloop) for everything",
+        )
     www = tmp / "www"
     for prefix, body in (("v1", canned.COMPLETION), ("stream/v1", canned.STREAM)):
         (www / prefix).mkdir(parents=True, exist_ok=True)
@@ -258,13 +279,17 @@ def start_upstream(procs: Procs, tmp: Path, which: str, gap_ms: float) -> Upstre
     master = procs.start("nginx", [nginx, "-c", str(conf), "-e", str(tmp / "logs" / "nginx-error.log")], cpu=0)
     why = wait_http(f"http://127.0.0.1:{port}/v1/models", master, 15)
     if why:
-        raise SystemExit(f"nginx did not start: {why}\n{procs.tail('nginx')}\n"
-                         f"{(tmp / 'logs' / 'nginx-error.log').read_text(errors='replace')[-2000:]}")
+        raise SystemExit(
+            f"nginx did not start: {why}\n{procs.tail('nginx')}\n"
+            f"{(tmp / 'logs' / 'nginx-error.log').read_text(errors='replace')[-2000:]}"
+        )
     workers = children(master.pid) or [master.pid]
     base = f"http://127.0.0.1:{port}"
-    return Upstream({"json": base, "burst": base, "paced": py_base, "ttfb": py_base},
-                    {"json": workers, "burst": workers, "paced": [py.pid], "ttfb": [py.pid]},
-                    f"nginx {nginx_version(nginx)} (1 worker, static files) + raw asyncio server (paced streams)")
+    return Upstream(
+        {"json": base, "burst": base, "paced": py_base, "ttfb": py_base},
+        {"json": workers, "burst": workers, "paced": [py.pid], "ttfb": [py.pid]},
+        f"nginx {nginx_version(nginx)} (1 worker, static files) + raw asyncio server (paced streams)",
+    )
 
 
 def nginx_version(nginx: str) -> str:
@@ -308,11 +333,15 @@ class Variant:
 
 VARIANTS = {
     "gateway": Variant("gateway", about="the config from the issue: access log off, no API keys"),
-    "gateway+auth": Variant("gateway+auth", config={"auth": {"api_keys": [{"name": "bench", "key": AUTH_KEY}]}},
-                            headers={"Authorization": f"Bearer {AUTH_KEY}"},
-                            about="one API key, sent by every request"),
-    "gateway+access_log": Variant("gateway+access_log", config={"server": {"access_log": True}},
-                                  about="uvicorn's access log on (to a file)"),
+    "gateway+auth": Variant(
+        "gateway+auth",
+        config={"auth": {"api_keys": [{"name": "bench", "key": AUTH_KEY}]}},
+        headers={"Authorization": f"Bearer {AUTH_KEY}"},
+        about="one API key, sent by every request",
+    ),
+    "gateway+access_log": Variant(
+        "gateway+access_log", config={"server": {"access_log": True}}, about="uvicorn's access log on (to a file)"
+    ),
     "gateway+debug": Variant("gateway+debug", config={"server": {"log_level": "debug"}}, about="log_level: debug"),
 }
 
@@ -341,10 +370,14 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 # The minimal proxy and the httpx alternatives the issue asks about: (extra arguments, what it is).
 BASELINES: dict[str, tuple[list[str], str]] = {
     "baseline": ([], "FastAPI + httpx, httpx's default pool (100 connections, 20 kept alive)"),
-    "baseline+pool": (["--pool", "512"], "the baseline with httpx's pool sized for 256 streams (512 connections, "
-                      "512 kept alive)"),
-    "baseline+aiohttp": (["--client", "httpx-aiohttp", "--pool", "512"],
-                         "the baseline with httpx on aiohttp's transport (httpx-aiohttp), pool 512"),
+    "baseline+pool": (
+        ["--pool", "512"],
+        "the baseline with httpx's pool sized for 256 streams (512 connections, 512 kept alive)",
+    ),
+    "baseline+aiohttp": (
+        ["--client", "httpx-aiohttp", "--pool", "512"],
+        "the baseline with httpx on aiohttp's transport (httpx-aiohttp), pool 512",
+    ),
 }
 
 
@@ -353,8 +386,21 @@ def start_baseline(procs: Procs, up: Upstream, name: str = "baseline") -> tuple[
     if "httpx-aiohttp" in extra and importlib.util.find_spec("httpx_aiohttp") is None:
         return None, "httpx-aiohttp is not installed (.venv/bin/pip install httpx-aiohttp)"
     port = free_port()
-    proc = procs.start(name, [PY, str(HERE / "baseline_proxy.py"), "--port", str(port),
-                              "--upstream", up.bases["json"], "--paced-upstream", up.bases["paced"], *extra], cpu=PROXY)
+    proc = procs.start(
+        name,
+        [
+            PY,
+            str(HERE / "baseline_proxy.py"),
+            "--port",
+            str(port),
+            "--upstream",
+            up.bases["json"],
+            "--paced-upstream",
+            up.bases["paced"],
+            *extra,
+        ],
+        cpu=PROXY,
+    )
     why = wait_http(f"http://127.0.0.1:{port}/v1/models", proc, 30)
     if why:
         return None, f"did not start: {why}\n{procs.tail(name)}"
@@ -363,13 +409,16 @@ def start_baseline(procs: Procs, up: Upstream, name: str = "baseline") -> tuple[
     return Target(name, dict.fromkeys(KINDS, base), False, lambda _k: [pid], lambda: [pid]), ""
 
 
-def start_gateway(procs: Procs, up: Upstream, variant: Variant, tmp: Path, ready_timeout: float
-                  ) -> tuple[Target | None, str]:
+def start_gateway(
+    procs: Procs, up: Upstream, variant: Variant, tmp: Path, ready_timeout: float
+) -> tuple[Target | None, str]:
     port = free_port()
-    models = {GATEWAY_MODELS[k]: {"engine": "openai", "url": f"{up.bases[k]}{PATHS[k]}", "model": canned.MODEL}
-              for k in KINDS}
-    config = merge({"server": {"host": "127.0.0.1", "port": port, "access_log": False}, "models": models},
-                   variant.config)
+    models = {
+        GATEWAY_MODELS[k]: {"engine": "openai", "url": f"{up.bases[k]}{PATHS[k]}", "model": canned.MODEL} for k in KINDS
+    }
+    config = merge(
+        {"server": {"host": "127.0.0.1", "port": port, "access_log": False}, "models": models}, variant.config
+    )
     path = tmp / f"{variant.name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, **variant.env}
@@ -385,8 +434,9 @@ def start_gateway(procs: Procs, up: Upstream, variant: Variant, tmp: Path, ready
     def pids(_kind: str = "") -> list[int]:  # with server.workers > 1, the owner and its workers
         return [pid, *children(pid)]
 
-    return Target(variant.name, dict.fromkeys(KINDS, base), True, pids, pids, headers=dict(variant.headers),
-                  owner=pid), ""
+    return Target(
+        variant.name, dict.fromkeys(KINDS, base), True, pids, pids, headers=dict(variant.headers), owner=pid
+    ), ""
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -429,8 +479,16 @@ function response(status, headers, body)
 end"""
 
 
-def wrk_point(procs: Procs, tmp: Path, target: Target, point: Point, duration: float, *, probe_streams: int = 0,
-              gap_ms: float = 5.0) -> dict[str, float]:
+def wrk_point(
+    procs: Procs,
+    tmp: Path,
+    target: Target,
+    point: Point,
+    duration: float,
+    *,
+    probe_streams: int = 0,
+    gap_ms: float = 5.0,
+) -> dict[str, float]:
     """wrk at the point's concurrency; for token-paced streams with ``probe_streams``, that many of the
     connections are paced_probe.py's instead (per-event timing), started together with wrk."""
     probe = probe_streams if point.kind == "paced" and 0 < probe_streams < point.concurrency else 0
@@ -438,8 +496,17 @@ def wrk_point(procs: Procs, tmp: Path, target: Target, point: Point, duration: f
     check = (CHECK_JSON if point.kind == "json" else CHECK_STREAM) if target.check else ""
     script = tmp / f"{target.name}-{point.key}.lua"
     script.write_text(LUA.format(body=target.body(point.kind).decode(), headers=headers, check=check))
-    argv = ["wrk", "-t1", f"-c{point.concurrency - probe}", f"-d{duration:g}s", "--timeout", "20s", "-s", str(script),
-            target.url(point.kind)]
+    argv = [
+        "wrk",
+        "-t1",
+        f"-c{point.concurrency - probe}",
+        f"-d{duration:g}s",
+        "--timeout",
+        "20s",
+        "-s",
+        str(script),
+        target.url(point.kind),
+    ]
     pids = target.pids(point.kind)
     cpu0 = cpu_seconds(pids)
     owner0 = cpu_seconds([target.owner]) if target.owner is not None and len(pids) > 1 else None
@@ -448,11 +515,27 @@ def wrk_point(procs: Procs, tmp: Path, target: Target, point: Point, duration: f
         body = tmp / f"{target.name}-{point.key}.body"
         body.write_bytes(target.body(point.kind))
         (tmp / "logs" / "probe.log").unlink(missing_ok=True)
-        prober = procs.start("probe", [PY, str(HERE / "paced_probe.py"), "--url", target.url(point.kind),
-                                       "--body-file", str(body), "--streams", str(probe), "--duration", f"{duration:g}",
-                                       "--gap-ms", f"{gap_ms:g}", "--events", str(len(canned.EVENTS)),
-                                       *[a for k, v in target.headers.items() for a in ("--header", f"{k}:{v}")]],
-                             cpu=0)
+        prober = procs.start(
+            "probe",
+            [
+                PY,
+                str(HERE / "paced_probe.py"),
+                "--url",
+                target.url(point.kind),
+                "--body-file",
+                str(body),
+                "--streams",
+                str(probe),
+                "--duration",
+                f"{duration:g}",
+                "--gap-ms",
+                f"{gap_ms:g}",
+                "--events",
+                str(len(canned.EVENTS)),
+                *[a for k, v in target.headers.items() for a in ("--header", f"{k}:{v}")],
+            ],
+            cpu=0,
+        )
     out = procs.run("wrk", argv, cpu=0, timeout=duration + 60)
     cpu_run = cpu_seconds(pids) - cpu0
     found: dict[str, float] = {}
@@ -476,22 +559,36 @@ def wrk_point(procs: Procs, tmp: Path, target: Target, point: Point, duration: f
     r = json.loads(line[6:])
     seconds = r["duration_us"] / 1e6
     requests = r["requests"] + found.get("streams", 0)
-    result = {"rate": requests / seconds, "p50": r["p50_us"] / 1e6, "p99": r["p99_us"] / 1e6,
-              "requests": requests, "errors": r["errors"] + r["bad"] + found.get("bad", 0),
-              "cpu_per_1k": cpu / requests * 1000 if requests else float("nan"),
-              "cpu_util": cpu_run / seconds, "settle_s": settle}
+    result = {
+        "rate": requests / seconds,
+        "p50": r["p50_us"] / 1e6,
+        "p99": r["p99_us"] / 1e6,
+        "requests": requests,
+        "errors": r["errors"] + r["bad"] + found.get("bad", 0),
+        "cpu_per_1k": cpu / requests * 1000 if requests else float("nan"),
+        "cpu_util": cpu_run / seconds,
+        "settle_s": settle,
+    }
     if point.kind == "paced" and requests:  # every stream is len(EVENTS) events, [DONE] included
         result["cpu_us_event"] = cpu / (requests * len(canned.EVENTS)) * 1e6
     if owner0 is not None and target.owner is not None and requests:  # the leases' cost, in the one scheduler
         result["owner_cpu_per_1k"] = (cpu_seconds([target.owner]) - owner0) / requests * 1000
     if found:
-        result.update({"first_p99": found["first_p99"], "gap_p50": found["gap_p50"], "gap_p99": found["gap_p99"],
-                       "gap_max": found["gap_max"], "merged": found["merged"]})
+        result.update(
+            {
+                "first_p99": found["first_p99"],
+                "gap_p50": found["gap_p50"],
+                "gap_p99": found["gap_p99"],
+                "gap_max": found["gap_max"],
+                "merged": found["merged"],
+            }
+        )
     return result
 
 
-async def _one_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
-                      ) -> tuple[float, float, bool]:
+async def _one_stream(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+) -> tuple[float, float, bool]:
     """Send one request on a kept-alive connection; (time to first event, time to end, ended with [DONE])."""
     t0 = time.perf_counter()
     writer.write(request)
@@ -511,7 +608,7 @@ async def _one_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                 break
     else:
         at = lower.find(b"\r\ncontent-length:")
-        length = int(lower[at + 17:lower.find(b"\r\n", at + 2)])
+        length = int(lower[at + 17 : lower.find(b"\r\n", at + 2)])
         body = await reader.readexactly(length)
         first = time.perf_counter() - t0
     total = time.perf_counter() - t0
@@ -522,8 +619,10 @@ async def _one_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 async def _ttfb(url: str, body: bytes, headers: dict[str, str], duration: float) -> dict[str, float]:
     u = httpx.URL(url)
     extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    request = (f"POST {u.raw_path.decode()} HTTP/1.1\r\nHost: {u.host}:{u.port}\r\nContent-Type: application/json\r\n"
-               f"Accept: text/event-stream\r\n{extra}Content-Length: {len(body)}\r\n\r\n").encode() + body
+    request = (
+        f"POST {u.raw_path.decode()} HTTP/1.1\r\nHost: {u.host}:{u.port}\r\nContent-Type: application/json\r\n"
+        f"Accept: text/event-stream\r\n{extra}Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
     reader, writer = await asyncio.open_connection(u.host, u.port)
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -539,8 +638,15 @@ async def _ttfb(url: str, body: bytes, headers: dict[str, str], duration: float)
         writer.close()
     firsts.sort()
     n = len(firsts)
-    return {"rate": n / duration, "p50": firsts[n // 2], "p99": firsts[min(n - 1, int(n * 0.99))],
-            "requests": n, "errors": bad, "cpu_per_1k": float("nan"), "cpu_util": float("nan")}
+    return {
+        "rate": n / duration,
+        "p50": firsts[n // 2],
+        "p99": firsts[min(n - 1, int(n * 0.99))],
+        "requests": n,
+        "errors": bad,
+        "cpu_per_1k": float("nan"),
+        "cpu_util": float("nan"),
+    }
 
 
 def ttfb_point(target: Target, point: Point, duration: float) -> dict[str, float]:
@@ -552,8 +658,11 @@ def smoke(target: Target) -> str | None:
     with httpx.Client(timeout=10) as client:
         for kind in KINDS:
             try:
-                r = client.post(target.url(kind), content=target.body(kind),
-                                headers={"Content-Type": "application/json", **target.headers})
+                r = client.post(
+                    target.url(kind),
+                    content=target.body(kind),
+                    headers={"Content-Type": "application/json", **target.headers},
+                )
             except httpx.HTTPError as exc:
                 return f"{kind}: {type(exc).__name__}: {exc}"
             if r.status_code != 200:
@@ -596,12 +705,21 @@ def rows(paced_c: int) -> list[Row]:
         Row("CPU s / 1,000 req: non-stream, c=32", "ns_c32", "cpu_per_1k", False),
         Row("CPU s / 1,000 req: stream (burst), c=32", "st_c32", "cpu_per_1k", False),
         Row(f"CPU s / 1,000 req: token-paced, c={paced_c}", "paced", "cpu_per_1k", False),
-        Row("  of which the engines' owner (server.workers > 1): non-stream, c=32", "ns_c32", "owner_cpu_per_1k",
-            False),
-        Row(f"  of which the engines' owner (server.workers > 1): token-paced, c={paced_c}", "paced",
-            "owner_cpu_per_1k", False),
-        Row(f"CPU µs / forwarded event: token-paced, c={paced_c} (stream's request included)", "paced",
-            "cpu_us_event", False),
+        Row(
+            "  of which the engines' owner (server.workers > 1): non-stream, c=32", "ns_c32", "owner_cpu_per_1k", False
+        ),
+        Row(
+            f"  of which the engines' owner (server.workers > 1): token-paced, c={paced_c}",
+            "paced",
+            "owner_cpu_per_1k",
+            False,
+        ),
+        Row(
+            f"CPU µs / forwarded event: token-paced, c={paced_c} (stream's request included)",
+            "paced",
+            "cpu_us_event",
+            False,
+        ),
         Row("token-paced: inter-event gap p50 (probe streams; the upstream's is the gap)", "paced", "gap_p50", False),
         Row("token-paced: inter-event gap p99 (probe streams)", "paced", "gap_p99", False),
         Row("token-paced: time to first event p99 (probe streams)", "paced", "first_p99", False),
@@ -650,8 +768,13 @@ def summarize(values: list[float]) -> tuple[float, float]:
     return med, ((max(values) - min(values)) / 2 / med if med else 0.0)
 
 
-def report(results: dict[str, dict[str, list[dict[str, float]]]], rss: dict[str, float], names: list[str],
-           paced_c: int, reps: int) -> str:
+def report(
+    results: dict[str, dict[str, list[dict[str, float]]]],
+    rss: dict[str, float],
+    names: list[str],
+    paced_c: int,
+    reps: int,
+) -> str:
     def value(name: str, row: Row) -> tuple[float, float]:
         if row.metric == "rss":
             return rss.get(name, float("nan")), 0.0
@@ -690,9 +813,13 @@ def report(results: dict[str, dict[str, list[dict[str, float]]]], rss: dict[str,
         pairs += [("gateway", name) for name in names if name.startswith("baseline+")]
     if not pairs:
         return "\n".join(lines)
-    lines += ["", "Ratios (medians; for ↑ rows below 1 is worse, for ↓ rows above 1 is worse):", "",
-              "| test | better | " + " | ".join(f"{a} / {b}" for a, b in pairs) + " |",
-              "|---|:-:|" + "---:|" * len(pairs)]
+    lines += [
+        "",
+        "Ratios (medians; for ↑ rows below 1 is worse, for ↓ rows above 1 is worse):",
+        "",
+        "| test | better | " + " | ".join(f"{a} / {b}" for a, b in pairs) + " |",
+        "|---|:-:|" + "---:|" * len(pairs),
+    ]
     for row in measured:
         if row.metric in ("cpu_util", "gap_p50", "merged", "cpu_us_event"):  # no ratio: near 0, or a row above
             continue
@@ -708,23 +835,46 @@ def report(results: dict[str, dict[str, list[dict[str, float]]]], rss: dict[str,
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Overhead benchmark: direct vs baseline proxy vs the gateway.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description="Overhead benchmark: direct vs baseline proxy vs the gateway.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="2 s per point, 1 repetition, no gateway alternatives")
     p.add_argument("--duration", type=float, help="seconds per measurement point (default 4; --quick: 2)")
     p.add_argument("--reps", type=int, help="interleaved repetitions, the table shows medians (default 3; --quick: 1)")
-    p.add_argument("--targets", help=f"comma-separated, from: direct, {', '.join(BASELINES)}, "
-                   f"{', '.join(VARIANTS)} (default: {DEFAULT_TARGETS}; with --quick: {QUICK_TARGETS})")
-    p.add_argument("--variant", action="append", type=parse_variant, default=[], metavar="NAME:VAR=VAL[,VAR=VAL]",
-                   help="one more gateway target with extra environment, e.g. quiet:GATEWAY_LOG_LEVEL=warning")
-    p.add_argument("--only", default="", help="comma-separated point keys to run (ns_c1, st_c1, ttfb_c1, ns_c32, "
-                   "ns_c256, st_c32, st_c256, paced); default all")
-    p.add_argument("--upstream", choices=("auto", "nginx", "python"), default="auto",
-                   help="auto: nginx for the canned answers when installed, else the asyncio server")
+    p.add_argument(
+        "--targets",
+        help=f"comma-separated, from: direct, {', '.join(BASELINES)}, "
+        f"{', '.join(VARIANTS)} (default: {DEFAULT_TARGETS}; with --quick: {QUICK_TARGETS})",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        type=parse_variant,
+        default=[],
+        metavar="NAME:VAR=VAL[,VAR=VAL]",
+        help="one more gateway target with extra environment, e.g. quiet:GATEWAY_LOG_LEVEL=warning",
+    )
+    p.add_argument(
+        "--only",
+        default="",
+        help="comma-separated point keys to run (ns_c1, st_c1, ttfb_c1, ns_c32, "
+        "ns_c256, st_c32, st_c256, paced); default all",
+    )
+    p.add_argument(
+        "--upstream",
+        choices=("auto", "nginx", "python"),
+        default="auto",
+        help="auto: nginx for the canned answers when installed, else the asyncio server",
+    )
     p.add_argument("--gap-ms", type=float, default=5.0, help="time between two events of a token-paced stream")
     p.add_argument("--paced-concurrency", type=int, default=256)
-    p.add_argument("--probe-streams", type=int, default=16,
-                   help="of the token-paced connections, how many are paced_probe.py's (per-event timing; 0: none)")
+    p.add_argument(
+        "--probe-streams",
+        type=int,
+        default=16,
+        help="of the token-paced connections, how many are paced_probe.py's (per-event timing; 0: none)",
+    )
     p.add_argument("--gateway-timeout", type=float, default=60.0, help="seconds to wait for the gateway's /ready")
     p.add_argument("--proxy-cpus", default="1", help="cores the proxies under test may use, e.g. 1 or 0,1 (workers)")
     p.add_argument("--json", type=Path, help="also write every measurement here")
@@ -740,9 +890,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def points(paced_c: int, only: str) -> list[Point]:
-    all_points = [Point("ns_c1", "json", 1), Point("st_c1", "burst", 1), Point("ttfb_c1", "ttfb", 1, "ttfb"),
-                  Point("ns_c32", "json", 32), Point("ns_c256", "json", 256), Point("st_c32", "burst", 32),
-                  Point("st_c256", "burst", 256), Point("paced", "paced", paced_c)]
+    all_points = [
+        Point("ns_c1", "json", 1),
+        Point("st_c1", "burst", 1),
+        Point("ttfb_c1", "ttfb", 1, "ttfb"),
+        Point("ns_c32", "json", 32),
+        Point("ns_c256", "json", 256),
+        Point("st_c32", "burst", 32),
+        Point("st_c256", "burst", 256),
+        Point("paced", "paced", paced_c),
+    ]
     wanted = set(filter(None, only.split(",")))
     return [p for p in all_points if not wanted or p.key in wanted]
 
@@ -771,6 +928,7 @@ def say(text: str) -> None:
 def interrupts_as_keyboard() -> Iterator[None]:
     """SIGINT (even where a shell ignores it, as for ``cmd &``), SIGTERM and SIGHUP end the run like Ctrl-C:
     through the ``finally`` that stops every process."""
+
     def raise_interrupt(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
@@ -810,8 +968,9 @@ def main(argv: list[str] | None = None) -> int:
             targets: list[Target] = []
             for name in names:
                 if name == "direct":
-                    target: Target | None = Target("direct", up.bases, False, lambda k: up.pids[k],
-                                                   lambda: up.pids["json"], check=False)
+                    target: Target | None = Target(
+                        "direct", up.bases, False, lambda k: up.pids[k], lambda: up.pids["json"], check=False
+                    )
                     why = ""
                 elif name in BASELINES:
                     target, why = start_baseline(procs, up, name)
@@ -828,8 +987,10 @@ def main(argv: list[str] | None = None) -> int:
                 targets.append(target)
             if not targets:
                 raise SystemExit("no target could be measured")
-            say(f"[bench] upstream: {up.description}; targets: {', '.join(t.name for t in targets)}; "
-                f"{len(plan)} points x {args.reps} reps x {args.duration:g} s")
+            say(
+                f"[bench] upstream: {up.description}; targets: {', '.join(t.name for t in targets)}; "
+                f"{len(plan)} points x {args.reps} reps x {args.duration:g} s"
+            )
             for t in targets:  # warm-up: connections, caches, lazy imports
                 for kind, c in (("json", 32), ("burst", 32)):
                     wrk_point(procs, tmp, t, Point("warmup", kind, c), min(1.0, args.duration))
@@ -839,17 +1000,29 @@ def main(argv: list[str] | None = None) -> int:
                         if point.tool == "ttfb":
                             r = ttfb_point(t, point, args.duration)
                         else:
-                            r = wrk_point(procs, tmp, t, point, point_duration(point, args.duration),
-                                          probe_streams=args.probe_streams, gap_ms=args.gap_ms)
+                            r = wrk_point(
+                                procs,
+                                tmp,
+                                t,
+                                point,
+                                point_duration(point, args.duration),
+                                probe_streams=args.probe_streams,
+                                gap_ms=args.gap_ms,
+                            )
                         results.setdefault(t.name, {}).setdefault(point.key, []).append(r)
-                        say(f"[bench] rep {rep + 1}/{args.reps} {point.key:8} {t.name:18} "
+                        say(
+                            f"[bench] rep {rep + 1}/{args.reps} {point.key:8} {t.name:18} "
                             f"{r['rate']:>9,.0f}/s p50 {r['p50'] * 1e3:8.3f} ms p99 {r['p99'] * 1e3:8.3f} ms"
                             f" cpu {r['cpu_util'] * 100:4.0f}%"
                             + (f" (busy {r['settle_s']:.1f} s after)" if r.get("settle_s", 0) > 1 else "")
-                            + (f" | probe: gap p50 {r['gap_p50'] * 1e3:.1f} p99 {r['gap_p99'] * 1e3:.1f} ms,"
-                               f" first event p99 {r['first_p99'] * 1e3:.0f} ms, merged {r['merged'] * 100:.0f}%"
-                               if "gap_p99" in r else "")
-                            + (f"  ERRORS {r['errors']:.0f}" if r["errors"] else ""))
+                            + (
+                                f" | probe: gap p50 {r['gap_p50'] * 1e3:.1f} p99 {r['gap_p99'] * 1e3:.1f} ms,"
+                                f" first event p99 {r['first_p99'] * 1e3:.0f} ms, merged {r['merged'] * 100:.0f}%"
+                                if "gap_p99" in r
+                                else ""
+                            )
+                            + (f"  ERRORS {r['errors']:.0f}" if r["errors"] else "")
+                        )
                         if r["errors"]:
                             failed = True
             for t in targets:
@@ -875,12 +1048,17 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Machine: {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}, "
         f"{platform.machine()}; load generator: {wrk_version()} (1 thread); upstream: {up.description}.",
-        "Pinning: " + (f"wrk, upstream and this runner on core 0, the proxy under test on cores {args.proxy_cpus}"
-                       if pinned else "none") +
-        f". {args.duration:g} s per point (c=256: {point_duration(Point('', 'json', 256), args.duration):g} s, "
+        "Pinning: "
+        + (
+            f"wrk, upstream and this runner on core 0, the proxy under test on cores {args.proxy_cpus}"
+            if pinned
+            else "none"
+        )
+        + f". {args.duration:g} s per point (c=256: {point_duration(Point('', 'json', 256), args.duration):g} s, "
         f"token-paced: {point_duration(Point('', 'paced', 1), args.duration):g} s), "
         f"{args.reps} interleaved repetition(s), medians"
-        + (" (± half the range between repetitions)" if args.reps > 1 else "") + ".",
+        + (" (± half the range between repetitions)" if args.reps > 1 else "")
+        + ".",
         f"Canned answers: a {len(canned.COMPLETION)}-byte chat completion; a stream of {canned.STREAM_EVENTS} events "
         f"+ [DONE] ({len(canned.STREAM):,} bytes) sent in one burst, or token-paced: one event every {args.gap_ms:g} ms"
         f" (ideal: {(len(canned.EVENTS) - 1) * args.gap_ms:g} ms per stream, "
@@ -901,10 +1079,16 @@ def main(argv: list[str] | None = None) -> int:
     out.append(f"\nTotal time: {time.monotonic() - started:.0f} s")
     print("\n".join(out))
     if args.json:
-        clean = {t: {p: [{k: (None if v != v else v) for k, v in r.items()} for r in reps] for p, reps in pts.items()}
-                 for t, pts in results.items()}  # NaN is not JSON
-        args.json.write_text(json.dumps({"results": clean, "rss_mb": rss, "notes": notes,
-                                         "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
+        clean = {
+            t: {p: [{k: (None if v != v else v) for k, v in r.items()} for r in reps] for p, reps in pts.items()}
+            for t, pts in results.items()
+        }  # NaN is not JSON
+        args.json.write_text(
+            json.dumps(
+                {"results": clean, "rss_mb": rss, "notes": notes, "args": {k: str(v) for k, v in vars(args).items()}},
+                indent=1,
+            )
+        )
     return 1 if failed else 0
 
 

@@ -88,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         rss_start, _ = rss_mb(pid)
         done = 0
         started = time.monotonic()
-        plan = [bench.Point("ns_c32", "json", 32), bench.Point("st_c32", "burst", 32),
-                bench.Point("paced", "paced", 256)]
+        plan = [
+            bench.Point("ns_c32", "json", 32),
+            bench.Point("st_c32", "burst", 32),
+            bench.Point("paced", "paced", 256),
+        ]
         while done < args.requests:
             answered = 0
             errors = 0
@@ -100,10 +103,13 @@ def main(argv: list[str] | None = None) -> int:
             done += answered
             rss, hwm = rss_mb(pid)
             fds = open_fds(pid)
-            rounds.append({"requests": done, "rss_mb": rss, "peak_rss_mb": hwm, "fds": fds["total"],
-                           "errors": errors})
-            print(f"[soak] {done:>7,} requests  RSS {rss:6.1f} MB  peak {hwm:6.1f} MB  fds {fds['total']:4}"
-                  f"  errors {errors}", file=sys.stderr, flush=True)
+            rounds.append({"requests": done, "rss_mb": rss, "peak_rss_mb": hwm, "fds": fds["total"], "errors": errors})
+            print(
+                f"[soak] {done:>7,} requests  RSS {rss:6.1f} MB  peak {hwm:6.1f} MB  fds {fds['total']:4}"
+                f"  errors {errors}",
+                file=sys.stderr,
+                flush=True,
+            )
         soak_s = time.monotonic() - started
         time.sleep(args.settle)
         fds_end = open_fds(pid)
@@ -119,21 +125,37 @@ def main(argv: list[str] | None = None) -> int:
     fds_ok = fds_end["total"] <= fds_start["total"]
     errors = sum(int(r["errors"]) for r in rounds)
     print(f"# Gateway soak — {time.strftime('%Y-%m-%d %H:%M')}\n")
-    print(f"{done:,} requests in {len(rounds)} rounds ({soak_s:.0f} s): non-stream c=32, burst streams c=32, "
-          f"token-paced streams c=256; {errors} failed or malformed answers; upstream: {up.description}.\n")
+    print(
+        f"{done:,} requests in {len(rounds)} rounds ({soak_s:.0f} s): non-stream c=32, burst streams c=32, "
+        f"token-paced streams c=256; {errors} failed or malformed answers; upstream: {up.description}.\n"
+    )
     print("| | value | check |\n|---|---:|---|")
     print(f"| RSS at start (before any load) | {rss_start:.1f} MB | |")
-    print(f"| RSS after round 1 → after round {len(rounds)} | {first:.1f} → {last:.1f} MB ({growth:+.1%}) | "
-          f"{'flat' if rss_ok else 'NOT FLAT'} (±{args.rss_tolerance:.0%}) |")
+    print(
+        f"| RSS after round 1 → after round {len(rounds)} | {first:.1f} → {last:.1f} MB ({growth:+.1%}) | "
+        f"{'flat' if rss_ok else 'NOT FLAT'} (±{args.rss_tolerance:.0%}) |"
+    )
     print(f"| RSS after the pool expired | {rss_end:.1f} MB | |")
     print(f"| peak RSS (VmHWM, 256 streams open) | {hwm_end:.1f} MB | {'≤' if hwm_end <= 100 else '>'} 100 MB |")
-    print(f"| open fds: before any load → after ({args.settle:g} s settle) | {fds_start['total']} → "
-          f"{fds_end['total']} | {'none left over' if fds_ok else 'LEAK?'} |")
+    print(
+        f"| open fds: before any load → after ({args.settle:g} s settle) | {fds_start['total']} → "
+        f"{fds_end['total']} | {'none left over' if fds_ok else 'LEAK?'} |"
+    )
     print(f"\nfds by kind, start: {fds_start}; end: {fds_end}")
     if args.json:
-        args.json.write_text(json.dumps({"rounds": rounds, "fds_start": fds_start, "fds_end": fds_end,
-                                         "rss_start_mb": rss_start, "rss_end_mb": rss_end,
-                                         "peak_rss_mb": hwm_end}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "rounds": rounds,
+                    "fds_start": fds_start,
+                    "fds_end": fds_end,
+                    "rss_start_mb": rss_start,
+                    "rss_end_mb": rss_end,
+                    "peak_rss_mb": hwm_end,
+                },
+                indent=1,
+            )
+        )
     return 0 if rss_ok and fds_ok and alive and not errors else 1
 
 

@@ -26,16 +26,26 @@ from canned import COMPLETION, EVENTS, MODELS, STREAM
 
 
 def _whole(status: bytes, content_type: bytes, body: bytes) -> bytes:
-    return (b"HTTP/1.1 " + status + b"\r\nContent-Type: " + content_type + b"\r\nContent-Length: "
-            + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return (
+        b"HTTP/1.1 "
+        + status
+        + b"\r\nContent-Type: "
+        + content_type
+        + b"\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
 
 
 _JSON = _whole(b"200 OK", b"application/json", COMPLETION)
 _BURST = _whole(b"200 OK", b"text/event-stream", STREAM)
 _MODELS = _whole(b"200 OK", b"application/json", MODELS)
 _NOT_FOUND = _whole(b"404 Not Found", b"application/json", b'{"error":{"message":"no such path"}}')
-_STREAM_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n")
+_STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+)
 # Each event as one HTTP chunk; the last frame also ends the chunked body.
 _FRAMES = [f"{len(e):x}\r\n".encode() + e + b"\r\n" for e in EVENTS]
 _FRAMES[-1] += b"0\r\n\r\n"
@@ -109,11 +119,11 @@ class _Conn(asyncio.Protocol):
             at = head.find(b"\r\ncontent-length:")
             if at >= 0:
                 stop = head.find(b"\r\n", at + 2)
-                length = int(head[at + 17:stop if stop >= 0 else len(head)])
+                length = int(head[at + 17 : stop if stop >= 0 else len(head)])
             total = end + 4 + length
             if len(self.buf) < total:
                 return
-            parts = head[:head.find(b"\r\n")].split(b" ")
+            parts = head[: head.find(b"\r\n")].split(b" ")
             self.buf = self.buf[total:]
             self._answer(parts[0], parts[1] if len(parts) > 1 else b"/")
 

@@ -30,12 +30,16 @@ def gateway(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def test_discovered_model_answers_through_the_sdk(gateway: Gateway) -> None:
     with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=30) as client:
-        reply = client.chat.completions.create(model="tiny-chat", max_tokens=4,
-                                               messages=[{"role": "user", "content": "hello"}])
+        reply = client.chat.completions.create(
+            model="tiny-chat", max_tokens=4, messages=[{"role": "user", "content": "hello"}]
+        )
         assert reply.model == "tiny-chat"
         assert reply.usage is not None and reply.usage.completion_tokens > 0
-        chunks = list(client.chat.completions.create(model="tiny-chat", max_tokens=4, stream=True,
-                                                     messages=[{"role": "user", "content": "hi"}]))
+        chunks = list(
+            client.chat.completions.create(
+                model="tiny-chat", max_tokens=4, stream=True, messages=[{"role": "user", "content": "hi"}]
+            )
+        )
         assert chunks and chunks[-1].choices[0].finish_reason in ("length", "stop")
 
 
@@ -44,6 +48,7 @@ def test_models_list_shows_the_discovered_model_and_the_skipped_folder(gateway: 
     [card] = body["data"]
     assert card["id"] == "tiny-chat" and card["engine"] == "transformers" and card["loaded"] is True
     assert card["kind"] == "chat" and card["source"] == "discovered"
-    assert body["skipped"] == [{"folder": "half-download",
-                                "reason": "no weight files (*.safetensors, pytorch_model*.bin)"}]
+    assert body["skipped"] == [
+        {"folder": "half-download", "reason": "no weight files (*.safetensors, pytorch_model*.bin)"}
+    ]
     assert "skipped half-download: no weight files" in gateway.log()

@@ -31,10 +31,19 @@ def gateway(tiny_chat_model: Path, tiny_vl_model: Path, tmp_path_factory: pytest
     config = {
         "media": {"allow_private_networks": True},  # the test's image server is on 127.0.0.1
         "models": {
-            "tiny-chat": {"engine": "transformers", "model": str(tiny_chat_model), "aliases": ["gpt-4o-mini"],
-                          "health": {"startup_interval": 0.25}, "stop_grace": 5},
-            "tiny-vl": {"engine": "transformers", "model": str(tiny_vl_model),
-                        "health": {"startup_interval": 0.25}, "stop_grace": 5},
+            "tiny-chat": {
+                "engine": "transformers",
+                "model": str(tiny_chat_model),
+                "aliases": ["gpt-4o-mini"],
+                "health": {"startup_interval": 0.25},
+                "stop_grace": 5,
+            },
+            "tiny-vl": {
+                "engine": "transformers",
+                "model": str(tiny_vl_model),
+                "health": {"startup_interval": 0.25},
+                "stop_grace": 5,
+            },
         },
     }
     with run_gateway(config, tmp_path_factory.mktemp("gw"), ready_timeout=120) as gw:
@@ -59,9 +68,12 @@ def test_chat_non_stream_and_stream(client: openai.OpenAI) -> None:
 
 
 def test_stream_ends_with_done_added_by_gateway(gateway: Gateway) -> None:
-    with httpx.stream("POST", gateway.url + "/v1/chat/completions", timeout=60,
-                      json={"model": "tiny-chat", "stream": True, "max_tokens": 4,
-                            "messages": [{"role": "user", "content": "hi"}]}) as response:
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/chat/completions",
+        timeout=60,
+        json={"model": "tiny-chat", "stream": True, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
+    ) as response:
         body = b"".join(response.iter_raw())
     assert body.endswith(b"data: [DONE]\n\n")
     assert b'"error"' not in body
@@ -69,10 +81,19 @@ def test_stream_ends_with_done_added_by_gateway(gateway: Gateway) -> None:
 
 def test_image_reaches_the_vision_model(client: openai.OpenAI) -> None:
     text_only = client.chat.completions.create(
-        model="tiny-vl", max_tokens=2, messages=[{"role": "user", "content": [{"type": "text", "text": "what?"}]}])
+        model="tiny-vl", max_tokens=2, messages=[{"role": "user", "content": [{"type": "text", "text": "what?"}]}]
+    )
     data_url = "data:image/png;base64," + base64.b64encode(_png()).decode()
-    with_image = client.chat.completions.create(model="tiny-vl", max_tokens=2, messages=[{"role": "user", "content": [
-        {"type": "text", "text": "what?"}, {"type": "image_url", "image_url": {"url": data_url}}]}])
+    with_image = client.chat.completions.create(
+        model="tiny-vl",
+        max_tokens=2,
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "what?"}, {"type": "image_url", "image_url": {"url": data_url}}],
+            }
+        ],
+    )
     assert text_only.usage is not None and with_image.usage is not None
     # One 28 px image is 4 image tokens plus a separator in this model's template.
     assert with_image.usage.prompt_tokens - text_only.usage.prompt_tokens == 5
@@ -99,8 +120,16 @@ def test_remote_image_is_fetched_by_the_gateway_and_inlined(client: openai.OpenA
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/cat.png?sig=secret"
-        reply = client.chat.completions.create(model="tiny-vl", max_tokens=2, messages=[{"role": "user", "content": [
-            {"type": "text", "text": "what?"}, {"type": "image_url", "image_url": url}]}])
+        reply = client.chat.completions.create(
+            model="tiny-vl",
+            max_tokens=2,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "what?"}, {"type": "image_url", "image_url": url}],
+                }
+            ],
+        )
         assert reply.usage is not None and reply.usage.prompt_tokens > 5
         assert hits == ["/cat.png?sig=secret"]
     finally:

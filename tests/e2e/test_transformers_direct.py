@@ -97,7 +97,10 @@ def transformers_serve(exe: str, model: Path, port: int, hub_cache: Path, log: P
 
 @pytest.fixture(scope="module")
 def chat_engine(
-    transformers_exe: str, tiny_chat_model: Path, hf_hub_cache: Path, free_port: Callable[[], int],
+    transformers_exe: str,
+    tiny_chat_model: Path,
+    hf_hub_cache: Path,
+    free_port: Callable[[], int],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     log = tmp_path_factory.mktemp("engine-logs") / "tiny-chat.log"
@@ -107,7 +110,10 @@ def chat_engine(
 
 @pytest.fixture(scope="module")
 def vl_engine(
-    transformers_exe: str, tiny_vl_model: Path, hf_hub_cache: Path, free_port: Callable[[], int],
+    transformers_exe: str,
+    tiny_vl_model: Path,
+    hf_hub_cache: Path,
+    free_port: Callable[[], int],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     log = tmp_path_factory.mktemp("engine-logs") / "tiny-vl.log"
@@ -154,7 +160,8 @@ def test_chat_non_stream_and_stream_agree(chat_engine: str, tiny_chat_model: Pat
     assert last.choices[0].finish_reason == choice.finish_reason
     assert last.usage is not None
     assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (
-        reply.usage.prompt_tokens, reply.usage.completion_tokens
+        reply.usage.prompt_tokens,
+        reply.usage.completion_tokens,
     )
     assert all(c.choices[0].finish_reason is None and c.usage is None for c in chunks[:-1])
     assert all(c.model == f"{model}@main" for c in chunks)
@@ -169,7 +176,8 @@ def test_chat_list_content_and_completions(chat_engine: str, tiny_chat_model: Pa
             model=model, messages=[{"role": "user", "content": "Hello there"}], max_tokens=3
         )
         as_parts = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": [{"type": "text", "text": "Hello there"}]}],
+            model=model,
+            messages=[{"role": "user", "content": [{"type": "text", "text": "Hello there"}]}],
             max_tokens=3,
         )
         assert as_parts.choices[0].message.content == as_string.choices[0].message.content
@@ -205,12 +213,14 @@ def test_vl_counts_image_tokens(vl_engine: str, tiny_vl_model: Path) -> None:
             messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, question]}],
             max_tokens=3,
         )
-        streamed = list(client.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, question]}],
-            max_tokens=3,
-            stream=True,
-        ))
+        streamed = list(
+            client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, question]}],
+                max_tokens=3,
+                stream=True,
+            )
+        )
     assert text_only.usage is not None and with_image.usage is not None
     # The template renders "<image>\n"; the processor expands <image> to the patch tokens.
     assert with_image.usage.prompt_tokens == text_only.usage.prompt_tokens + IMAGE_TOKENS + 1

@@ -33,7 +33,7 @@ from engines.spec import HealthPolicy, ModelSpec, RestartPolicy
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 
-FAKE_ENGINE = r'''
+FAKE_ENGINE = r"""
 import os, sys, time, signal, threading
 env = os.environ.get
 def arg(name, default=None):
@@ -91,12 +91,14 @@ class Handler(BaseHTTPRequestHandler):
 server = ThreadingHTTPServer((host, port), Handler)
 print("fake engine serving on", port, flush=True)
 server.serve_forever()
-'''
+"""
 
-FAST_HEALTH = HealthPolicy(interval=0.1, timeout=0.5, startup_interval=0.05, unhealthy_threshold=3, restart_grace=0,
-                           healthy_threshold=1)
-FAST_RESTART = RestartPolicy(initial_delay=0.05, max_delay=0.4, jitter=0, exp_base=2, max_restarts=3,
-                             window=60, stable_after=60)
+FAST_HEALTH = HealthPolicy(
+    interval=0.1, timeout=0.5, startup_interval=0.05, unhealthy_threshold=3, restart_grace=0, healthy_threshold=1
+)
+FAST_RESTART = RestartPolicy(
+    initial_delay=0.05, max_delay=0.4, jitter=0, exp_base=2, max_restarts=3, window=60, stable_after=60
+)
 
 
 def write_fake_engine(directory: Path) -> Path:
@@ -107,8 +109,14 @@ def write_fake_engine(directory: Path) -> Path:
 
 def fake_spec(name: str, fake: Path, env: dict[str, str] | None = None, **overrides: Any) -> ModelSpec:
     values: dict[str, Any] = {
-        "name": name, "engine": "vllm", "model": "fake-model", "command": (sys.executable, str(fake)),
-        "env": env or {}, "health": FAST_HEALTH, "restart": FAST_RESTART, "stop_grace": 1.0,
+        "name": name,
+        "engine": "vllm",
+        "model": "fake-model",
+        "command": (sys.executable, str(fake)),
+        "env": env or {},
+        "health": FAST_HEALTH,
+        "restart": FAST_RESTART,
+        "stop_grace": 1.0,
         "startup_timeout": 15.0,
     }
     values.update(overrides)
@@ -117,9 +125,11 @@ def fake_spec(name: str, fake: Path, env: dict[str, str] | None = None, **overri
 
 def run(coro: Coroutine[Any, Any, T], limit: float = 30.0) -> T:
     """Run a test coroutine on a fresh loop, bounded in time."""
+
     async def bounded() -> T:
         async with asyncio.timeout(limit):
             return await coro
+
     return asyncio.run(bounded())
 
 
@@ -168,8 +178,13 @@ class Events:
 
 
 @contextlib.asynccontextmanager
-async def supervised(spec: ModelSpec, *, start: bool = True, events: Events | None = None,
-                     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> AsyncIterator[Supervisor]:
+async def supervised(
+    spec: ModelSpec,
+    *,
+    start: bool = True,
+    events: Events | None = None,
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+) -> AsyncIterator[Supervisor]:
     """A running supervisor for ``spec`` with its own probe session; stopped and closed on the way out."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
         sup = Supervisor(spec, adapter_for(spec.engine), session=session, on_event=events, sleep=sleep)

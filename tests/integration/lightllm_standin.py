@@ -83,8 +83,14 @@ async def generate(request: web.Request) -> web.Response:
         words, finish, prompt_tokens = _plan(await _body(request))
     except Refused as exc:
         return _refused(exc)
-    return web.json_response({"generated_text": [" ".join(words)], "count_output_tokens": len(words),
-                              "finish_reason": finish, "prompt_tokens": prompt_tokens})
+    return web.json_response(
+        {
+            "generated_text": [" ".join(words)],
+            "count_output_tokens": len(words),
+            "finish_reason": finish,
+            "prompt_tokens": prompt_tokens,
+        }
+    )
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
@@ -96,10 +102,20 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     for i, word in enumerate(words):
         last = i == len(words) - 1
-        event = {"token": {"id": i, "text": word if i == 0 else " " + word, "logprob": -0.1, "special": False,
-                           "count_output_tokens": i + 1, "prompt_tokens": prompt_tokens},
-                 "generated_text": None, "finished": last, "finish_reason": finish if last else None,
-                 "details": None}
+        event = {
+            "token": {
+                "id": i,
+                "text": word if i == 0 else " " + word,
+                "logprob": -0.1,
+                "special": False,
+                "count_output_tokens": i + 1,
+                "prompt_tokens": prompt_tokens,
+            },
+            "generated_text": None,
+            "finished": last,
+            "finish_reason": finish if last else None,
+            "details": None,
+        }
         # LightLLM writes "data:" with no space and never sends [DONE].
         await response.write(b"data:" + json.dumps(event, separators=(",", ":")).encode() + b"\n\n")
     await response.write_eof()

@@ -26,17 +26,29 @@ CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hello"}], "ma
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     config = {
-        "auth": {"api_keys": [
-            {"name": "ops", "key": "sk-ops-12345678", "permissions": ["all"]},
-            {"name": "app", "key": "sk-app-12345678", "permissions": ["chat", "models"]}]},
-        "models": {"chat": {
-            "engine": "vllm", "model": "org/chat-model", "command": standin_command("vllm"), "gpus": [0],
-            # vLLM prints its non-default args, this key among them: the admin log must not show it.
-            "args": {"api-key": "sk-engine-secret"}, "api_key_env": "ADMIN_TEST_ENGINE_KEY",
-            "health": {"interval": 0.5, "startup_interval": 0.1}, "stop_grace": 3}},
+        "auth": {
+            "api_keys": [
+                {"name": "ops", "key": "sk-ops-12345678", "permissions": ["all"]},
+                {"name": "app", "key": "sk-app-12345678", "permissions": ["chat", "models"]},
+            ]
+        },
+        "models": {
+            "chat": {
+                "engine": "vllm",
+                "model": "org/chat-model",
+                "command": standin_command("vllm"),
+                "gpus": [0],
+                # vLLM prints its non-default args, this key among them: the admin log must not show it.
+                "args": {"api-key": "sk-engine-secret"},
+                "api_key_env": "ADMIN_TEST_ENGINE_KEY",
+                "health": {"interval": 0.5, "startup_interval": 0.1},
+                "stop_grace": 3,
+            }
+        },
     }
-    with run_gateway(config, tmp_path_factory.mktemp("admin"), ready_timeout=20,
-                     env={"ADMIN_TEST_ENGINE_KEY": "sk-engine-secret"}) as gw:
+    with run_gateway(
+        config, tmp_path_factory.mktemp("admin"), ready_timeout=20, env={"ADMIN_TEST_ENGINE_KEY": "sk-engine-secret"}
+    ) as gw:
         yield gw
 
 
@@ -65,9 +77,15 @@ def admin_requests(gw: Gateway) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-@pytest.mark.parametrize(("method", "path"), [
-    ("GET", "/admin/engines"), ("GET", "/admin/engines/chat/logs"), ("POST", "/admin/engines/chat/stop"),
-    ("GET", "/gpu/status")])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/admin/engines"),
+        ("GET", "/admin/engines/chat/logs"),
+        ("POST", "/admin/engines/chat/stop"),
+        ("GET", "/gpu/status"),
+    ],
+)
 def test_admin_needs_the_admin_permission(gateway: Gateway, method: str, path: str) -> None:
     bare = httpx.request(method, gateway.url + path, timeout=5)
     assert bare.status_code == 401 and bare.json()["error"]["type"] == "authentication_error"
@@ -88,12 +106,18 @@ def test_list_engines(gateway: Gateway) -> None:
 
 
 def test_unknown_model_or_replica_is_404(gateway: Gateway) -> None:
-    for response in (post(gateway, "/admin/engines/nope/restart"), get(gateway, "/admin/engines/nope/logs"),
-                     get(gateway, "/admin/engines/nope")):
+    for response in (
+        post(gateway, "/admin/engines/nope/restart"),
+        get(gateway, "/admin/engines/nope/logs"),
+        get(gateway, "/admin/engines/nope"),
+    ):
         assert response.status_code == 404
-        assert response.json()["error"] == {"message": "The model 'nope' does not exist.",
-                                            "type": "invalid_request_error", "param": "model",
-                                            "code": "model_not_found"}
+        assert response.json()["error"] == {
+            "message": "The model 'nope' does not exist.",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
     missing = post(gateway, "/admin/engines/chat/stop", params={"replica": 3})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "replica_not_found"
     assert get(gateway, "/admin/engines/chat/logs", params={"tail": -1}).status_code == 400
@@ -128,16 +152,17 @@ def test_logs_follow_streams_new_lines_and_ends_on_disconnect(gateway: Gateway) 
     before = settled_admin_requests(gateway)
     seen: list[dict[str, Any]] = []
     deadline = time.monotonic() + 10
-    with httpx.Client(headers=OPS, timeout=5) as client, \
-            client.stream("GET", gateway.url + "/admin/engines/chat/logs",
-                          params={"follow": "true", "tail": 3}) as stream:
+    with (
+        httpx.Client(headers=OPS, timeout=5) as client,
+        client.stream("GET", gateway.url + "/admin/engines/chat/logs", params={"follow": "true", "tail": 3}) as stream,
+    ):
         assert stream.status_code == 200
         assert stream.headers["content-type"].startswith("text/event-stream")
         assert httpx.post(gateway.url + "/v1/chat/completions", json=CHAT, headers=APP, timeout=5).status_code == 200
         lines = stream.iter_lines()
         for line in lines:
             if line.startswith("data: "):
-                seen.append(json.loads(line[len("data: "):]))
+                seen.append(json.loads(line[len("data: ") :]))
             if any("POST /v1/chat/completions" in e["line"] for e in seen) or time.monotonic() > deadline:
                 break
         # Still open: the follow counts as finished only once it ends.
@@ -189,11 +214,22 @@ def test_stop_start_restart(gateway: Gateway) -> None:
 
 
 def test_an_open_follow_does_not_hold_up_shutdown(tmp_path: Path) -> None:
-    config = {"models": {"chat": {"engine": "vllm", "model": "org/chat-model", "command": standin_command("vllm"),
-                                  "health": {"interval": 0.5, "startup_interval": 0.1}, "stop_grace": 3}},
-              "server": {"drain_timeout": 60}}
-    with run_gateway(config, tmp_path, ready_timeout=20) as gw, \
-            httpx.stream("GET", gw.url + "/admin/engines/chat/logs", params={"follow": "true"}, timeout=5) as stream:
+    config = {
+        "models": {
+            "chat": {
+                "engine": "vllm",
+                "model": "org/chat-model",
+                "command": standin_command("vllm"),
+                "health": {"interval": 0.5, "startup_interval": 0.1},
+                "stop_grace": 3,
+            }
+        },
+        "server": {"drain_timeout": 60},
+    }
+    with (
+        run_gateway(config, tmp_path, ready_timeout=20) as gw,
+        httpx.stream("GET", gw.url + "/admin/engines/chat/logs", params={"follow": "true"}, timeout=5) as stream,
+    ):
         assert stream.status_code == 200
         gw.proc.send_signal(signal.SIGTERM)
         started = time.monotonic()

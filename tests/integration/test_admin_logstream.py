@@ -39,7 +39,7 @@ class Client:
 
     def events(self) -> list[dict[str, Any]]:
         bodies = b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body")
-        return [orjson.loads(chunk[len(b"data: "):]) for chunk in bodies.split(b"\n\n") if chunk.startswith(b"data: ")]
+        return [orjson.loads(chunk[len(b"data: ") :]) for chunk in bodies.split(b"\n\n") if chunk.startswith(b"data: ")]
 
     async def wait_for(self, count: int) -> None:
         while len(self.events()) < count:
@@ -70,9 +70,11 @@ def test_backlog_then_live_lines_from_every_replica_and_unsubscribed_on_disconne
         start = client.sent[0]
         assert start["status"] == 200 and (b"content-type", b"text/event-stream; charset=utf-8") in start["headers"]
         assert client.events() == [
-            {"replica": 0, "line": "old 3"}, {"replica": 0, "line": "old 4"},
+            {"replica": 0, "line": "old 3"},
+            {"replica": 0, "line": "old 4"},
             {"replica": 0, "line": "new on 0"},
-            {"replica": 1, "line": "new on 1 with a \r carriage return"}]
+            {"replica": 1, "line": "new on 1 with a \r carriage return"},
+        ]
 
     run(scenario())
 

@@ -20,8 +20,14 @@ PUBLIC_ROUTES = {"/health", "/ready", "/v1/health", "/metrics"}  # /metrics: aut
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    config = {"auth": {"api_keys": [{"name": "ops", "key": OPS, "permissions": ["all"]},
-                                    {"name": "app", "key": APP, "permissions": ["chat", "models"]}]}}
+    config = {
+        "auth": {
+            "api_keys": [
+                {"name": "ops", "key": OPS, "permissions": ["all"]},
+                {"name": "app", "key": APP, "permissions": ["chat", "models"]},
+            ]
+        }
+    }
     with run_gateway(config, tmp_path_factory.mktemp("auth")) as gw:
         yield gw
 
@@ -31,8 +37,16 @@ def _get(gw: Gateway, path: str, key: str | None = None, method: str = "GET", **
     return httpx.request(method, gw.url + path, headers=headers, timeout=5, **kw)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("headers", [{}, {"authorization": "Bearer wrong-key-123"}, {"authorization": f"Basic {APP}"},
-                                     {"authorization": APP}, {"x-api-key": APP}])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"authorization": "Bearer wrong-key-123"},
+        {"authorization": f"Basic {APP}"},
+        {"authorization": APP},
+        {"x-api-key": APP},
+    ],
+)
 def test_missing_or_wrong_key_is_401_with_one_body(gateway: Gateway, headers: dict[str, str]) -> None:
     response = httpx.get(gateway.url + "/v1/models", headers=headers, params={"api_key": APP}, timeout=5)
     assert response.status_code == 401
@@ -55,16 +69,50 @@ def test_public_routes(gateway: Gateway, path: str) -> None:
     assert _get(gateway, path).status_code == 200
 
 
-@pytest.mark.parametrize("path", [
-    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/v1/models", "/v1/models/x",
-    "/infer", "/analyze", "/generate", "/admin/engines", "/gpu/status", "/docs", "/openapi.json",
-    "//v1/chat/completions", "/v1/chat/completions/", "/v1//models", "/%2Fv1%2Fmodels",
-    # engine-internal surfaces (vLLM security.md): dark without a key, absent with one
-    "/pause", "/update_weights", "/tokenize", "/collective_rpc", "/invocations",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/rerank",
+        "/v1/models",
+        "/v1/models/x",
+        "/infer",
+        "/analyze",
+        "/generate",
+        "/admin/engines",
+        "/gpu/status",
+        "/docs",
+        "/openapi.json",
+        "//v1/chat/completions",
+        "/v1/chat/completions/",
+        "/v1//models",
+        "/%2Fv1%2Fmodels",
+        # engine-internal surfaces (vLLM security.md): dark without a key, absent with one
+        "/pause",
+        "/update_weights",
+        "/tokenize",
+        "/collective_rpc",
+        "/invocations",
+    ],
+)
 def test_every_other_route_needs_a_key(gateway: Gateway, path: str) -> None:
-    method = "GET" if path in ("/v1/models", "/v1/models/x", "/admin/engines", "/gpu/status", "/docs",
-                               "/openapi.json", "/v1//models", "/%2Fv1%2Fmodels") else "POST"
+    method = (
+        "GET"
+        if path
+        in (
+            "/v1/models",
+            "/v1/models/x",
+            "/admin/engines",
+            "/gpu/status",
+            "/docs",
+            "/openapi.json",
+            "/v1//models",
+            "/%2Fv1%2Fmodels",
+        )
+        else "POST"
+    )
     assert _get(gateway, path, method=method).status_code == 401
 
 
@@ -75,8 +123,9 @@ def test_engine_admin_surface_is_not_exposed(gateway: Gateway, path: str) -> Non
 
 def test_host_header_tricks_do_not_open_routes(gateway: Gateway) -> None:
     for host in ("x/health?", "x/ready#", "localhost/health"):
-        response = httpx.post(gateway.url + "/v1/chat/completions", headers={"host": host}, timeout=5,
-                              json={"model": "x", "messages": []})
+        response = httpx.post(
+            gateway.url + "/v1/chat/completions", headers={"host": host}, timeout=5, json={"model": "x", "messages": []}
+        )
         assert response.status_code == 401  # never authorized by a public-looking Host
 
 
@@ -85,8 +134,11 @@ def _app_routes(gw: Gateway) -> list[tuple[str, str]]:
     FastAPI's own documentation routes, which are left out of the schema; path parameters filled in."""
     schema = _get(gw, "/openapi.json", OPS)
     assert schema.status_code == 200
-    routes = [(method.upper(), re.sub(r"\{[^}]*\}", "x", path))
-              for path, operations in schema.json()["paths"].items() for method in operations]
+    routes = [
+        (method.upper(), re.sub(r"\{[^}]*\}", "x", path))
+        for path, operations in schema.json()["paths"].items()
+        for method in operations
+    ]
     app = create_app(build_config({}))  # not started: only read for where it serves its documentation
     docs = (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
     return routes + [("GET", url) for url in docs if url]

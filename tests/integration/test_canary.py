@@ -67,10 +67,15 @@ PNG_B64 = base64.b64encode(PNG).decode()
 DATA_URL = "data:image/png;base64," + PNG_B64
 
 CANARIES = {
-    "app key": APP_KEY, "ops key": OPS_KEY, "wrong key": WRONG_KEY, "engine key": ENGINE_KEY,
-    "remote key": REMOTE_KEY, "prompt": PROMPT, "url signature": SIG,
+    "app key": APP_KEY,
+    "ops key": OPS_KEY,
+    "wrong key": WRONG_KEY,
+    "engine key": ENGINE_KEY,
+    "remote key": REMOTE_KEY,
+    "prompt": PROMPT,
+    "url signature": SIG,
     # Any 48 characters from the middle of the image's base64 (its start is the same for every PNG).
-    "image base64": PNG_B64[len(PNG_B64) // 2: len(PNG_B64) // 2 + 48],
+    "image base64": PNG_B64[len(PNG_B64) // 2 : len(PNG_B64) // 2 + 48],
     "any key": "sk-CANARY-KEY",
 }
 KEYS = {name: value for name, value in CANARIES.items() if "key" in name}
@@ -82,6 +87,7 @@ def found(text: str, canaries: dict[str, str] = CANARIES) -> list[str]:
 
 
 # -- the image server -------------------------------------------------------------------------------------
+
 
 @dataclass
 class Images:
@@ -118,6 +124,7 @@ def _image_server() -> Images:
 
 
 # -- the run: one gateway, every request, every answer kept -------------------------------------------------
+
 
 @dataclass
 class Answer:
@@ -181,55 +188,81 @@ def _drive(run: Run, faults: Path) -> None:
     run.post("signed url", "/v1/chat/completions", json=_chat("vl", _image_message(run.images.url("/cat.png"))))
     run.post("infer", "/infer", json={"model": "vl", "prompt": text, "image": run.images.url("/cat.png")})
     run.post("analyze", "/analyze", json={"model": "vl", "image": DATA_URL, "question": text})
-    run.post("upload", "/infer/upload", data={"model": "vl", "prompt": text},
-             files={"file": ("cat.png", PNG, "image/png")})
+    run.post(
+        "upload", "/infer/upload", data={"model": "vl", "prompt": text}, files={"file": ("cat.png", PNG, "image/png")}
+    )
     # Images that fail: 404, not an image, nothing listening, a bad data URL, a private address refused.
     run.post("image 404", "/v1/chat/completions", json=_chat("vl", _image_message(run.images.url("/gone.png"))))
     run.post("image html", "/v1/chat/completions", json=_chat("vl", _image_message(run.images.url("/page"))))
-    run.post("image refused", "/v1/chat/completions",
-             json=_chat("vl", _image_message(f"http://127.0.0.1:{free_port()}/x.png?sig={SIG}")))
-    run.post("bad data url", "/v1/chat/completions",
-             json=_chat("vl", _image_message("data:image/png;base64," + PNG_B64[: len(PNG_B64) // 2] + "!!")))
+    run.post(
+        "image refused",
+        "/v1/chat/completions",
+        json=_chat("vl", _image_message(f"http://127.0.0.1:{free_port()}/x.png?sig={SIG}")),
+    )
+    run.post(
+        "bad data url",
+        "/v1/chat/completions",
+        json=_chat("vl", _image_message("data:image/png;base64," + PNG_B64[: len(PNG_B64) // 2] + "!!")),
+    )
     run.post("image file", "/v1/chat/completions", json=_chat("vl", _image_message(f"file:///etc/passwd?{SIG}")))
     # Keys: wrong, malformed, in the wrong places, and a valid key without the permission.
     run.post("wrong key", "/v1/chat/completions", key=WRONG_KEY, json=_chat("chat", text))
-    run.post("basic auth", "/v1/chat/completions", key=None, json=_chat("chat", text),
-             headers={"authorization": "Basic " + base64.b64encode(f"user:{APP_KEY}x".encode()).decode()})
+    run.post(
+        "basic auth",
+        "/v1/chat/completions",
+        key=None,
+        json=_chat("chat", text),
+        headers={"authorization": "Basic " + base64.b64encode(f"user:{APP_KEY}x".encode()).decode()},
+    )
     run.post("key in query", f"/v1/chat/completions?api_key={WRONG_KEY}", key=None, json=_chat("chat", text))
-    run.post("x-api-key", "/v1/chat/completions", key=None, json=_chat("chat", text),
-             headers={"x-api-key": WRONG_KEY})
+    run.post("x-api-key", "/v1/chat/completions", key=None, json=_chat("chat", text), headers={"x-api-key": WRONG_KEY})
     run.get("no admin permission", "/admin/engines", key=APP_KEY)
     run.get("wrong key on admin", f"/admin/engines?key={WRONG_KEY}", key=WRONG_KEY)
     # Malformed bodies, each with the prompt canary inside.
-    run.post("bad json", "/v1/chat/completions", content=f'{{"model": "chat", "messages": "{PROMPT}',
-             headers={"content-type": "application/json"})
+    run.post(
+        "bad json",
+        "/v1/chat/completions",
+        content=f'{{"model": "chat", "messages": "{PROMPT}',
+        headers={"content-type": "application/json"},
+    )
     run.post("wrong type", "/v1/chat/completions", json={"model": "chat", "messages": PROMPT})
     run.post("bad field", "/v1/chat/completions", json=_chat("chat", text, n=PROMPT))
-    run.post("bad role", "/v1/chat/completions",
-             json={"model": "vl", "messages": [{"role": PROMPT, "content": text}]})
-    run.post("api_base", "/v1/chat/completions",
-             json=_chat("chat", text, api_base=f"http://evil.example/{PROMPT}", extra_headers={"x": APP_KEY}))
+    run.post("bad role", "/v1/chat/completions", json={"model": "vl", "messages": [{"role": PROMPT, "content": text}]})
+    run.post(
+        "api_base",
+        "/v1/chat/completions",
+        json=_chat("chat", text, api_base=f"http://evil.example/{PROMPT}", extra_headers={"x": APP_KEY}),
+    )
     run.post("unknown model", "/v1/chat/completions", json=_chat("nope", text))
-    run.post("wrong content type", "/v1/chat/completions", content=json.dumps(_chat("chat", text)),
-             headers={"content-type": "text/plain"})
+    run.post(
+        "wrong content type",
+        "/v1/chat/completions",
+        content=json.dumps(_chat("chat", text)),
+        headers={"content-type": "text/plain"},
+    )
     run.post("too large", "/v1/chat/completions", json=_chat("chat", text + "x" * 300_000))
     # Refused at the HTTP layer, before the app: too many headers, each carrying a canary.
-    run.post("too many headers", "/v1/chat/completions", json=_chat("chat", text),
-             headers={f"x-canary-{i}": f"{PROMPT}-{APP_KEY}" for i in range(150)})
+    run.post(
+        "too many headers",
+        "/v1/chat/completions",
+        json=_chat("chat", text),
+        headers={f"x-canary-{i}": f"{PROMPT}-{APP_KEY}" for i in range(150)},
+    )
     run.post("engine with its own key", "/v1/chat/completions", json=_chat("keyed", text))
     run.post("engine 400", "/v1/chat/completions", json=_chat("chat", text + " word" * 9000))
     # Engines that fail: 5xx bodies, garbage, an error event mid-stream, a crash mid-stream.
     for name, fault, model, stream in (
-            ("engine 500", {"status": 500}, "chat", False),
-            ("engine 503 lmdeploy", {"status": 503}, "vl", False),
-            ("engine html", {"garbage": "html"}, "chat", False),
-            ("engine bad json", {"garbage": "badjson"}, "vl", False),
-            ("engine bad sse", {"garbage": "badsse"}, "chat", True),
-            ("engine error event", {"error-after-chunks": 2}, "vl", True),
-            ("engine hangs", {"hang-before-headers": True}, "chat", False),
-            ("engine stalls mid-stream", {"stall-after-chunks": 2}, "chat", True),
-            ("engine crash mid-stream", {"crash-after-chunks": 2}, "chat", True),
-            ("engine crash on request", {"crash-on-request": True}, "vl", False)):
+        ("engine 500", {"status": 500}, "chat", False),
+        ("engine 503 lmdeploy", {"status": 503}, "vl", False),
+        ("engine html", {"garbage": "html"}, "chat", False),
+        ("engine bad json", {"garbage": "badjson"}, "vl", False),
+        ("engine bad sse", {"garbage": "badsse"}, "chat", True),
+        ("engine error event", {"error-after-chunks": 2}, "vl", True),
+        ("engine hangs", {"hang-before-headers": True}, "chat", False),
+        ("engine stalls mid-stream", {"stall-after-chunks": 2}, "chat", True),
+        ("engine crash mid-stream", {"crash-after-chunks": 2}, "chat", True),
+        ("engine crash on request", {"crash-on-request": True}, "vl", False),
+    ):
         write_faults(faults, fault)
         try:
             run.post(name, "/v1/chat/completions", json=_chat(model, text, stream=stream))
@@ -239,9 +272,15 @@ def _drive(run: Run, faults: Path) -> None:
     time.sleep(1.0)  # crashes and failure counts are noticed before readiness is asked
     assert wait_until(run.ready, 20), "the crashed engines did not come back"
     # The read-only surfaces, after all of that.
-    for what, path, key in (("health", "/health", None), ("ready", "/ready", None), ("metrics", "/metrics", None),
-                            ("models", "/v1/models", APP_KEY), ("model", "/v1/models/chat", APP_KEY),
-                            ("engines", "/admin/engines", OPS_KEY), ("gpu", "/gpu/status", OPS_KEY)):
+    for what, path, key in (
+        ("health", "/health", None),
+        ("ready", "/ready", None),
+        ("metrics", "/metrics", None),
+        ("models", "/v1/models", APP_KEY),
+        ("model", "/v1/models/chat", APP_KEY),
+        ("engines", "/admin/engines", OPS_KEY),
+        ("gpu", "/gpu/status", OPS_KEY),
+    ):
         run.get(what, path, key=key)
     for model in ("chat", "vl", "keyed", "remote"):
         run.get(f"engine log {model}", f"/admin/engines/{model}/logs?tail=1000")
@@ -254,35 +293,77 @@ def canary_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     write_faults(faults, {})
     images = _image_server()
     remote_port = free_port()
-    remote = launch("vllm", [*serve_args("vllm", remote_port, "upstream"), "--api-key", REMOTE_KEY],
-                    env=standin_env(), port=remote_port)
+    remote = launch(
+        "vllm",
+        [*serve_args("vllm", remote_port, "upstream"), "--api-key", REMOTE_KEY],
+        env=standin_env(),
+        port=remote_port,
+    )
     engine_env = {"STANDIN_FAULTS_FILE": str(faults), "STANDIN_RECORD": str(record)}
     probe = {"interval": 0.5, "startup_interval": 0.1}
     restart = {"initial_delay": 0.1, "jitter": 0, "max_restarts": 50}
     config = {
-        "server": {"first_byte_timeout": 2, "idle_timeout": 1, "total_timeout": 5, "retry_after": 1,
-                   "queue_timeout": 1, "max_body_bytes": 200_000, "log_level": "debug", "access_log": True},
-        "auth": {"api_keys": [
-            {"name": "app", "key": APP_KEY, "permissions": ["chat", "completions", "embeddings", "rerank", "models"]},
-            {"name": "ops", "key_env": "GATEWAY_CANARY_OPS_KEY", "permissions": ["all"]},
-        ]},
+        "server": {
+            "first_byte_timeout": 2,
+            "idle_timeout": 1,
+            "total_timeout": 5,
+            "retry_after": 1,
+            "queue_timeout": 1,
+            "max_body_bytes": 200_000,
+            "log_level": "debug",
+            "access_log": True,
+        },
+        "auth": {
+            "api_keys": [
+                {
+                    "name": "app",
+                    "key": APP_KEY,
+                    "permissions": ["chat", "completions", "embeddings", "rerank", "models"],
+                },
+                {"name": "ops", "key_env": "GATEWAY_CANARY_OPS_KEY", "permissions": ["all"]},
+            ]
+        },
         "media": {"allow_private_networks": True},
         "models": {
-            "chat": {"engine": "vllm", "model": "org/chat-model", "command": standin_command("vllm"),
-                     "env": engine_env, "health": probe, "restart": restart, "stop_grace": 3,
-                     "args": {"max-model-len": 4096}},
-            "vl": {"engine": "lmdeploy", "model": "org/vl-model", "command": standin_command("lmdeploy"),
-                   "env": engine_env, "health": probe, "restart": restart, "stop_grace": 3},
-            "keyed": {"engine": "vllm", "model": "org/keyed", "command": standin_command("vllm"),
-                      "args": {"api-key": ENGINE_KEY}, "health": probe, "stop_grace": 3},
-            "remote": {"engine": "openai", "url": f"http://127.0.0.1:{remote_port}/v1", "model": "upstream",
-                       "api_key_env": "GATEWAY_CANARY_REMOTE_KEY", "health": probe},
+            "chat": {
+                "engine": "vllm",
+                "model": "org/chat-model",
+                "command": standin_command("vllm"),
+                "env": engine_env,
+                "health": probe,
+                "restart": restart,
+                "stop_grace": 3,
+                "args": {"max-model-len": 4096},
+            },
+            "vl": {
+                "engine": "lmdeploy",
+                "model": "org/vl-model",
+                "command": standin_command("lmdeploy"),
+                "env": engine_env,
+                "health": probe,
+                "restart": restart,
+                "stop_grace": 3,
+            },
+            "keyed": {
+                "engine": "vllm",
+                "model": "org/keyed",
+                "command": standin_command("vllm"),
+                "args": {"api-key": ENGINE_KEY},
+                "health": probe,
+                "stop_grace": 3,
+            },
+            "remote": {
+                "engine": "openai",
+                "url": f"http://127.0.0.1:{remote_port}/v1",
+                "model": "upstream",
+                "api_key_env": "GATEWAY_CANARY_REMOTE_KEY",
+                "health": probe,
+            },
         },
     }
     env = {"GATEWAY_CANARY_OPS_KEY": OPS_KEY, "GATEWAY_CANARY_REMOTE_KEY": REMOTE_KEY}
     try:
-        with run_gateway(config, tmp, env=env) as gateway, httpx.Client(base_url=gateway.url,
-                                                                     timeout=TIMEOUT) as http:
+        with run_gateway(config, tmp, env=env) as gateway, httpx.Client(base_url=gateway.url, timeout=TIMEOUT) as http:
             run = Run(gateway, images, record, http)
             engines = http.get("/admin/engines", headers={"authorization": f"Bearer {OPS_KEY}"}).json()["data"]
             run.engine_ports = [row["port"] for row in engines if row["port"]]
@@ -302,14 +383,37 @@ def canary_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
 
 # -- the scans --------------------------------------------------------------------------------------------
 
+
 def test_the_requests_did_what_they_should(canary_run: Run) -> None:
     """Guard against a scan that passes because nothing happened."""
     by = {a.what: a for a in canary_run.answers}
-    for ok in ("chat", "chat stream", "completion", "embedding", "rerank", "remote", "data url", "signed url",
-               "infer", "analyze", "upload"):
+    for ok in (
+        "chat",
+        "chat stream",
+        "completion",
+        "embedding",
+        "rerank",
+        "remote",
+        "data url",
+        "signed url",
+        "infer",
+        "analyze",
+        "upload",
+    ):
         assert by[ok].status == 200, (ok, by[ok].body)
-    for refused in ("image 404", "image html", "image refused", "bad data url", "image file", "bad json",
-                    "wrong type", "bad field", "unknown model", "wrong content type", "too large"):
+    for refused in (
+        "image 404",
+        "image html",
+        "image refused",
+        "bad data url",
+        "image file",
+        "bad json",
+        "wrong type",
+        "bad field",
+        "unknown model",
+        "wrong content type",
+        "too large",
+    ):
         assert 400 <= by[refused].status < 500, (refused, by[refused].body)
     for name in ("wrong key", "basic auth", "key in query", "x-api-key", "wrong key on admin"):
         assert by[name].status == 401, name
@@ -317,8 +421,14 @@ def test_the_requests_did_what_they_should(canary_run: Run) -> None:
     assert by["too many headers"].status == 431
     assert by["engine with its own key"].status == 200  # the gateway sends the key the engine was given
     assert "upstream_timeout" in by["engine stalls mid-stream"].body  # the idle clock's event
-    for name in ("engine 500", "engine 503 lmdeploy", "engine html", "engine bad json", "engine hangs",
-                 "engine crash on request"):
+    for name in (
+        "engine 500",
+        "engine 503 lmdeploy",
+        "engine html",
+        "engine bad json",
+        "engine hangs",
+        "engine crash on request",
+    ):
         assert by[name].status >= 500, (name, by[name].status)
     assert canary_run.images.seen, "the image server was never asked"
     assert PROMPT in canary_run.record.read_text()  # the engines did get the prompts
@@ -402,9 +512,20 @@ def test_gateway_check_shows_no_secret(tmp_path: Path, capsys: pytest.CaptureFix
     from gateway.cli import main
 
     config = tmp_path / "c.yaml"
-    config.write_text(json.dumps({"models": {"chat": {
-        "engine": "vllm", "model": "/m/chat", "args": {"api-key": ENGINE_KEY, "hf-token": f"hf_{PROMPT}"},
-        "env": {"HF_TOKEN": f"hf_{TAG}_env_token", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}}}}))
+    config.write_text(
+        json.dumps(
+            {
+                "models": {
+                    "chat": {
+                        "engine": "vllm",
+                        "model": "/m/chat",
+                        "args": {"api-key": ENGINE_KEY, "hf-token": f"hf_{PROMPT}"},
+                        "env": {"HF_TOKEN": f"hf_{TAG}_env_token", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"},
+                    }
+                }
+            }
+        )
+    )
     assert main(["check", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "--api-key" in out and "CUDA_DEVICE_ORDER=PCI_BUS_ID" in out
@@ -416,7 +537,14 @@ def test_the_access_log_filter_drops_query_strings() -> None:
 
     from gateway.observability.log_setup import _AccessQueryFilter
 
-    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
-                               ("127.0.0.1:5", "GET", f"/v1/models?api_key={WRONG_KEY}", "1.1", 401), None)
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5", "GET", f"/v1/models?api_key={WRONG_KEY}", "1.1", 401),
+        None,
+    )
     assert _AccessQueryFilter().filter(record)
     assert record.getMessage() == '127.0.0.1:5 - "GET /v1/models?... HTTP/1.1" 401'

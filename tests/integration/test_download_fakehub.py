@@ -105,8 +105,17 @@ class FakeHub:
                 return self._send(h, 404, b'{"error":"Repository not found"}')
             if repo.gated and h.headers.get("authorization") != f"Bearer {TOKEN}":
                 return self._send(h, 401, b'{"error":"Access to model is restricted."}')
-            return self._send(h, 200, json.dumps({"id": repo_id, "sha": repo.commit, "siblings": [
-                self._sibling(repo, name, data) for name, data in repo.files.items()]}).encode())
+            return self._send(
+                h,
+                200,
+                json.dumps(
+                    {
+                        "id": repo_id,
+                        "sha": repo.commit,
+                        "siblings": [self._sibling(repo, name, data) for name, data in repo.files.items()],
+                    }
+                ).encode(),
+            )
         org, name, rest = path.lstrip("/").split("/", 2)
         _, commit, file_path = rest.split("/", 2)
         repo = self.repos[f"{org}/{name}"]
@@ -124,8 +133,12 @@ class FakeHub:
     def _sibling(repo: Repo, name: str, data: bytes) -> dict[str, Any]:
         if name in repo.lfs:
             pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{hashlib.sha256(data).hexdigest()}\n"
-            return {"rfilename": name, "size": len(data), "blobId": _git_blob_id(pointer.encode()),
-                    "lfs": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 120}}
+            return {
+                "rfilename": name,
+                "size": len(data),
+                "blobId": _git_blob_id(pointer.encode()),
+                "lfs": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 120},
+            }
         return {"rfilename": name, "size": len(data), "blobId": _git_blob_id(data)}
 
     def _file(self, h: BaseHTTPRequestHandler, name: str, data: bytes) -> None:
@@ -147,8 +160,14 @@ class FakeHub:
         self._send(h, status, body, headers)
 
     @staticmethod
-    def _send(h: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str, str] | None = None,
-              *, close: bool = False) -> None:
+    def _send(
+        h: BaseHTTPRequestHandler,
+        status: int,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        *,
+        close: bool = False,
+    ) -> None:
         h.send_response(status)
         headers = {"content-length": str(len(body)), **(headers or {})}
         for k, v in headers.items():
@@ -176,12 +195,16 @@ WEIGHTS = os.urandom(300_000)
 
 
 def _tiny(**kwargs: Any) -> Repo:
-    return Repo({
-        "config.json": b'{"architectures": ["LlamaForCausalLM"]}',
-        "model.safetensors": WEIGHTS,
-        "pytorch_model.bin": b"duplicate weights" * 100,
-        "tokenizer/tokenizer.json": b'{"version": "1.0"}',
-    }, lfs={"model.safetensors", "pytorch_model.bin"}, **kwargs)
+    return Repo(
+        {
+            "config.json": b'{"architectures": ["LlamaForCausalLM"]}',
+            "model.safetensors": WEIGHTS,
+            "pytorch_model.bin": b"duplicate weights" * 100,
+            "tokenizer/tokenizer.json": b'{"version": "1.0"}',
+        },
+        lfs={"model.safetensors", "pytorch_model.bin"},
+        **kwargs,
+    )
 
 
 def _download(*args: str) -> int:
@@ -189,7 +212,8 @@ def _download(*args: str) -> int:
 
 
 def test_downloads_checks_and_skips_finished_files_on_a_second_run(
-        hub: FakeHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hub: FakeHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     hub.repos["org/tiny"] = _tiny()
     assert _download("--model", "org/tiny", "--path", str(tmp_path / "m")) == 0
     folder = tmp_path / "m" / "tiny"
@@ -218,7 +242,8 @@ def test_a_cut_transfer_resumes_with_range_in_the_same_run(hub: FakeHub, tmp_pat
 
 
 def test_an_interrupted_run_leaves_a_partial_file_that_the_next_run_resumes(
-        hub: FakeHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hub: FakeHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     hub.repos["org/tiny"] = _tiny()
     hub.cuts["model.safetensors"] = [120_000]
     assert main(["download", "--retries", "0", "--model", "org/tiny", "--path", str(tmp_path)]) == 1
@@ -255,15 +280,15 @@ def test_a_file_changed_on_the_hub_at_the_same_size_is_fetched_again(hub: FakeHu
     hub.repos["org/tiny"] = _tiny()
     assert _download("--model", "org/tiny", "--path", str(tmp_path)) == 0
     new = bytes(reversed(WEIGHTS))
-    hub.repos["org/tiny"] = Repo({**_tiny().files, "model.safetensors": new}, lfs=_tiny().lfs,
-                                 commit="f" * 40)
+    hub.repos["org/tiny"] = Repo({**_tiny().files, "model.safetensors": new}, lfs=_tiny().lfs, commit="f" * 40)
     assert _download("--model", "org/tiny", "--path", str(tmp_path)) == 0
     assert (tmp_path / "tiny" / "model.safetensors").read_bytes() == new
     assert len(hub.requests("cdn")) == 2  # only the changed file came again
 
 
 def test_the_token_goes_to_the_hub_only_and_is_never_printed(
-        hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     hub.repos["org/gated"] = _tiny(gated=True)
     assert _download("--model", "org/gated", "--path", str(tmp_path)) == 1
     err = capsys.readouterr().err
@@ -284,7 +309,8 @@ def test_the_token_goes_to_the_hub_only_and_is_never_printed(
 
 
 def test_the_legacy_token_variable_and_the_login_file_work(
-        hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     hub.repos["org/gated"] = _tiny(gated=True)
     monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", TOKEN)
     assert _download("--model", "org/gated", "--path", str(tmp_path / "a")) == 0
@@ -295,19 +321,28 @@ def test_the_legacy_token_variable_and_the_login_file_work(
 
 
 def test_all_takes_the_configs_hub_ids_into_models_dir(
-        hub: FakeHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hub: FakeHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     hub.repos["org/tiny"] = _tiny()
-    hub.repos["other/vl"] = Repo({"config.json": b"{}", "weights.safetensors": b"w" * 5000},
-                                 lfs={"weights.safetensors"})
+    hub.repos["other/vl"] = Repo(
+        {"config.json": b"{}", "weights.safetensors": b"w" * 5000}, lfs={"weights.safetensors"}
+    )
     local = tmp_path / "local-model"
     local.mkdir()
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"models_dir": str(tmp_path / "models"), "models": {
-        "chat": {"engine": "vllm", "model": "org/tiny"},
-        "vl": {"engine": "lmdeploy", "model": "other/vl", "args": {"revision": "v1"}},
-        "mine": {"engine": "vllm", "model": str(local)},
-        "remote": {"engine": "openai", "url": "http://10.0.0.5:8000/v1", "model": "x/y"},
-    }}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "models_dir": str(tmp_path / "models"),
+                "models": {
+                    "chat": {"engine": "vllm", "model": "org/tiny"},
+                    "vl": {"engine": "lmdeploy", "model": "other/vl", "args": {"revision": "v1"}},
+                    "mine": {"engine": "vllm", "model": str(local)},
+                    "remote": {"engine": "openai", "url": "http://10.0.0.5:8000/v1", "model": "x/y"},
+                },
+            }
+        )
+    )
     assert _download("--all", "--config", str(config)) == 0
     assert (tmp_path / "models" / "tiny" / "model.safetensors").read_bytes() == WEIGHTS
     assert (tmp_path / "models" / "vl" / "weights.safetensors").exists()
@@ -332,16 +367,22 @@ def test_bad_requests_fail_with_one_line(hub: FakeHub, tmp_path: Path, capsys: p
 def test_an_unreachable_hub_is_one_line_and_exit_code_1(tmp_path: Path) -> None:
     port = free_port()  # nothing listens there
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE"))}
-    done = subprocess.run([sys.executable, "-m", "gateway", "download", "--model", "org/tiny", "--path",
-                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=30,
-                          env={**env, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path)})
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "download", "--model", "org/tiny", "--path", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**env, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path)},
+    )
     assert done.returncode == 1
     assert done.stderr.startswith(f"gateway download: cannot reach 127.0.0.1:{port}: "), done.stderr
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
 
 
 def test_files_put_there_by_hand_are_hashed_once_and_kept_or_replaced(
-        hub: FakeHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hub: FakeHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     hub.repos["org/tiny"] = _tiny()
     folder = tmp_path / "tiny"
     (folder / "tokenizer").mkdir(parents=True)
@@ -351,5 +392,7 @@ def test_files_put_there_by_hand_are_hashed_once_and_kept_or_replaced(
     assert "checking 2 file(s)" in capsys.readouterr().out
     assert not hub.requests("cdn")  # the weights were not fetched again
     assert sorted(s.path.rsplit("/", 1)[-1] for s in hub.requests("hub", "/resolve/")) == [
-        "config.json", "tokenizer.json"]
+        "config.json",
+        "tokenizer.json",
+    ]
     assert (folder / "config.json").read_bytes() == _tiny().files["config.json"]

@@ -27,11 +27,23 @@ pytestmark = pytest.mark.timeout(60)
 
 # What the stand-in sends for garbage=badjson / badsse (tests/standin/_shapes.py garbage_body, copied: that
 # module imports its siblings as top-level modules and cannot be imported from here).
-GARBAGE_CHUNK = (b'{"id":"chatcmpl-garbage","object":"chat.completion.chunk",'
-                 b'"choices":[{"index":0,"delta":{"content":"x"}}]}')
+GARBAGE_CHUNK = (
+    b'{"id":"chatcmpl-garbage","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"x"}}]}'
+)
 BAD_JSON = b'{"id": "chatcmpl-garbage", "object": "chat.completion", "choices": [{"in'
-BAD_SSE = (b"data:" + GARBAGE_CHUNK + b"\n" + b"event: weird\n\n" + GARBAGE_CHUNK + b"\n\n"
-           + b"data: " + GARBAGE_CHUNK + b"\r" + b"data: {not json}\n\n" + b"data: [DONE]\n\n")
+BAD_SSE = (
+    b"data:"
+    + GARBAGE_CHUNK
+    + b"\n"
+    + b"event: weird\n\n"
+    + GARBAGE_CHUNK
+    + b"\n\n"
+    + b"data: "
+    + GARBAGE_CHUNK
+    + b"\r"
+    + b"data: {not json}\n\n"
+    + b"data: [DONE]\n\n"
+)
 # The start of the stand-in's exit-at-startup stderr (tests/standin/_main.py): none of it may reach a client.
 ENGINE_STDERR = ("Traceback", "RuntimeError", "Engine core initialization failed", "exit-at-startup")
 
@@ -96,12 +108,20 @@ def alive(pid: int) -> bool:
 
 # -- A1: an engine that exits during startup ---------------------------------------------------------------
 
+
 def _crash_at_startup_config(queue_timeout: float) -> dict[str, Any]:
     # "bad" exits 0.5 s into its start, then waits 30 s in backoff (no jitter): the whole test runs in that gap.
-    return {"server": {"retry_after": 2, "queue_timeout": queue_timeout},
-            "models": {"bad": model(model="org/bad", env={"STANDIN_FAULTS": "startup-delay=0.5,exit-at-startup=1"},
-                                    restart={"initial_delay": 30, "jitter": 0}),
-                       "good": model(model="org/good")}}
+    return {
+        "server": {"retry_after": 2, "queue_timeout": queue_timeout},
+        "models": {
+            "bad": model(
+                model="org/bad",
+                env={"STANDIN_FAULTS": "startup-delay=0.5,exit-at-startup=1"},
+                restart={"initial_delay": 30, "jitter": 0},
+            ),
+            "good": model(model="org/good"),
+        },
+    }
 
 
 def _in_backoff(gw: Gateway) -> bool:
@@ -147,10 +167,10 @@ def test_a1_requests_during_startup_backoff_are_refused_at_once(tmp_path: Path) 
 
 # -- A10: a child of the killed engine still holds its fixed port ------------------------------------------
 
+
 def test_a10_port_held_by_an_orphan_is_freed_and_the_engine_relaunched_on_it(tmp_path: Path) -> None:
     port = free_port()
-    held = model(port=port, env={"STANDIN_FAULTS": "hold-port-in-child"},
-                 restart={"initial_delay": 0.2, "jitter": 0})
+    held = model(port=port, env={"STANDIN_FAULTS": "hold-port-in-child"}, restart={"initial_delay": 0.2, "jitter": 0})
     with run_gateway({"models": {"held": held}}, tmp_path) as gw:
         first = replica(gw, "held")
         assert first["state"] == "ready" and first["port"] == port and first["launches"] == 1
@@ -179,6 +199,7 @@ def test_a10_port_held_by_an_orphan_is_freed_and_the_engine_relaunched_on_it(tmp
 
 
 # -- A11: an engine flooding its output ---------------------------------------------------------------------
+
 
 def test_a11_log_flood_keeps_serving_and_gateway_memory_bounded(tmp_path: Path) -> None:
     # on_demand: the flood starts with the engine, after the idle gateway's RSS has been read. log_level warning:
@@ -209,6 +230,7 @@ def _total_lines(gw: Gateway) -> int:
 
 # -- C6 and C10: one gateway, faults switched per test through the engine's faults file ---------------------
 
+
 class Engine:
     def __init__(self, gateway: Gateway, faults: Path, record: Path) -> None:
         self.gateway, self.faults, self.record = gateway, faults, record
@@ -223,9 +245,15 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     faults, record = tmp / "faults.json", tmp / "record.jsonl"
     write_faults(faults, {})
     # The total clock (3 s) runs out long before the first-byte one (30 s): C10 is about the total one.
-    config = {"server": {"total_timeout": 3, "first_byte_timeout": 30, "idle_timeout": 10},
-              "models": {"chat": model(env={"STANDIN_FAULTS_FILE": str(faults), "STANDIN_RECORD": str(record)},
-                                       health={"interval": 60, "startup_interval": 0.1})}}
+    config = {
+        "server": {"total_timeout": 3, "first_byte_timeout": 30, "idle_timeout": 10},
+        "models": {
+            "chat": model(
+                env={"STANDIN_FAULTS_FILE": str(faults), "STANDIN_RECORD": str(record)},
+                health={"interval": 60, "startup_interval": 0.1},
+            )
+        },
+    }
     with run_gateway(config, tmp) as gw:
         yield Engine(gw, faults, record)
 
@@ -257,7 +285,8 @@ def test_c6_badly_framed_sse_is_relayed_unchanged_and_ends_with_done(engine: Eng
 
 
 def test_c10_non_stream_answer_past_the_total_deadline_is_504_and_the_engine_is_let_go(
-        engine: Engine, faults: Any) -> None:
+    engine: Engine, faults: Any
+) -> None:
     faults(**{"first-token-delay": 60, "record-disconnects": True})
     gone_before = len(engine.events("disconnect"))
     # 60 s of "generation" vs the 3 s total limit and a 20 s client timeout: only the total clock can answer.
@@ -277,14 +306,22 @@ def test_b2_slow_probes_take_an_engine_out_of_rotation_before_any_restart(tmp_pa
     for path in faults.values():
         write_faults(path, {"token-interval": 0.1})
     health = {"interval": 0.3, "startup_interval": 0.1, "timeout": 0.5, "unhealthy_threshold": 2}
-    config = {"server": {"retry_after": 1},
-              "models": {name: model(health={**health, "restart_grace": grace},
-                                     env={"STANDIN_FAULTS_FILE": str(faults[name])})
-                         for name, grace in (("patient", 120), ("quick", 1))}}
+    config = {
+        "server": {"retry_after": 1},
+        "models": {
+            name: model(health={**health, "restart_grace": grace}, env={"STANDIN_FAULTS_FILE": str(faults[name])})
+            for name, grace in (("patient", 120), ("quick", 1))
+        },
+    }
     with run_gateway(config, tmp_path) as gw:
         first = replica(gw, "patient")
-        body = {"model": "patient", "messages": [{"role": "user", "content": "a b c"}], "max_tokens": 40,
-                "ignore_eos": True, "stream": True}
+        body = {
+            "model": "patient",
+            "messages": [{"role": "user", "content": "a b c"}],
+            "max_tokens": 40,
+            "ignore_eos": True,
+            "stream": True,
+        }
         with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=30) as stream:
             for path in faults.values():
                 write_faults(path, {"token-interval": 0.1, "health": "slow:5"})
@@ -313,12 +350,23 @@ def test_an_engine_started_with_its_own_key_is_sent_that_key(tmp_path: Path, eng
     engine), and the client's own Authorization never reaches the engine."""
     flag = "api-key" if engine == "vllm" else "api-keys"
     record = tmp_path / "record.jsonl"
-    config = {"models": {"m": model(engine=engine, command=standin_command(engine), args={flag: "sk-engine-own-key"},
-                                    env={"STANDIN_RECORD": str(record)})}}
+    config = {
+        "models": {
+            "m": model(
+                engine=engine,
+                command=standin_command(engine),
+                args={flag: "sk-engine-own-key"},
+                env={"STANDIN_RECORD": str(record)},
+            )
+        }
+    }
     with run_gateway(config, tmp_path) as gw:
-        answer = httpx.post(gw.url + "/v1/chat/completions", timeout=20,
-                            headers={"Authorization": "Bearer sk-client-key"},
-                            json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        answer = httpx.post(
+            gw.url + "/v1/chat/completions",
+            timeout=20,
+            headers={"Authorization": "Bearer sk-client-key"},
+            json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        )
         assert answer.status_code == 200, answer.text
     sent = [r for r in read_records(record, "request") if r["path"] == "/v1/chat/completions"]
     assert len(sent) == 1
@@ -331,10 +379,19 @@ def test_a2_an_engine_never_healthy_is_ended_at_its_startup_deadline_and_its_por
     free again), the model is FAILED once its budget is spent, and no request ever reached the engine."""
     port = free_port()
     record = tmp_path / "record.jsonl"
-    config = {"server": {"retry_after": 1},
-              "models": {"sick": model(port=port, startup_timeout=1, restart={"max_restarts": 0},
-                                       env={"STANDIN_FAULTS": "never-ready", "STANDIN_RECORD": str(record)})}}
+    config = {
+        "server": {"retry_after": 1},
+        "models": {
+            "sick": model(
+                port=port,
+                startup_timeout=1,
+                restart={"max_restarts": 0},
+                env={"STANDIN_FAULTS": "never-ready", "STANDIN_RECORD": str(record)},
+            )
+        },
+    }
     with run_gateway(config, tmp_path, wait_ready=False) as gw:
+
         def failed() -> bool:
             try:
                 return bool(replica(gw, "sick")["state"] == "failed")

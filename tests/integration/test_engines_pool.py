@@ -57,8 +57,7 @@ def test_eager_models_start_on_demand_ones_wait_and_names_resolve(fake_engine: P
 
 def test_stop_ends_all_engines_in_parallel(fake_engine: Path, name: str) -> None:
     async def main() -> None:
-        specs = [fake_spec(f"{name}/{i}", fake_engine, {"FAKE_IGNORE_SIGTERM": "1"}, stop_grace=0.6)
-                 for i in range(3)]
+        specs = [fake_spec(f"{name}/{i}", fake_engine, {"FAKE_IGNORE_SIGTERM": "1"}, stop_grace=0.6) for i in range(3)]
         events = Events()
         async with EnginePool(specs, on_event=events) as pool:
             for entry in pool.entries():

@@ -29,8 +29,15 @@ from engines.process.ports import pick_free_port
 pytestmark = pytest.mark.timeout(30)
 
 
-def launch(fake: Path, model: str, env: dict[str, str], *, grace: float = 1.0, log: LogRing | None = None,
-           port: int | None = None) -> EngineProcess:
+def launch(
+    fake: Path,
+    model: str,
+    env: dict[str, str],
+    *,
+    grace: float = 1.0,
+    log: LogRing | None = None,
+    port: int | None = None,
+) -> EngineProcess:
     argv = [sys.executable, str(fake), "--port", str(port or pick_free_port())]
     return EngineProcess(argv, engine_id=f"{model}/0/1", env=env, grace=grace, log=log)
 
@@ -165,13 +172,20 @@ def test_sweep_kills_what_a_dead_gateway_left_behind() -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
     model = unique()
-    env = {**os.environ, "GATEWAY_ENGINE_ID": f"{model}/0/1", "GATEWAY_OWNER_PID": str(dead.pid),
-           "GATEWAY_OWNER_START": "1"}
+    env = {
+        **os.environ,
+        "GATEWAY_ENGINE_ID": f"{model}/0/1",
+        "GATEWAY_OWNER_PID": str(dead.pid),
+        "GATEWAY_OWNER_START": "1",
+    }
     orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
     try:
         time.sleep(0.05)
-        live_env = {**env, "GATEWAY_OWNER_PID": str(os.getpid()),
-                    "GATEWAY_OWNER_START": procfs.start_time(os.getpid()) or ""}
+        live_env = {
+            **env,
+            "GATEWAY_OWNER_PID": str(os.getpid()),
+            "GATEWAY_OWNER_START": procfs.start_time(os.getpid()) or "",
+        }
         mine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=live_env)
         try:
             time.sleep(0.05)

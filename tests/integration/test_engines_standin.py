@@ -48,8 +48,15 @@ def standin_spec(name: str, kind: str = "vllm", faults: str = "", **overrides: A
     env = {"STANDIN_FAULTS": faults} if faults else {}
     env.update(overrides.pop("env", {}))
     values: dict[str, Any] = {
-        "name": name, "engine": kind, "model": "/models/standin", "command": (sys.executable, str(STANDIN / kind)),
-        "env": env, "health": FAST_HEALTH, "restart": FAST_RESTART, "stop_grace": 1.0, "startup_timeout": 15.0,
+        "name": name,
+        "engine": kind,
+        "model": "/models/standin",
+        "command": (sys.executable, str(STANDIN / kind)),
+        "env": env,
+        "health": FAST_HEALTH,
+        "restart": FAST_RESTART,
+        "stop_grace": 1.0,
+        "startup_timeout": 15.0,
     }
     values.update(overrides)
     return ModelSpec(**values)
@@ -126,8 +133,7 @@ def test_lmdeploy_initializing_503_is_not_ready_yet(name: str) -> None:
 
 def test_vllm_flapping_health_after_ready_restarts_nothing(name: str, tmp_path: Path) -> None:
     faults = tmp_path / "faults.json"
-    health = HealthPolicy(interval=0.05, timeout=0.5, startup_interval=0.05, unhealthy_threshold=3,
-                          healthy_threshold=2)
+    health = HealthPolicy(interval=0.05, timeout=0.5, startup_interval=0.05, unhealthy_threshold=3, healthy_threshold=2)
 
     async def main() -> None:
         events = Events()
@@ -170,8 +176,9 @@ def test_gateway_sigkilled_leaves_no_vllm_process(tmp_path: Path) -> None:
     model = unique()
     script = tmp_path / "gateway.py"
     script.write_text(GATEWAY_SCRIPT.format(repo=str(REPO), model=model, vllm=str(STANDIN / "vllm")))
-    gateway = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               text=True)
+    gateway = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
 
     def engine_processes() -> list[int]:
         return [t.pid for t in procfs.tagged_processes(owner_pid=gateway.pid)]

@@ -95,8 +95,9 @@ def test_engine_sigkilled_is_restarted_with_a_new_pid(fake_engine: Path, name: s
     async def main() -> None:
         events = Events()
         # Probes 60 s apart: the exit must be noticed from the process, not from a failed probe.
-        slow_probes = HealthPolicy(interval=60, timeout=0.5, startup_interval=0.05, unhealthy_threshold=3,
-                                   healthy_threshold=1)
+        slow_probes = HealthPolicy(
+            interval=60, timeout=0.5, startup_interval=0.05, unhealthy_threshold=3, healthy_threshold=1
+        )
         async with supervised(fake_spec(name, fake_engine, health=slow_probes), events=events) as sup:
             assert await sup.wait_ready(10)
             first = sup.snapshot()
@@ -179,8 +180,9 @@ def test_stop_while_ready_ends_an_engine_that_ignores_sigterm_after_the_grace(fa
 def test_flapping_health_within_thresholds_restarts_nothing(fake_engine: Path, name: str) -> None:
     async def main() -> None:
         events = Events()
-        health = HealthPolicy(interval=0.05, timeout=0.5, startup_interval=0.05, unhealthy_threshold=3,
-                              healthy_threshold=2)
+        health = HealthPolicy(
+            interval=0.05, timeout=0.5, startup_interval=0.05, unhealthy_threshold=3, healthy_threshold=2
+        )
         spec = fake_spec(name, fake_engine, {"FAKE_HEALTH": "flap:2"}, health=health)
         async with supervised(spec, events=events) as sup:
             assert await sup.wait_ready(10)
@@ -211,8 +213,13 @@ def test_a_live_but_unhealthy_engine_is_restarted(fake_engine: Path, name: str) 
 
 def test_never_ready_engine_hits_the_startup_deadline(fake_engine: Path, name: str) -> None:
     async def main() -> None:
-        spec = fake_spec(name, fake_engine, {"FAKE_HEALTH": "fail"}, startup_timeout=0.6,
-                         restart=RestartPolicy(initial_delay=0.05, jitter=0, max_restarts=0))
+        spec = fake_spec(
+            name,
+            fake_engine,
+            {"FAKE_HEALTH": "fail"},
+            startup_timeout=0.6,
+            restart=RestartPolicy(initial_delay=0.05, jitter=0, max_restarts=0),
+        )
         async with supervised(spec) as sup:
             assert not await sup.wait_ready(10)
             snap = sup.snapshot()
@@ -236,15 +243,21 @@ def test_a_port_held_by_an_impostor_is_never_ready(fake_engine: Path, name: str,
 
 
 def test_an_answer_from_a_process_outside_the_launch_is_not_readiness(
-        fake_engine: Path, name: str, impostor: Impostor, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_engine: Path, name: str, impostor: Impostor, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The race the free-port check cannot close: the impostor binds after the check. The engine then fails
     to bind and exits, but until it does, probes reach the impostor; they must not make it READY."""
     from engines.process import ports
+
     monkeypatch.setattr(ports, "pick_free_port", lambda host="127.0.0.1": impostor.port)
 
     async def main() -> None:
-        spec = fake_spec(name, fake_engine, {"FAKE_STARTUP_DELAY": "0.5"},
-                         restart=RestartPolicy(initial_delay=0.05, jitter=0, max_restarts=0))
+        spec = fake_spec(
+            name,
+            fake_engine,
+            {"FAKE_STARTUP_DELAY": "0.5"},
+            restart=RestartPolicy(initial_delay=0.05, jitter=0, max_restarts=0),
+        )
         async with supervised(spec) as sup:
             assert not await sup.wait_ready(10)
             assert impostor.hits[0] > 0
@@ -272,8 +285,12 @@ def test_restart_command_relaunches_and_resets_nothing_it_should_keep(fake_engin
 
 def test_remote_engine_is_probed_never_launched(name: str) -> None:
     port = pick_free_port()
-    spec = ModelSpec(name=name, engine="openai", url=f"http://127.0.0.1:{port}/v1",
-                     health=HealthPolicy(interval=0.05, timeout=0.5, startup_interval=0.05, unhealthy_threshold=2))
+    spec = ModelSpec(
+        name=name,
+        engine="openai",
+        url=f"http://127.0.0.1:{port}/v1",
+        health=HealthPolicy(interval=0.05, timeout=0.5, startup_interval=0.05, unhealthy_threshold=2),
+    )
 
     async def main() -> None:
         events = Events()

@@ -23,18 +23,24 @@ def _config(faults: str = "") -> dict[str, Any]:
     return {
         "server": {"retry_after": 1},
         "models": {
-            "chat": {"engine": "vllm", "model": "org/chat", "command": standin_command("vllm"),
-                     "gpus": [0, 1],  # tensor parallel 2: the stand-in forks EngineCore and two workers
-                     "env": {"STANDIN_FAULTS": faults} if faults else {},
-                     "health": {"interval": 0.3, "startup_interval": 0.1},
-                     "restart": {"initial_delay": 0.1, "max_delay": 0.5}, "stop_grace": 2},
+            "chat": {
+                "engine": "vllm",
+                "model": "org/chat",
+                "command": standin_command("vllm"),
+                "gpus": [0, 1],  # tensor parallel 2: the stand-in forks EngineCore and two workers
+                "env": {"STANDIN_FAULTS": faults} if faults else {},
+                "health": {"interval": 0.3, "startup_interval": 0.1},
+                "restart": {"initial_delay": 0.1, "max_delay": 0.5},
+                "stop_grace": 2,
+            },
         },
     }
 
 
 def _chat(url: str) -> httpx.Response:
-    return httpx.post(url + "/v1/chat/completions", json={"model": "chat", "messages": MESSAGES, "max_tokens": 2},
-                      timeout=5)
+    return httpx.post(
+        url + "/v1/chat/completions", json={"model": "chat", "messages": MESSAGES, "max_tokens": 2}, timeout=5
+    )
 
 
 def _engine_pid(url: str) -> int:
@@ -90,8 +96,13 @@ def test_sigkilled_gateway_leaves_no_engine_behind(tmp_path: Path) -> None:
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     log = open(tmp_path / "gateway.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(path)], cwd=REPO,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     owner = str(proc.pid)
     try:
         assert wait_until(lambda: _ready(port), 30), (tmp_path / "gateway.log").read_text()[-3000:]
@@ -117,9 +128,12 @@ def _ready(port: int) -> bool:
 
 
 def _stream(url: str, out: list[bytes]) -> None:
-    with httpx.stream("POST", url + "/v1/chat/completions", timeout=30,
-                      json={"model": "chat", "messages": MESSAGES, "max_tokens": 12, "stream": True,
-                            "ignore_eos": True}) as r:
+    with httpx.stream(
+        "POST",
+        url + "/v1/chat/completions",
+        timeout=30,
+        json={"model": "chat", "messages": MESSAGES, "max_tokens": 12, "stream": True, "ignore_eos": True},
+    ) as r:
         out.append(b"".join(r.iter_raw()))
 
 
@@ -133,8 +147,13 @@ def test_sigterm_drains_in_flight_streams_then_stops(tmp_path: Path) -> None:
         threads = [threading.Thread(target=_stream, args=(gw.url, bodies)) for _ in range(3)]
         for t in threads:
             t.start()
-        assert wait_until(lambda: "in_flight\": 3" in httpx.get(gw.url + "/health", timeout=2).text.replace(
-            "in_flight\":3", "in_flight\": 3"), 5)
+        assert wait_until(
+            lambda: (
+                'in_flight": 3'
+                in httpx.get(gw.url + "/health", timeout=2).text.replace('in_flight":3', 'in_flight": 3')
+            ),
+            5,
+        )
         gw.proc.send_signal(signal.SIGTERM)
         assert wait_until(lambda: httpx.get(gw.url + "/ready", timeout=2).status_code == 503, 10)
         late = _chat(gw.url)
@@ -178,9 +197,12 @@ def test_sigint_during_the_drain_stops_at_once_and_still_ends_the_engines(tmp_pa
 
         def long_stream() -> None:
             with contextlib.suppress(httpx.HTTPError):  # the forced stop may cut it anywhere
-                with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=60,
-                                  json={"model": "chat", "messages": MESSAGES, "max_tokens": 200, "stream": True,
-                                        "ignore_eos": True}) as r:
+                with httpx.stream(
+                    "POST",
+                    gw.url + "/v1/chat/completions",
+                    timeout=60,
+                    json={"model": "chat", "messages": MESSAGES, "max_tokens": 200, "stream": True, "ignore_eos": True},
+                ) as r:
                     for part in r.iter_raw():
                         bodies.append(part)
 

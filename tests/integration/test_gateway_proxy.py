@@ -57,25 +57,58 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     write_faults(faults, {})
     write_faults(remote_faults, {})
     remote_port = free_port()
-    remote = launch("vllm", serve_args("vllm", remote_port, "upstream-name"),
-                    env=standin_env(faults_file=remote_faults), port=remote_port)
+    remote = launch(
+        "vllm",
+        serve_args("vllm", remote_port, "upstream-name"),
+        env=standin_env(faults_file=remote_faults),
+        port=remote_port,
+    )
     engine_env = {"STANDIN_FAULTS_FILE": str(faults), "STANDIN_RECORD": str(record)}
     config = {
-        "server": {"first_byte_timeout": 2, "idle_timeout": 1, "total_timeout": 6, "max_body_bytes": 1_000_000,
-                   "retry_after": 2, "queue_timeout": 1},
+        "server": {
+            "first_byte_timeout": 2,
+            "idle_timeout": 1,
+            "total_timeout": 6,
+            "max_body_bytes": 1_000_000,
+            "retry_after": 2,
+            "queue_timeout": 1,
+        },
         "models": {
-            "chat": {"engine": "vllm", "model": "org/chat-model", "aliases": ["gpt-4o-mini"],
-                     "display_name": "Chat", "command": standin_command("vllm"), "env": engine_env,
-                     "health": {"interval": 0.5, "startup_interval": 0.1}, "stop_grace": 3},
-            "vl": {"engine": "lmdeploy", "model": "org/vl-model", "command": standin_command("lmdeploy"),
-                   "env": engine_env, "health": {"interval": 0.5, "startup_interval": 0.1}, "stop_grace": 3},
-            "remote": {"engine": "openai", "url": f"http://127.0.0.1:{remote_port}/v1", "model": "upstream-name",
-                       "health": {"interval": 0.5, "startup_interval": 0.1}},
+            "chat": {
+                "engine": "vllm",
+                "model": "org/chat-model",
+                "aliases": ["gpt-4o-mini"],
+                "display_name": "Chat",
+                "command": standin_command("vllm"),
+                "env": engine_env,
+                "health": {"interval": 0.5, "startup_interval": 0.1},
+                "stop_grace": 3,
+            },
+            "vl": {
+                "engine": "lmdeploy",
+                "model": "org/vl-model",
+                "command": standin_command("lmdeploy"),
+                "env": engine_env,
+                "health": {"interval": 0.5, "startup_interval": 0.1},
+                "stop_grace": 3,
+            },
+            "remote": {
+                "engine": "openai",
+                "url": f"http://127.0.0.1:{remote_port}/v1",
+                "model": "upstream-name",
+                "health": {"interval": 0.5, "startup_interval": 0.1},
+            },
             "down": {"engine": "openai", "url": f"http://127.0.0.1:{free_port()}/v1", "load": "on_demand"},
             # Never asked for by name in this module: a request that launched it would show in its `launches`
             # (E1). On demand costs nothing at start-up and does not hold up /ready.
-            "lazy": {"engine": "vllm", "model": "org/lazy-model", "load": "on_demand",
-                     "command": standin_command("vllm"), "health": {"startup_interval": 0.1}, "stop_grace": 3},
+            "lazy": {
+                "engine": "vllm",
+                "model": "org/lazy-model",
+                "load": "on_demand",
+                "command": standin_command("vllm"),
+                "health": {"startup_interval": 0.1},
+                "stop_grace": 3,
+            },
         },
     }
     try:
@@ -120,8 +153,9 @@ def test_chat_non_stream_through_names_and_aliases(env: Env, model: str) -> None
 
 @pytest.mark.parametrize("model", ["gpt-4o-mini", "vl", "remote"])
 def test_chat_stream_with_usage(env: Env, model: str) -> None:
-    stream = env.client().chat.completions.create(model=model, messages=MESSAGES, max_tokens=4, stream=True,
-                                                  stream_options={"include_usage": True})
+    stream = env.client().chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=4, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text
@@ -136,8 +170,9 @@ def test_completions_embeddings_rerank(env: Env) -> None:
     assert any(c.choices and c.choices[0].text for c in streamed)
     embedding = client.embeddings.create(model="gpt-4o-mini", input=["a", "b"])
     assert len(embedding.data) == 2 and len(embedding.data[0].embedding) > 0
-    rerank = httpx.post(env.gateway.url + "/v1/rerank",
-                        json={"model": "chat", "query": "q", "documents": ["a", "b", "c"]}, timeout=5)
+    rerank = httpx.post(
+        env.gateway.url + "/v1/rerank", json={"model": "chat", "query": "q", "documents": ["a", "b", "c"]}, timeout=5
+    )
     assert rerank.status_code == 200 and len(rerank.json()["results"]) == 3
     # LMDeploy refuses embeddings: its flat 400 keeps its status and message, in our shape.
     with pytest.raises(openai.BadRequestError) as info:
@@ -146,10 +181,12 @@ def test_completions_embeddings_rerank(env: Env) -> None:
 
 
 def test_request_id_both_ways_and_client_auth_not_forwarded(env: Env) -> None:
-    response = httpx.post(env.gateway.url + "/v1/chat/completions",
-                          json={"model": "chat", "messages": MESSAGES, "max_tokens": 1, "api_base": "http://evil"},
-                          headers={"x-request-id": "req-abc.123", "authorization": "Bearer sk-client-secret"},
-                          timeout=5)
+    response = httpx.post(
+        env.gateway.url + "/v1/chat/completions",
+        json={"model": "chat", "messages": MESSAGES, "max_tokens": 1, "api_base": "http://evil"},
+        headers={"x-request-id": "req-abc.123", "authorization": "Bearer sk-client-secret"},
+        timeout=5,
+    )
     assert response.status_code == 200
     assert response.headers["x-request-id"] == "req-abc.123"
     seen = [r for r in env.events("request") if r["path"] == "/v1/chat/completions"][-1]
@@ -167,15 +204,25 @@ def test_hop_by_hop_headers_and_client_credentials_are_not_forwarded(env: Env, s
     through gateway/proxy/upstream/raw.py's own request bytes); none of the client's hop-by-hop headers, the header its
     ``Connection`` names, or its credentials may reach the engine."""
     request_id = f"g6-hop-by-hop-{stream}"
-    sent = {"Connection": "x-foo", "X-Foo": "bar-g6", "TE": "trailers", "Keep-Alive": "5",
-            "Proxy-Authorization": "Basic proxy-secret-g6", "Authorization": "Bearer client-key-g6"}
+    sent = {
+        "Connection": "x-foo",
+        "X-Foo": "bar-g6",
+        "TE": "trailers",
+        "Keep-Alive": "5",
+        "Proxy-Authorization": "Basic proxy-secret-g6",
+        "Authorization": "Bearer client-key-g6",
+    }
     body = json.dumps({"model": "chat", "messages": MESSAGES, "max_tokens": 2, "stream": stream}).encode()
     # http.client sends exactly these headers (plus Host): httpx would add or merge its own Connection.
     conn = http.client.HTTPConnection("127.0.0.1", env.gateway.port, timeout=10)
     try:
         conn.putrequest("POST", "/v1/chat/completions", skip_accept_encoding=True)
-        for name, value in {"Content-Type": "application/json", "Content-Length": str(len(body)),
-                            "X-Request-Id": request_id, **sent}.items():
+        for name, value in {
+            "Content-Type": "application/json",
+            "Content-Length": str(len(body)),
+            "X-Request-Id": request_id,
+            **sent,
+        }.items():
             conn.putheader(name, value)
         conn.endheaders(body)
         response = conn.getresponse()
@@ -202,19 +249,24 @@ def test_stream_cut_by_engine_ends_with_error_event_and_no_done(env: Env) -> Non
     before = replica(env, "chat")
     cut = metric(env, "gateway_upstream_errors_total", model="chat", kind="disconnected")
     env.set_faults(**{"crash-after-chunks": 3})
-    with httpx.stream("POST", env.gateway.url + "/v1/chat/completions", timeout=10,
-                      json={"model": "chat", "messages": MESSAGES, "max_tokens": 20, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        env.gateway.url + "/v1/chat/completions",
+        timeout=10,
+        json={"model": "chat", "messages": MESSAGES, "max_tokens": 20, "stream": True},
+    ) as r:
         assert r.status_code == 200
         body = b"".join(r.iter_raw())
     events = [e for e in body.split(b"\n\n") if e]
     assert len(events) == 4, body
     assert b"[DONE]" not in body
-    error = json.loads(events[-1][len(b"data: "):])["error"]
+    error = json.loads(events[-1][len(b"data: ") :])["error"]
     assert error["code"] == "upstream_disconnected" and set(error) == {"message", "type", "param", "code"}
     # The failure is counted against the engine, as a broken upstream (the counter is bumped as the relay ends,
     # just after the last byte went out: hence the wait).
     assert wait_until(
-        lambda: metric(env, "gateway_upstream_errors_total", model="chat", kind="disconnected") == cut + 1, 10)
+        lambda: metric(env, "gateway_upstream_errors_total", model="chat", kind="disconnected") == cut + 1, 10
+    )
 
     def restarted() -> bool:
         now = replica(env, "chat")
@@ -233,8 +285,12 @@ def test_stream_cut_by_engine_ends_with_error_event_and_no_done(env: Env) -> Non
 def test_stream_closed_mid_line_forwards_only_whole_events_then_one_error(env: Env) -> None:
     env.set_faults(**{"close-after-chunks": 3})
     cuts = len(env.events("closed-mid-line"))
-    with httpx.stream("POST", env.gateway.url + "/v1/chat/completions", timeout=10,
-                      json={"model": "chat", "messages": MESSAGES, "max_tokens": 20, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        env.gateway.url + "/v1/chat/completions",
+        timeout=10,
+        json={"model": "chat", "messages": MESSAGES, "max_tokens": 20, "stream": True},
+    ) as r:
         assert r.status_code == 200
         body = b"".join(r.iter_raw())
     assert len(env.events("closed-mid-line")) == cuts + 1  # the engine did cut a data: line in half
@@ -245,7 +301,7 @@ def test_stream_closed_mid_line_forwards_only_whole_events_then_one_error(env: E
     assert len(events) == 4, body  # the engine's three whole events, then the gateway's own
     for event in events:
         assert event.startswith(b"data: {") and b"\n" not in event, event  # one complete line each
-    parsed = [json.loads(event[len(b"data: "):]) for event in events]
+    parsed = [json.loads(event[len(b"data: ") :]) for event in events]
     assert all("choices" in p and "error" not in p for p in parsed[:-1])
     error = parsed[-1]["error"]
     assert error["code"] == "upstream_disconnected" and set(error) == {"message", "type", "param", "code"}
@@ -286,20 +342,26 @@ def assert_let_go(env: Env, model: str, disconnects_before: int) -> None:
 
 def test_engine_error_event_mid_stream_is_reshaped_without_done(env: Env) -> None:
     env.set_faults(**{"error-after-chunks": 2})
-    with httpx.stream("POST", env.gateway.url + "/v1/chat/completions", timeout=10,
-                      json={"model": "vl", "messages": MESSAGES, "max_tokens": 20, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        env.gateway.url + "/v1/chat/completions",
+        timeout=10,
+        json={"model": "vl", "messages": MESSAGES, "max_tokens": 20, "stream": True},
+    ) as r:
         body = b"".join(r.iter_raw())
     assert b"[DONE]" not in body
     last = [e for e in body.split(b"\n\n") if e][-1]
-    assert set(json.loads(last[len(b"data: "):])["error"]) == {"message", "type", "param", "code"}
+    assert set(json.loads(last[len(b"data: ") :])["error"]) == {"message", "type", "param", "code"}
 
 
 def _leave_mid_stream(env: Env, request_id: str) -> None:
     """Start a 200-token stream (40 s at the engine's pace) and hang up after two events."""
     with socket.create_connection(("127.0.0.1", env.gateway.port)) as sock:
         body = json.dumps({"model": "chat", "messages": MESSAGES, "max_tokens": 200, "stream": True}).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"X-Request-Id: %s\r\nContent-Length: %d\r\n\r\n%s" % (request_id.encode(), len(body), body))
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"X-Request-Id: %s\r\nContent-Length: %d\r\n\r\n%s" % (request_id.encode(), len(body), body)
+        )
         received = b""
         while received.count(b"data: ") < 2:
             received += sock.recv(65536)
@@ -318,8 +380,9 @@ def test_client_disconnect_closes_upstream(env: Env) -> None:
     # and in-flight count are given back.
     assert_let_go(env, "chat", disconnects)
     # Counted as the client's leaving (499), not as an engine failure.
-    assert wait_until(lambda: metric(env, "gateway_requests_total", model="chat", endpoint="chat",
-                                     status="499") == left + 1, 10)
+    assert wait_until(
+        lambda: metric(env, "gateway_requests_total", model="chat", endpoint="chat", status="499") == left + 1, 10
+    )
     assert metric(env, "gateway_upstream_errors_total", model="chat", kind="client_disconnected") == gone + 1
     assert metric(env, "gateway_upstream_errors_total", model="chat", kind="disconnected") == broken
     # Nor is the engine held responsible: still the same ready launch, not ejected, its probes passing.
@@ -340,8 +403,7 @@ def test_client_disconnect_mid_stream_is_logged_as_499(env: Env) -> None:
 
     def logged() -> bool:
         lines = [line for line in env.gateway.log().splitlines() if f"[{request_id}]" in line]
-        return any("499" in line or "client_disconnected" in line or "client disconnected" in line
-                   for line in lines)
+        return any("499" in line or "client_disconnected" in line or "client disconnected" in line for line in lines)
 
     # Logging happens as the relay ends, right after the engine was let go: 2 s is plenty.
     assert wait_until(logged, 2), env.gateway.log()[-3000:]
@@ -358,8 +420,9 @@ class Patient:
     def disconnects(self) -> int:
         if not self.record.exists():
             return 0
-        return sum(json.loads(line)["event"] == "disconnect" for line in self.record.read_text().splitlines()
-                   if line.strip())
+        return sum(
+            json.loads(line)["event"] == "disconnect" for line in self.record.read_text().splitlines() if line.strip()
+        )
 
 
 @pytest.fixture(scope="module")
@@ -368,10 +431,16 @@ def patient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Patient]:
     record = tmp / "record.jsonl"
     config = {
         "server": {"first_byte_timeout": 120, "idle_timeout": 120, "total_timeout": 300},
-        "models": {"slow": {"engine": "vllm", "model": "org/slow", "command": standin_command("vllm"),
-                            "env": {"STANDIN_FAULTS": "first-token-delay=60,record-disconnects",
-                                    "STANDIN_RECORD": str(record)},
-                            "health": {"interval": 0.5, "startup_interval": 0.1}, "stop_grace": 2}},
+        "models": {
+            "slow": {
+                "engine": "vllm",
+                "model": "org/slow",
+                "command": standin_command("vllm"),
+                "env": {"STANDIN_FAULTS": "first-token-delay=60,record-disconnects", "STANDIN_RECORD": str(record)},
+                "health": {"interval": 0.5, "startup_interval": 0.1},
+                "stop_grace": 2,
+            }
+        },
     }
     with run_gateway(config, tmp) as gateway:
         yield Patient(gateway, record)
@@ -379,8 +448,12 @@ def patient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Patient]:
 
 def test_client_disconnect_during_prefill_of_a_stream_closes_upstream(patient: Patient) -> None:
     before = patient.disconnects()
-    with httpx.stream("POST", patient.gateway.url + "/v1/chat/completions", timeout=httpx.Timeout(5, read=1),
-                      json={"model": "slow", "messages": MESSAGES, "max_tokens": 3, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        patient.gateway.url + "/v1/chat/completions",
+        timeout=httpx.Timeout(5, read=1),
+        json={"model": "slow", "messages": MESSAGES, "max_tokens": 3, "stream": True},
+    ) as r:
         # The engine sent its headers at once, so the gateway is on its stream path, waiting for the first event.
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         with pytest.raises(httpx.ReadTimeout):
@@ -393,8 +466,11 @@ def test_client_disconnect_during_prefill_of_a_non_stream_request_closes_upstrea
     """D3: the answer would take 60 s; the client leaves after 0.5 s."""
     before = patient.disconnects()
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(patient.gateway.url + "/v1/chat/completions", timeout=httpx.Timeout(5, read=0.5),
-                   json={"model": "slow", "messages": MESSAGES, "max_tokens": 3})
+        httpx.post(
+            patient.gateway.url + "/v1/chat/completions",
+            timeout=httpx.Timeout(5, read=0.5),
+            json={"model": "slow", "messages": MESSAGES, "max_tokens": 3},
+        )
     assert wait_until(lambda: patient.disconnects() > before, 10)
 
 
@@ -415,8 +491,11 @@ def test_hung_upstream_gives_504_at_first_byte_timeout(env: Env) -> None:
 def test_hung_upstream_stream_gives_504_json_before_any_sse_byte_and_closes_upstream(env: Env) -> None:
     env.set_faults(**{"hang-before-headers": True, "record-disconnects": True})
     disconnects = len(env.events("disconnect"))
-    response = httpx.post(env.gateway.url + "/v1/chat/completions", timeout=10,
-                          json={"model": "chat", "messages": MESSAGES, "max_tokens": 3, "stream": True})
+    response = httpx.post(
+        env.gateway.url + "/v1/chat/completions",
+        timeout=10,
+        json={"model": "chat", "messages": MESSAGES, "max_tokens": 3, "stream": True},
+    )
     # The first-byte clock ran out before the engine sent headers: a plain JSON error, never a 200 SSE
     # stream with an error event in it, so a client's status check catches it.
     assert response.status_code == 504
@@ -431,13 +510,17 @@ def test_hung_upstream_stream_gives_504_json_before_any_sse_byte_and_closes_upst
 def test_stalled_stream_ends_with_timeout_event(env: Env) -> None:
     env.set_faults(**{"stall-after-chunks": 2, "record-disconnects": True})
     disconnects = len(env.events("disconnect"))
-    with httpx.stream("POST", env.gateway.url + "/v1/chat/completions", timeout=10,
-                      json={"model": "chat", "messages": MESSAGES, "max_tokens": 20, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        env.gateway.url + "/v1/chat/completions",
+        timeout=10,
+        json={"model": "chat", "messages": MESSAGES, "max_tokens": 20, "stream": True},
+    ) as r:
         # While it streams, this request is what the gauge counts: its return to 0 below is this request's.
         assert metric(env, "gateway_requests_in_flight", model="chat") == 1
         body = b"".join(r.iter_raw())
     last = [e for e in body.split(b"\n\n") if e][-1]
-    error = json.loads(last[len(b"data: "):])["error"]
+    error = json.loads(last[len(b"data: ") :])["error"]
     assert error["code"] == "upstream_timeout" and "silent for more than 1 s" in error["message"]
     assert b"[DONE]" not in body
     # The engine keeps the stalled stream open for ever: only the gateway can have closed it.
@@ -447,8 +530,12 @@ def test_stalled_stream_ends_with_timeout_event(env: Env) -> None:
 def test_drip_feed_is_stopped_by_total_deadline(env: Env) -> None:
     env.set_faults(**{"drip": 0.3, "record-disconnects": True})
     disconnects = len(env.events("disconnect"))
-    with httpx.stream("POST", env.gateway.url + "/v1/chat/completions", timeout=15,
-                      json={"model": "chat", "messages": MESSAGES, "max_tokens": 20, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        env.gateway.url + "/v1/chat/completions",
+        timeout=15,
+        json={"model": "chat", "messages": MESSAGES, "max_tokens": 20, "stream": True},
+    ) as r:
         assert metric(env, "gateway_requests_in_flight", model="chat") == 1
         body = b"".join(r.iter_raw())
     # Each byte came within the 1 s idle clock; the 6 s total one ended it.
@@ -471,8 +558,9 @@ def test_upstream_4xx_passes_through_and_429_keeps_retry_after(env: Env) -> None
         env.client().chat.completions.create(model="chat", messages=MESSAGES)
     assert info.value.status_code == 400
     env.set_faults(status=429, **{"retry-after": "7"})
-    response = httpx.post(env.gateway.url + "/v1/chat/completions", timeout=5,
-                          json={"model": "chat", "messages": MESSAGES})
+    response = httpx.post(
+        env.gateway.url + "/v1/chat/completions", timeout=5, json={"model": "chat", "messages": MESSAGES}
+    )
     assert response.status_code == 429 and response.headers["retry-after"] == "7"
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
@@ -483,8 +571,12 @@ def test_a_429_burst_is_passed_back_and_each_request_reaches_the_engine_once(env
     ids = [f"c9-burst-{i}" for i in range(8)]
 
     def send(request_id: str) -> httpx.Response:
-        return httpx.post(env.gateway.url + "/v1/chat/completions", timeout=10, headers={"x-request-id": request_id},
-                          json={"model": "chat", "messages": MESSAGES, "max_tokens": 2})
+        return httpx.post(
+            env.gateway.url + "/v1/chat/completions",
+            timeout=10,
+            headers={"x-request-id": request_id},
+            json={"model": "chat", "messages": MESSAGES, "max_tokens": 2},
+        )
 
     with ThreadPoolExecutor(len(ids)) as pool:  # at once: a burst, as an overloaded engine would see it
         responses = list(pool.map(send, ids))
@@ -497,24 +589,46 @@ def test_a_429_burst_is_passed_back_and_each_request_reaches_the_engine_once(env
     assert {request_id: sent.count(request_id) for request_id in ids} == dict.fromkeys(ids, 1)
 
 
-@pytest.mark.parametrize(("content", "headers", "status", "code"), [
-    (b"{not json", {"content-type": "application/json"}, 400, "invalid_json"),
-    (b"[1, 2]", {"content-type": "application/json"}, 400, "invalid_json"),
-    (b'{"model": "chat", "messages": []}', {"content-type": "application/json"}, 400, "invalid_request"),
-    (b'{"messages": [{"role": "user", "content": "x"}]}', {"content-type": "application/json"}, 400,
-     "missing_model"),
-    (b'{"model": "chat", "messages": [{"role": "user", "content": "x"}]}', {"content-type": "text/plain"}, 400,
-     "invalid_content_type"),
-    (b'{"model": "chat", "n": 1000000, "messages": [{"role": "user", "content": "x"}]}',
-     {"content-type": "application/json"}, 400, "invalid_request"),
-    (b'{"model": "../../etc/passwd", "messages": [{"role": "user", "content": "x"}]}',
-     {"content-type": "application/json"}, 404, "model_not_found"),
-    (b"[" * 5000 + b"]" * 5000, {"content-type": "application/json"}, 400, "invalid_json"),
-    (b'{"model": "chat", "pad": "' + b"x" * 1_100_000 + b'"}', {"content-type": "application/json"}, 413,
-     "request_too_large"),
-])
-def test_bad_input_gets_error_shape(env: Env, content: bytes, headers: dict[str, str], status: int,
-                                    code: str) -> None:
+@pytest.mark.parametrize(
+    ("content", "headers", "status", "code"),
+    [
+        (b"{not json", {"content-type": "application/json"}, 400, "invalid_json"),
+        (b"[1, 2]", {"content-type": "application/json"}, 400, "invalid_json"),
+        (b'{"model": "chat", "messages": []}', {"content-type": "application/json"}, 400, "invalid_request"),
+        (
+            b'{"messages": [{"role": "user", "content": "x"}]}',
+            {"content-type": "application/json"},
+            400,
+            "missing_model",
+        ),
+        (
+            b'{"model": "chat", "messages": [{"role": "user", "content": "x"}]}',
+            {"content-type": "text/plain"},
+            400,
+            "invalid_content_type",
+        ),
+        (
+            b'{"model": "chat", "n": 1000000, "messages": [{"role": "user", "content": "x"}]}',
+            {"content-type": "application/json"},
+            400,
+            "invalid_request",
+        ),
+        (
+            b'{"model": "../../etc/passwd", "messages": [{"role": "user", "content": "x"}]}',
+            {"content-type": "application/json"},
+            404,
+            "model_not_found",
+        ),
+        (b"[" * 5000 + b"]" * 5000, {"content-type": "application/json"}, 400, "invalid_json"),
+        (
+            b'{"model": "chat", "pad": "' + b"x" * 1_100_000 + b'"}',
+            {"content-type": "application/json"},
+            413,
+            "request_too_large",
+        ),
+    ],
+)
+def test_bad_input_gets_error_shape(env: Env, content: bytes, headers: dict[str, str], status: int, code: str) -> None:
     response = httpx.post(env.gateway.url + "/v1/chat/completions", content=content, headers=headers, timeout=5)
     assert response.status_code == status
     error = response.json()["error"]
@@ -522,24 +636,31 @@ def test_bad_input_gets_error_shape(env: Env, content: bytes, headers: dict[str,
     assert response.headers["x-request-id"]
 
 
-@pytest.mark.parametrize(("model", "status"), [
-    ("lazy" + "x" * 10_000, 404),  # 10 kB, starting with an on-demand model's name
-    ("lazy ", 404),
-    ("LAZY", 404),
-    ("lazy\u0000", 404),
-    ("../lazy", 404),
-    (12345, 400),
-    (["lazy"], 400),
-    ({"name": "lazy"}, 400),
-    (True, 400),
-    (None, 400),
-], ids=["10kB", "trailing-space", "upper-case", "nul", "path", "number", "list", "object", "bool", "null"])
+@pytest.mark.parametrize(
+    ("model", "status"),
+    [
+        ("lazy" + "x" * 10_000, 404),  # 10 kB, starting with an on-demand model's name
+        ("lazy ", 404),
+        ("LAZY", 404),
+        ("lazy\u0000", 404),
+        ("../lazy", 404),
+        (12345, 400),
+        (["lazy"], 400),
+        ({"name": "lazy"}, 400),
+        (True, 400),
+        (None, 400),
+    ],
+    ids=["10kB", "trailing-space", "upper-case", "nul", "path", "number", "list", "object", "bool", "null"],
+)
 def test_hostile_model_names_are_refused_and_launch_nothing(env: Env, model: Any, status: int) -> None:
     """E1. ``lazy`` is on demand and never asked for by name in this module: a name the gateway matched to it
     loosely would launch it, which its ``launches`` count shows (the positive control is the next test)."""
     launches = {name: row["launches"] for name, row in engine_rows(env).items()}
-    response = httpx.post(env.gateway.url + "/v1/chat/completions", timeout=10,
-                          json={"model": model, "messages": MESSAGES, "max_tokens": 1})
+    response = httpx.post(
+        env.gateway.url + "/v1/chat/completions",
+        timeout=10,
+        json={"model": model, "messages": MESSAGES, "max_tokens": 1},
+    )
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == "model"
@@ -554,8 +675,11 @@ def test_the_on_demand_model_by_its_own_name_is_launched(env: Env) -> None:
     Stopped again afterwards so the rest of the module runs with the engines it started with."""
     assert engine_rows(env)["lazy"]["launches"] == 0
     try:
-        response = httpx.post(env.gateway.url + "/v1/chat/completions", timeout=10,
-                              json={"model": "lazy", "messages": MESSAGES, "max_tokens": 1})
+        response = httpx.post(
+            env.gateway.url + "/v1/chat/completions",
+            timeout=10,
+            json={"model": "lazy", "messages": MESSAGES, "max_tokens": 1},
+        )
         # 503 if the start outlasts this gateway's 1 s queue_timeout; the launch happened either way.
         assert response.status_code in (200, 503), response.text
         assert wait_until(lambda: engine_rows(env)["lazy"]["launches"] == 1, 10)
@@ -565,16 +689,22 @@ def test_the_on_demand_model_by_its_own_name_is_launched(env: Env) -> None:
 
 
 def test_unknown_route_and_method_get_error_shape(env: Env) -> None:
-    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405),
-                                 ("POST", "/v1/chat/completions/", 404)):
+    for method, path, status in (
+        ("GET", "/v1/nothing", 404),
+        ("GET", "/v1/chat/completions", 405),
+        ("POST", "/v1/chat/completions/", 404),
+    ):
         response = httpx.request(method, env.gateway.url + path, timeout=5)
         assert response.status_code == status
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_engine_not_ready_gives_503_with_retry_after(env: Env) -> None:
-    response = httpx.post(env.gateway.url + "/v1/chat/completions", timeout=5,
-                          json={"model": "down", "messages": MESSAGES, "max_tokens": 1})
+    response = httpx.post(
+        env.gateway.url + "/v1/chat/completions",
+        timeout=5,
+        json={"model": "down", "messages": MESSAGES, "max_tokens": 1},
+    )
     assert response.status_code == 503
     assert response.headers["retry-after"] == "2"
     assert response.json()["error"]["code"] == "engine_unavailable"  # after queue_timeout, not the client's 5 s
@@ -637,21 +767,30 @@ def canary() -> Iterator[Canary]:
         listener.settle()
 
 
-@pytest.mark.parametrize("template", [
-    "http://127.0.0.1:{port}/x.png",
-    "http://169.254.169.254/latest",
-    "http://[::1]:{port}/",
-    "http://localhost:{port}/",
-])
-def test_private_image_urls_are_refused_by_default_without_connecting(env: Env, canary: Canary,
-                                                                      template: str) -> None:
+@pytest.mark.parametrize(
+    "template",
+    [
+        "http://127.0.0.1:{port}/x.png",
+        "http://169.254.169.254/latest",
+        "http://[::1]:{port}/",
+        "http://localhost:{port}/",
+    ],
+)
+def test_private_image_urls_are_refused_by_default_without_connecting(env: Env, canary: Canary, template: str) -> None:
     """F1 through the gateway: this gateway's config has no ``media:`` block, so the defaults hold."""
     url = template.format(port=canary.port)
     before = len(env.events("request"))
-    messages = [{"role": "user", "content": [{"type": "text", "text": "what is this"},
-                                             {"type": "image_url", "image_url": {"url": url}}]}]
-    response = httpx.post(env.gateway.url + "/v1/chat/completions", timeout=10,
-                          json={"model": "vl", "messages": messages, "max_tokens": 3})
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": url}}],
+        }
+    ]
+    response = httpx.post(
+        env.gateway.url + "/v1/chat/completions",
+        timeout=10,
+        json={"model": "vl", "messages": messages, "max_tokens": 3},
+    )
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["code"] == "image_url_forbidden" and error["type"] == "invalid_request_error"

@@ -23,9 +23,16 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     # One engine behind the gateway, recording every request, so a test can show that nothing reached it.
     config = {
         "server": {"header_timeout": 1, "body_timeout": 1},
-        "models": {"chat": {"engine": "vllm", "model": "org/chat", "command": standin_command("vllm"),
-                            "env": {"STANDIN_RECORD": str(tmp / RECORD_NAME)},
-                            "health": {"interval": 0.5, "startup_interval": 0.1}, "stop_grace": 2}},
+        "models": {
+            "chat": {
+                "engine": "vllm",
+                "model": "org/chat",
+                "command": standin_command("vllm"),
+                "env": {"STANDIN_RECORD": str(tmp / RECORD_NAME)},
+                "health": {"interval": 0.5, "startup_interval": 0.1},
+                "stop_grace": 2,
+            }
+        },
     }
     with run_gateway(config, tmp) as gw:
         yield gw
@@ -47,23 +54,30 @@ def _status_and_error(raw: bytes) -> tuple[int, dict[str, object]]:
     return int(head.split(b" ", 2)[1]), json.loads(body)["error"]
 
 
-@pytest.mark.parametrize("headers", [
-    b"X-Big: " + b"x" * 40_000 + b"\r\n",
-    b"".join(b"X-H%d: v\r\n" % i for i in range(150)),
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        b"X-Big: " + b"x" * 40_000 + b"\r\n",
+        b"".join(b"X-H%d: v\r\n" % i for i in range(150)),
+    ],
+)
 def test_too_many_or_too_large_headers_get_431(gateway: Gateway, headers: bytes) -> None:
     status, error = _status_and_error(_exchange(gateway, b"GET /health HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n"))
     assert status == 431 and error["code"] == "request_header_fields_too_large"
 
 
-@pytest.mark.parametrize("request_bytes", [
-    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
-    b"0\r\n\r\n",
-    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n{}{}}",
-    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n"
-    b"2\r\n{}\r\n0\r\n\r\n",
-    b"GET /health HTTP/1.1\rHost: x\r\n\r\n",
-], ids=["cl-and-te", "two-cls", "te-chunked-identity", "bare-cr"])
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n{}{}}",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n"
+        b"2\r\n{}\r\n0\r\n\r\n",
+        b"GET /health HTTP/1.1\rHost: x\r\n\r\n",
+    ],
+    ids=["cl-and-te", "two-cls", "te-chunked-identity", "bare-cr"],
+)
 def test_smuggling_shapes_get_400_and_close(gateway: Gateway, request_bytes: bytes) -> None:
     before = len(_engine_requests(gateway))
     # The socket timeout is far above anything the gateway waits for: reaching it means the connection was
@@ -105,8 +119,10 @@ def test_headers_that_trickle_get_408_and_the_socket_closed(gateway: Gateway) ->
 
 def test_body_that_trickles_gets_408_the_socket_closed_and_nothing_sent_on(gateway: Gateway) -> None:
     body = json.dumps({"model": "chat", "messages": [{"role": "user", "content": "slow body " * 20}]}).encode()
-    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(body))
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
     stop = threading.Event()
 
     def trickle(sock: socket.socket) -> None:
@@ -117,7 +133,7 @@ def test_body_that_trickles_gets_408_the_socket_closed_and_nothing_sent_on(gatew
             if stop.wait(0.3):
                 return
             try:
-                sock.sendall(body[i:i + 1])
+                sock.sendall(body[i : i + 1])
             except OSError:
                 return
 

@@ -697,8 +697,10 @@ async def test_f7_slow_image_servers_do_not_starve_other_fetches(
     trusted = (("127.0.0.1", image_server.port), ("127.0.0.1", other_image_server.port))
     async with make({"fetch_timeout": 60, "max_concurrent_fetches": limit}, trusted=trusted) as normalizer:
         # Distinct URLs: one fetch each, none served by the cache or merged with another.
-        drips = [asyncio.create_task(normalizer.normalize_chat(chat(image_server.url(f"/drip?n={i}")), "openai"))
-                 for i in range(20)]
+        drips = [
+            asyncio.create_task(normalizer.normalize_chat(chat(image_server.url(f"/drip?n={i}")), "openai"))
+            for i in range(20)
+        ]
         try:
             await asyncio.wait_for(image_server.streaming.wait(), 5)
             await asyncio.sleep(0.3)  # every drip the fetcher lets through is connected by now
@@ -752,13 +754,31 @@ async def test_d5_a_client_leaving_through_the_gateway_closes_the_image_fetch(
 
     from tests.helpers import run_gateway, standin_command
 
-    config = {"media": {"allow_private_networks": True, "fetch_timeout": 60},
-              "models": {"vl": {"engine": "lmdeploy", "model": "org/vl", "command": standin_command("lmdeploy"),
-                                "health": {"interval": 0.5, "startup_interval": 0.1}}}}
+    config = {
+        "media": {"allow_private_networks": True, "fetch_timeout": 60},
+        "models": {
+            "vl": {
+                "engine": "lmdeploy",
+                "model": "org/vl",
+                "command": standin_command("lmdeploy"),
+                "health": {"interval": 0.5, "startup_interval": 0.1},
+            }
+        },
+    }
     with run_gateway(config, tmp_path) as gw:  # blocks the loop while it starts: the image server is idle then
-        body = {"model": "vl", "max_tokens": 2, "messages": [{"role": "user", "content": [
-            {"type": "text", "text": "what is this"},
-            {"type": "image_url", "image_url": {"url": image_server.url("/drip")}}]}]}
+        body = {
+            "model": "vl",
+            "max_tokens": 2,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this"},
+                        {"type": "image_url", "image_url": {"url": image_server.url("/drip")}},
+                    ],
+                }
+            ],
+        }
         async with httpx.AsyncClient(timeout=30) as client:
             request = asyncio.create_task(client.post(gw.url + "/v1/chat/completions", json=body))
             await asyncio.wait_for(image_server.streaming.wait(), 10)

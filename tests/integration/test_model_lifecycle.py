@@ -27,8 +27,13 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def stream(url: str, name: str, tokens: int, out: list[bytes], on_first: Callable[[], None] | None = None) -> None:
-    body = {"model": name, "messages": [{"role": "user", "content": "stream please"}], "max_tokens": tokens,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": name,
+        "messages": [{"role": "user", "content": "stream please"}],
+        "max_tokens": tokens,
+        "ignore_eos": True,
+        "stream": True,
+    }
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
         parts = []
         for part in r.iter_raw():
@@ -94,10 +99,16 @@ def test_on_demand_start_queue_overflow_disconnect_idle_stop_and_concurrency_lim
     config = {
         "server": {"retry_after": 1, "queue_timeout": 20},
         "models": {
-            "lazy": model(load="on_demand", gpus=[0], max_queue=3, idle_timeout=1.5,
-                          env={"STANDIN_FAULTS": "startup-delay=2.5", "STANDIN_RECORD": str(lazy_rec)}),
-            "limited": model(max_concurrency=1,
-                             env={"STANDIN_FAULTS": "token-interval=0.1", "STANDIN_RECORD": str(limited_rec)}),
+            "lazy": model(
+                load="on_demand",
+                gpus=[0],
+                max_queue=3,
+                idle_timeout=1.5,
+                env={"STANDIN_FAULTS": "startup-delay=2.5", "STANDIN_RECORD": str(lazy_rec)},
+            ),
+            "limited": model(
+                max_concurrency=1, env={"STANDIN_FAULTS": "token-interval=0.1", "STANDIN_RECORD": str(limited_rec)}
+            ),
         },
     }
     with run_gateway(config, tmp_path) as gw:
@@ -152,9 +163,12 @@ def test_swap_drains_the_running_model_before_the_other_starts_and_never_runs_bo
     recs = {name: tmp_path / f"{name}.jsonl" for name in ("a", "b")}
     config = {
         "server": {"queue_timeout": 20},
-        "models": {name: model(load="on_demand", gpus=[0], env={"STANDIN_FAULTS": "token-interval=0.1",
-                                                                "STANDIN_RECORD": str(rec)})
-                   for name, rec in recs.items()},
+        "models": {
+            name: model(
+                load="on_demand", gpus=[0], env={"STANDIN_FAULTS": "token-interval=0.1", "STANDIN_RECORD": str(rec)}
+            )
+            for name, rec in recs.items()
+        },
     }
     with run_gateway(config, tmp_path) as gw:
         overlap = Overlap(gw.proc.pid, {"a", "b"})
@@ -186,10 +200,18 @@ def test_replicas_share_load_and_a_failing_replica_is_ejected(tmp_path: Path) ->
     recs = [tmp_path / f"rec-{i}.jsonl" for i in (0, 1)]
     for f in faults:
         write_faults(f, {"token-interval": 0.2})
-    config = {"models": {"r": model(
-        gpus=[[0], [1]], outlier={"consecutive_failures": 2, "base_ejection_time": 30},
-        env={"STANDIN_FAULTS_FILE": str(tmp_path / "faults-{replica}.json"),
-             "STANDIN_RECORD": str(tmp_path / "rec-{replica}.jsonl")})}}
+    config = {
+        "models": {
+            "r": model(
+                gpus=[[0], [1]],
+                outlier={"consecutive_failures": 2, "base_ejection_time": 30},
+                env={
+                    "STANDIN_FAULTS_FILE": str(tmp_path / "faults-{replica}.json"),
+                    "STANDIN_RECORD": str(tmp_path / "rec-{replica}.jsonl"),
+                },
+            )
+        }
+    }
     with run_gateway(config, tmp_path) as gw:
         assert wait_until(lambda: [x["state"] for x in health(gw)["r"]["replicas"]] == ["ready", "ready"], 10)
         assert [x["gpus"] for x in health(gw)["r"]["replicas"]] == [[0], [1]]
@@ -222,14 +244,21 @@ def test_reload_adds_removes_and_keeps_serving_then_sighup(tmp_path: Path) -> No
         long_stream = in_thread(stream, gw.url, "keep", 15, bodies, streaming.set)
         assert streaming.wait(5)
 
-        changed = {**base, "server": {**base["server"], "retry_after": 3},
-                   "models": {"keep": base["models"]["keep"], "new": model()}}
+        changed = {
+            **base,
+            "server": {**base["server"], "retry_after": 3},
+            "models": {"keep": base["models"]["keep"], "new": model()},
+        }
         path.write_text(yaml.safe_dump(changed))
         answer = httpx.post(gw.url + "/admin/reload", timeout=10)
         assert answer.status_code == 200, answer.text
         report = answer.json()
-        assert (report["added"], report["removed"], report["changed"], report["unchanged"]) == \
-            (["new"], ["old"], [], ["keep"])
+        assert (report["added"], report["removed"], report["changed"], report["unchanged"]) == (
+            ["new"],
+            ["old"],
+            [],
+            ["keep"],
+        )
         assert report["restart_required"] == ["server"] and "restart" in report["message"]
 
         long_stream[0].join(10)
@@ -265,11 +294,19 @@ def test_a_refused_connection_fails_over_to_another_replica_once(tmp_path: Path)
         write_faults(f, {})
     # Probes a minute apart: the refusing replica stays "ready" for the whole test, as in the gap before a
     # probe notices a listener gone.
-    config = {"models": {"r": model(
-        gpus=[[0], [1]], health={"interval": 60, "startup_interval": 0.1},
-        outlier={"consecutive_failures": 100},
-        env={"STANDIN_FAULTS_FILE": str(tmp_path / "faults-{replica}.json"),
-             "STANDIN_RECORD": str(tmp_path / "rec-{replica}.jsonl")})}}
+    config = {
+        "models": {
+            "r": model(
+                gpus=[[0], [1]],
+                health={"interval": 60, "startup_interval": 0.1},
+                outlier={"consecutive_failures": 100},
+                env={
+                    "STANDIN_FAULTS_FILE": str(tmp_path / "faults-{replica}.json"),
+                    "STANDIN_RECORD": str(tmp_path / "rec-{replica}.jsonl"),
+                },
+            )
+        }
+    }
     with run_gateway(config, tmp_path) as gw:
         assert wait_until(lambda: [x["state"] for x in health(gw)["r"]["replicas"]] == ["ready", "ready"], 10)
         write_faults(faults[0], {"refuse-connections": True})
@@ -293,21 +330,38 @@ def test_an_engine_healthy_to_its_probe_but_failing_every_request_is_restarted(t
     """B3: /health says 200, yet every answer is a 500 (then: never comes). Real traffic is the evidence."""
     faults = tmp_path / "faults.json"
     write_faults(faults, {"health": "ok-but-broken"})
-    config = {"server": {"first_byte_timeout": 1},
-              "models": {"m": model(outlier={"restart_after": 3}, env={"STANDIN_FAULTS_FILE": str(faults)},
-                                    restart={"initial_delay": 0.1, "jitter": 0})}}
+    config = {
+        "server": {"first_byte_timeout": 1},
+        "models": {
+            "m": model(
+                outlier={"restart_after": 3},
+                env={"STANDIN_FAULTS_FILE": str(faults)},
+                restart={"initial_delay": 0.1, "jitter": 0},
+            )
+        },
+    }
     with run_gateway(config, tmp_path) as gw:
         first = health(gw)["m"]["replicas"][0]
         assert [chat(gw.url, "m").status_code for _ in range(3)] == [500] * 3
         write_faults(faults, {"health": "ok-but-broken:hang"})  # what the next launch will do
-        assert wait_until(lambda: health(gw)["m"]["replicas"][0]["pid"] not in (None, first["pid"])
-                          and health(gw)["m"]["state"] == "ready", 15)
+        assert wait_until(
+            lambda: (
+                health(gw)["m"]["replicas"][0]["pid"] not in (None, first["pid"])
+                and health(gw)["m"]["state"] == "ready"
+            ),
+            15,
+        )
         second = health(gw)["m"]["replicas"][0]
         assert second["restarts"] == first["restarts"] + 1
         assert [chat(gw.url, "m").status_code for _ in range(3)] == [504] * 3  # hangs end at the first-byte clock
         write_faults(faults, {})
-        assert wait_until(lambda: health(gw)["m"]["replicas"][0]["pid"] not in (None, second["pid"])
-                          and health(gw)["m"]["state"] == "ready", 15)
+        assert wait_until(
+            lambda: (
+                health(gw)["m"]["replicas"][0]["pid"] not in (None, second["pid"])
+                and health(gw)["m"]["state"] == "ready"
+            ),
+            15,
+        )
         assert chat(gw.url, "m").status_code == 200
     assert "3 requests in a row failed while its health check passed" in gw.log()
 
@@ -319,16 +373,28 @@ def test_an_engine_4xx_is_passed_through_once_and_not_held_against_the_replica(t
     recs = [tmp_path / f"rec-{i}.jsonl" for i in (0, 1)]
     for f in faults:
         write_faults(f, {"status": 400})
-    config = {"models": {"r": model(
-        gpus=[[0], [1]], outlier={"consecutive_failures": 1, "base_ejection_time": 60},
-        env={"STANDIN_FAULTS_FILE": str(tmp_path / "faults-{replica}.json"),
-             "STANDIN_RECORD": str(tmp_path / "rec-{replica}.jsonl")})}}
+    config = {
+        "models": {
+            "r": model(
+                gpus=[[0], [1]],
+                outlier={"consecutive_failures": 1, "base_ejection_time": 60},
+                env={
+                    "STANDIN_FAULTS_FILE": str(tmp_path / "faults-{replica}.json"),
+                    "STANDIN_RECORD": str(tmp_path / "rec-{replica}.jsonl"),
+                },
+            )
+        }
+    }
     with run_gateway(config, tmp_path) as gw:
         assert wait_until(lambda: [x["state"] for x in health(gw)["r"]["replicas"]] == ["ready", "ready"], 10)
         ids = [f"c7-{i}" for i in range(4)]
         for request_id in ids:
-            response = httpx.post(gw.url + "/v1/chat/completions", headers={"x-request-id": request_id}, timeout=20,
-                                  json={"model": "r", "messages": [{"role": "user", "content": "hi"}]})
+            response = httpx.post(
+                gw.url + "/v1/chat/completions",
+                headers={"x-request-id": request_id},
+                timeout=20,
+                json={"model": "r", "messages": [{"role": "user", "content": "hi"}]},
+            )
             assert response.status_code == 400
             assert "maximum context length" in response.json()["error"]["message"]  # the engine's own text
         seen = [r["headers"]["x-request-id"] for rec in recs for r in records(rec)]
@@ -351,8 +417,10 @@ def metrics(gw: Gateway) -> str:
 def test_a_drain_refuses_the_requests_waiting_for_a_model_at_once(tmp_path: Path) -> None:
     """SIGTERM while a request waits for an on-demand model that takes 60 s to load: it gets its 503 (retry
     elsewhere) at once, not after its 60 s queue_timeout, and the gateway stops without waiting for the load."""
-    config = {"server": {"queue_timeout": 60, "drain_timeout": 60},
-              "models": {"slow": model(load="on_demand", env={"STANDIN_FAULTS": "startup-delay=60"})}}
+    config = {
+        "server": {"queue_timeout": 60, "drain_timeout": 60},
+        "models": {"slow": model(load="on_demand", env={"STANDIN_FAULTS": "startup-delay=60"})},
+    }
     with run_gateway(config, tmp_path) as gw:
         thread, result = in_thread(chat, gw.url, "slow")
         assert wait_until(lambda: health(gw)["slow"]["queue_depth"] == 1, 10)

@@ -47,8 +47,12 @@ class Env:
 
     def post(self, body: bytes | dict[str, Any]) -> httpx.Response:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        return httpx.post(self.gateway.url + "/v1/chat/completions", content=content, timeout=30,
-                          headers={"content-type": "application/json"})
+        return httpx.post(
+            self.gateway.url + "/v1/chat/completions",
+            content=content,
+            timeout=30,
+            headers={"content-type": "application/json"},
+        )
 
     def healthy(self) -> bool:
         return httpx.get(self.gateway.url + "/health", timeout=5).status_code == 200
@@ -58,11 +62,20 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("abuse")
     record = tmp / "engine.jsonl"
-    config = {"server": {"max_body_bytes": MAX_BODY},
-              "media": {"max_images_per_request": MAX_IMAGES},
-              "models": {"chat": {"engine": "vllm", "model": "org/m", "command": standin_command("vllm"),
-                                  "env": {"STANDIN_RECORD": str(record)}, "stop_grace": 2,
-                                  "health": {"interval": 1, "startup_interval": 0.1}}}}
+    config = {
+        "server": {"max_body_bytes": MAX_BODY},
+        "media": {"max_images_per_request": MAX_IMAGES},
+        "models": {
+            "chat": {
+                "engine": "vllm",
+                "model": "org/m",
+                "command": standin_command("vllm"),
+                "env": {"STANDIN_RECORD": str(record)},
+                "stop_grace": 2,
+                "health": {"interval": 1, "startup_interval": 0.1},
+            }
+        },
+    }
     with run_gateway(config, tmp) as gateway:
         yield Env(gateway, record)
 
@@ -79,6 +92,7 @@ def assert_error(response: httpx.Response, status: int, code: str, param: str | 
 
 
 # -- G1 ----------------------------------------------------------------------------------------------------
+
 
 def _send_until_answered(sock: socket.socket, planned: int) -> int:
     """Send chunked frames of a ``planned``-byte body until the gateway answers (or shuts the door): bytes sent."""
@@ -118,8 +132,10 @@ def test_g1_chunked_body_over_the_limit_is_413_before_it_is_all_sent(env: Env) -
     before = len(env.rows())
     planned = 16 * MAX_BODY  # 256 MB, no Content-Length: only counting while reading can stop it
     with socket.create_connection(("127.0.0.1", env.gateway.port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         sent = _send_until_answered(sock, planned)
         answer = _read_to_eof(sock)
     # The answer came while most of the body was still unsent: the gateway stopped reading at its limit.
@@ -150,6 +166,7 @@ def test_g1_more_images_than_allowed_is_400_and_nothing_reaches_the_engine(env: 
 
 # -- G2 ----------------------------------------------------------------------------------------------------
 
+
 def test_g2_deep_nesting_is_400_without_reaching_the_engine(env: Env) -> None:
     before = len(env.rows())
     depth = 100_000
@@ -159,12 +176,15 @@ def test_g2_deep_nesting_is_400_without_reaching_the_engine(env: Env) -> None:
     assert env.healthy()
 
 
-@pytest.mark.parametrize(("raw", "param"), [
-    (b'"max_tokens":1e12', "max_tokens"),  # a float in JSON: not an integer at all
-    (b'"max_tokens":1000000000000', "max_tokens"),  # an integer, far past payload.MAX_TOKENS
-    (b'"max_completion_tokens":1000000000000', "max_completion_tokens"),
-    (b'"n":1000000', "n"),
-])
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (b'"max_tokens":1e12', "max_tokens"),  # a float in JSON: not an integer at all
+        (b'"max_tokens":1000000000000', "max_tokens"),  # an integer, far past payload.MAX_TOKENS
+        (b'"max_completion_tokens":1000000000000', "max_completion_tokens"),
+        (b'"n":1000000', "n"),
+    ],
+)
 def test_g2_hostile_counts_are_400_not_clamped(env: Env, raw: bytes, param: str) -> None:
     before = len(env.rows())
     body = b'{"model":"chat","messages":[{"role":"user","content":"hi"}],' + raw + b"}"
@@ -175,8 +195,14 @@ def test_g2_hostile_counts_are_400_not_clamped(env: Env, raw: bytes, param: str)
 
 def test_g2_template_kwargs_and_routing_fields_are_stripped(env: Env) -> None:
     kwargs = {"tokenize": True, "chat_template": "{{ evil }}", "return_dict": True, "enable_thinking": False}
-    answer = env.post(chat_body(chat_template_kwargs=kwargs, api_base="http://169.254.169.254/",
-                                chat_template="{{ evil }}", extra_headers={"x": "y"}))
+    answer = env.post(
+        chat_body(
+            chat_template_kwargs=kwargs,
+            api_base="http://169.254.169.254/",
+            chat_template="{{ evil }}",
+            extra_headers={"x": "y"},
+        )
+    )
     assert answer.status_code == 200, answer.text
     sent = env.rows()[-1]["body"]
     # payload.py drops the kwargs that turn a chat request into something else, keeps the harmless one...

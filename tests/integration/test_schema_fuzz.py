@@ -19,8 +19,17 @@ from schemathesis.checks import not_a_server_error  # noqa: E402
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    config = {"models": {"chat": {"engine": "vllm", "model": "org/chat", "aliases": ["gpt-4o-mini"],
-                                  "command": standin_command("vllm"), "health": {"startup_interval": 0.1}}}}
+    config = {
+        "models": {
+            "chat": {
+                "engine": "vllm",
+                "model": "org/chat",
+                "aliases": ["gpt-4o-mini"],
+                "command": standin_command("vllm"),
+                "health": {"startup_interval": 0.1},
+            }
+        }
+    }
     with run_gateway(config, tmp_path_factory.mktemp("fuzz")) as gw:
         yield gw
 
@@ -35,8 +44,9 @@ def test_no_server_errors(gateway: Gateway) -> None:
             continue  # engine commands are exercised by the admin tests, not fuzzed
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-                  database=None)
+        @settings(
+            max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None
+        )
         def call(case) -> None:  # type: ignore[no-untyped-def]
             response = case.call(timeout=10)
             case.validate_response(response, checks=[not_a_server_error])

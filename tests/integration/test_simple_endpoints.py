@@ -82,14 +82,31 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     thread.start()
     probe = {"interval": 0.5, "startup_interval": 0.1}
     config = {
-        "server": {"first_byte_timeout": 5, "idle_timeout": 2, "total_timeout": 10, "retry_after": 1,
-                   "queue_timeout": 1},
+        "server": {
+            "first_byte_timeout": 5,
+            "idle_timeout": 2,
+            "total_timeout": 10,
+            "retry_after": 1,
+            "queue_timeout": 1,
+        },
         "media": {"allow_private_networks": True, "max_image_bytes": MAX_IMAGE_BYTES},
         "models": {
-            "chat": {"engine": "vllm", "model": "org/chat-model", "command": standin_command("vllm"),
-                     "env": {"STANDIN_RECORD": str(record)}, "health": probe, "stop_grace": 3},
-            "llm": {"engine": "lightllm", "model": "/models/fake-llm", "command": [sys.executable, str(LIGHTLLM)],
-                    "env": {"STANDIN_RECORD": str(lightllm_record)}, "health": probe, "stop_grace": 3},
+            "chat": {
+                "engine": "vllm",
+                "model": "org/chat-model",
+                "command": standin_command("vllm"),
+                "env": {"STANDIN_RECORD": str(record)},
+                "health": probe,
+                "stop_grace": 3,
+            },
+            "llm": {
+                "engine": "lightllm",
+                "model": "/models/fake-llm",
+                "command": [sys.executable, str(LIGHTLLM)],
+                "env": {"STANDIN_RECORD": str(lightllm_record)},
+                "health": probe,
+                "stop_grace": 3,
+            },
         },
     }
     try:
@@ -125,8 +142,9 @@ def assert_png_reached_engine(env: Env) -> None:
 
 
 def test_infer_text_only_uses_first_chat_model(env: Env) -> None:
-    response = env.http.post("/infer", json={"prompt": "hello simple world", "max_tokens": 5,
-                                             "system": "be brief", "temperature": 0.5})
+    response = env.http.post(
+        "/infer", json={"prompt": "hello simple world", "max_tokens": 5, "system": "be brief", "temperature": 0.5}
+    )
     assert response.status_code == 200, response.text
     answer = response.json()
     assert set(answer) == {"id", "model", "text", "finish_reason", "usage"}
@@ -155,8 +173,11 @@ def test_infer_url_and_raw_base64_images_are_inlined(env: Env) -> None:
 
 
 def test_infer_upload_multipart(env: Env) -> None:
-    response = env.http.post("/infer/upload", files={"file": ("cat.png", PNG, "image/png")},
-                             data={"prompt": "upload test", "max_tokens": "8", "stream": "false"})
+    response = env.http.post(
+        "/infer/upload",
+        files={"file": ("cat.png", PNG, "image/png")},
+        data={"prompt": "upload test", "max_tokens": "8", "stream": "false"},
+    )
     assert response.status_code == 200, response.text
     assert response.json()["text"] == "[images=1] upload test"
     assert_png_reached_engine(env)
@@ -168,8 +189,9 @@ def test_analyze_tasks_send_their_instruction(env: Env) -> None:
     assert response.status_code == 200, response.text
     assert response.json()["task"] == "ocr"
     assert env.last_chat()["messages"][-1]["content"][1]["text"] == TASKS["ocr"]
-    response = env.http.post("/analyze/upload", files={"file": ("cat.png", PNG, "image/png")},
-                             data={"question": "is it red"})
+    response = env.http.post(
+        "/analyze/upload", files={"file": ("cat.png", PNG, "image/png")}, data={"question": "is it red"}
+    )
     assert response.status_code == 200, response.text
     assert response.json()["task"] == "question" and response.json()["text"].endswith("is it red")
     response = env.http.post("/analyze", json={"image": DATA_URL})
@@ -181,8 +203,9 @@ def test_missing_and_bad_images_are_400(env: Env) -> None:
     assert_error(env.http.post("/analyze", json={"task": "describe"}), 400, "missing_image", "image")
     assert_error(env.http.post("/analyze/upload", files={"task": (None, "ocr")}), 400, "missing_image", "file")
     assert_error(env.http.post("/infer/upload", data={"prompt": "x"}, files={"nothing": (None, "y")}), 400)
-    assert_error(env.http.post("/infer", json={"prompt": "x", "image": "data:image/png;base64,AAAAAAAA"}), 400,
-                 param="image")
+    assert_error(
+        env.http.post("/infer", json={"prompt": "x", "image": "data:image/png;base64,AAAAAAAA"}), 400, param="image"
+    )
     assert_error(env.http.post("/infer", json={"prompt": "x", "image": "file:///etc/passwd"}), 400, param="image")
     assert_error(env.http.post("/infer", json={"image": DATA_URL}), 400, "missing_field", "prompt")
     assert_error(env.http.post("/infer", json={"prompt": "x", "max_tokns": 3}), 400, "unknown_field")
@@ -203,20 +226,24 @@ def test_oversized_upload_is_refused(env: Env) -> None:
     finally:
         conn.close()
     # Within the form's slack but over media.max_image_bytes: the media error.
-    big = env.http.post("/infer/upload", files={"file": ("big.png", b"\x89PNG" + bytes(MAX_IMAGE_BYTES), "image/png")},
-                        data={"prompt": "x"})
+    big = env.http.post(
+        "/infer/upload",
+        files={"file": ("big.png", b"\x89PNG" + bytes(MAX_IMAGE_BYTES), "image/png")},
+        data={"prompt": "x"},
+    )
     assert_error(big, 400, "image_too_large", "file")
 
 
 def test_infer_stream_passes_engine_sse(env: Env) -> None:
-    with env.http.stream("POST", "/infer", json={"prompt": "one two three", "image": DATA_URL,
-                                                 "stream": True}) as response:
+    with env.http.stream(
+        "POST", "/infer", json={"prompt": "one two three", "image": DATA_URL, "stream": True}
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         body = b"".join(response.iter_raw())
     events = [e for e in body.split(b"\n\n") if e]
     assert events[-1] == b"data: [DONE]"
-    chunks = [json.loads(e[len(b"data: "):]) for e in events[:-1]]
+    chunks = [json.loads(e[len(b"data: ") :]) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text == "[images=1] one two three"
@@ -228,8 +255,12 @@ def test_infer_stream_passes_engine_sse(env: Env) -> None:
 def test_generate_non_stream(env: Env) -> None:
     response = env.http.post("/generate", json={"inputs": "a b c", "parameters": {"max_new_tokens": 2}})
     assert response.status_code == 200, response.text
-    assert response.json() == {"generated_text": ["a b"], "count_output_tokens": 2, "finish_reason": "length",
-                               "prompt_tokens": 3}
+    assert response.json() == {
+        "generated_text": ["a b"],
+        "count_output_tokens": 2,
+        "finish_reason": "length",
+        "prompt_tokens": 3,
+    }
     seen = env.last_generate()
     assert seen["path"] == "/generate" and seen["body"] == {"inputs": "a b c", "parameters": {"max_new_tokens": 2}}
 
@@ -239,7 +270,7 @@ def test_generate_stream_has_no_done(env: Env, path: str, extra: dict[str, Any])
     with env.http.stream("POST", path, json={"inputs": "x y z", "model": "llm", **extra}) as response:
         assert response.status_code == 200
         body = b"".join(response.iter_raw())
-    events = [json.loads(e[len(b"data:"):]) for e in body.split(b"\n\n") if e]
+    events = [json.loads(e[len(b"data:") :]) for e in body.split(b"\n\n") if e]
     assert "".join(e["token"]["text"] for e in events) == "x y z"
     assert events[-1]["finished"] is True and events[-1]["finish_reason"] == "stop"
     assert b"[DONE]" not in body
@@ -253,8 +284,11 @@ def test_generate_417_is_reshaped_keeping_status(env: Env) -> None:
 
 
 def test_generate_url_image_is_inlined_as_base64(env: Env) -> None:
-    images = [{"type": "url", "data": env.image_url}, {"type": "base64", "data": base64.b64encode(PNG).decode()},
-              {"type": "image_size", "data": [8, 8]}]
+    images = [
+        {"type": "url", "data": env.image_url},
+        {"type": "base64", "data": base64.b64encode(PNG).decode()},
+        {"type": "image_size", "data": [8, 8]},
+    ]
     response = env.http.post("/generate", json={"inputs": "<img> look", "multimodal_params": {"images": images}})
     assert response.status_code == 200, response.text
     assert response.json()["generated_text"] == ["[images=2] <img> look"]

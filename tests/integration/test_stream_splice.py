@@ -21,19 +21,34 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def config(splice: bool, faults: str = "") -> dict[str, Any]:
-    return {"server": {"raw_connections": splice},
-            "models": {"chat": {"engine": "vllm", "model": "org/m", "command": standin_command("vllm"),
-                                "env": {"STANDIN_FAULTS": faults} if faults else {},
-                                "health": {"interval": 0.5, "startup_interval": 0.1}}}}
+    return {
+        "server": {"raw_connections": splice},
+        "models": {
+            "chat": {
+                "engine": "vllm",
+                "model": "org/m",
+                "command": standin_command("vllm"),
+                "env": {"STANDIN_FAULTS": faults} if faults else {},
+                "health": {"interval": 0.5, "startup_interval": 0.1},
+            }
+        },
+    }
 
 
-BODY = {"model": "chat", "messages": [{"role": "user", "content": "one two three four five"}], "max_tokens": 40,
-        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+BODY = {
+    "model": "chat",
+    "messages": [{"role": "user", "content": "one two three four five"}],
+    "max_tokens": 40,
+    "ignore_eos": True,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+}
 
 
 def streamed(url: str) -> bytes:
-    with httpx.stream("POST", url + "/v1/chat/completions", json=BODY, headers={"x-request-id": "fixed-id"},
-                      timeout=20) as response:
+    with httpx.stream(
+        "POST", url + "/v1/chat/completions", json=BODY, headers={"x-request-id": "fixed-id"}, timeout=20
+    ) as response:
         assert response.status_code == 200
         return b"".join(response.iter_raw())
 
@@ -60,8 +75,10 @@ def test_a_slow_reader_gets_every_event_whole(tmp_path: Path) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.settimeout(20)
             sock.connect(("127.0.0.1", gw.port))
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Connection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(payload), payload))
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(payload), payload)
+            )
             raw = b""
             while chunk := sock.recv(1024):
                 raw += chunk
@@ -74,8 +91,8 @@ def test_a_slow_reader_gets_every_event_whole(tmp_path: Path) -> None:
         size = int(size_line, 16)
         if size == 0:
             break
-        data, chunked_body = data + rest[:size], rest[size + 2:]
-        assert rest[size:size + 2] == b"\r\n"
+        data, chunked_body = data + rest[:size], rest[size + 2 :]
+        assert rest[size : size + 2] == b"\r\n"
     events = [e for e in data.split(b"\n\n") if e]
     assert events[-1] == b"data: [DONE]"
     tokens = [orjson.loads(e[6:]) for e in events[:-1]]
@@ -99,8 +116,11 @@ class _ClosesKeptConnections:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]) \
-                    if b"content-length: " in head.lower() else 0
+                length = (
+                    int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                    if b"content-length: " in head.lower()
+                    else 0
+                )
                 await reader.readexactly(length)
                 if head.startswith(b"POST") and served_here:
                     self.dropped += 1
@@ -108,11 +128,22 @@ class _ClosesKeptConnections:
                 if head.startswith(b"POST"):
                     self.processed += 1
                     served_here += 1
-                body = orjson.dumps({"id": "x", "object": "chat.completion", "model": "m", "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
-                    if head.startswith(b"POST") else {"object": "list", "data": [{"id": "m", "object": "model"}]})
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b"
-                             % (len(body), body))
+                body = orjson.dumps(
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "model": "m",
+                        "choices": [
+                            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+                        ],
+                    }
+                    if head.startswith(b"POST")
+                    else {"object": "list", "data": [{"id": "m", "object": "model"}]}
+                )
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b"
+                    % (len(body), body)
+                )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -146,12 +177,22 @@ def test_a_request_on_a_connection_the_engine_closed_as_it_was_reused_goes_again
     remote = _ClosesKeptConnections()
     remote.start()
     try:
-        config = {"models": {"m": {"engine": "openai", "url": f"http://127.0.0.1:{remote.port}/v1",
-                                   "health": {"interval": 30, "startup_interval": 0.1}}}}
+        config = {
+            "models": {
+                "m": {
+                    "engine": "openai",
+                    "url": f"http://127.0.0.1:{remote.port}/v1",
+                    "health": {"interval": 30, "startup_interval": 0.1},
+                }
+            }
+        }
         with run_gateway(config, tmp_path) as gw:
             for _ in range(3):
-                answer = httpx.post(gw.url + "/v1/chat/completions", timeout=10,
-                                    json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+                answer = httpx.post(
+                    gw.url + "/v1/chat/completions",
+                    timeout=10,
+                    json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                )
                 assert answer.status_code == 200, answer.text
         assert remote.dropped >= 1  # the race happened, and no client saw it
         assert remote.processed == 3  # and each request was processed exactly once

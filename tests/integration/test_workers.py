@@ -65,8 +65,10 @@ def replica(gw: Any, model: str = "m") -> dict[str, Any]:
 
 
 def config(**server: Any) -> dict[str, Any]:
-    return {"server": {"workers": 2, "drain_timeout": 20, **server},
-            "models": {"m": standin_model(aliases=["gpt-x"], env={"STANDIN_FAULTS": "token-interval=0.01"})}}
+    return {
+        "server": {"workers": 2, "drain_timeout": 20, **server},
+        "models": {"m": standin_model(aliases=["gpt-x"], env={"STANDIN_FAULTS": "token-interval=0.01"})},
+    }
 
 
 def test_workers_answer_the_sdk_forward_the_rest_and_add_up_their_metrics(tmp_path: Path) -> None:
@@ -75,11 +77,15 @@ def test_workers_answer_the_sdk_forward_the_rest_and_add_up_their_metrics(tmp_pa
         assert len(workers) == 2
         client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
         for i in range(12):
-            answer = client.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": f"hi {i}"}],
-                                                    max_tokens=3)
+            answer = client.chat.completions.create(
+                model="gpt-x", messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=3
+            )
             assert answer.model == "m" and answer.choices[0].message.content
-        events = list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hello"}],
-                                                     max_tokens=4, stream=True))
+        events = list(
+            client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hello"}], max_tokens=4, stream=True
+            )
+        )
         assert events and events[-1].choices[0].finish_reason == "stop"
         # Forwarded to the owner, which has the engines: models, health, readiness, errors in its shape.
         assert [m.id for m in client.models.list().data] == ["m", "gpt-x"]
@@ -108,9 +114,18 @@ def test_a_killed_worker_is_replaced_and_its_leases_given_back(tmp_path: Path) -
 
         def long_stream() -> None:
             try:
-                with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=30,
-                                  json={"model": "m", "stream": True, "max_tokens": 2000, "ignore_eos": True,
-                                        "messages": [{"role": "user", "content": "go on"}]}) as response:
+                with httpx.stream(
+                    "POST",
+                    gw.url + "/v1/chat/completions",
+                    timeout=30,
+                    json={
+                        "model": "m",
+                        "stream": True,
+                        "max_tokens": 2000,
+                        "ignore_eos": True,
+                        "messages": [{"role": "user", "content": "go on"}],
+                    },
+                ) as response:
                     for _ in response.iter_bytes():
                         pass
             except httpx.HTTPError as exc:
@@ -134,8 +149,13 @@ def test_a_killed_worker_is_replaced_and_its_leases_given_back(tmp_path: Path) -
         assert wait_until(lambda: "exited with status 0; starting a new one" in gw.log(), 10), gw.log()[-2000:]
         assert wait_until(lambda: len(worker_pids(gw.proc.pid)) == 2 and one not in worker_pids(gw.proc.pid), 15)
         assert chat(gw.url, "m").status_code == 200
-        assert wait_until(lambda: httpx.get(gw.url + "/health", timeout=5).json()["workers"]
-                          == {"configured": 2, "connected": 2, "restarts": 3}, 10)
+        assert wait_until(
+            lambda: (
+                httpx.get(gw.url + "/health", timeout=5).json()["workers"]
+                == {"configured": 2, "connected": 2, "restarts": 3}
+            ),
+            10,
+        )
 
 
 def test_sigterm_drains_the_workers_first_and_leaves_no_process(tmp_path: Path) -> None:
@@ -144,9 +164,18 @@ def test_sigterm_drains_the_workers_first_and_leaves_no_process(tmp_path: Path) 
         bodies: list[bytes] = []
 
         def stream() -> None:
-            with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=30,
-                              json={"model": "m", "stream": True, "max_tokens": 150, "ignore_eos": True,
-                                    "messages": [{"role": "user", "content": "finish me"}]}) as response:
+            with httpx.stream(
+                "POST",
+                gw.url + "/v1/chat/completions",
+                timeout=30,
+                json={
+                    "model": "m",
+                    "stream": True,
+                    "max_tokens": 150,
+                    "ignore_eos": True,
+                    "messages": [{"role": "user", "content": "finish me"}],
+                },
+            ) as response:
                 bodies.append(b"".join(response.iter_bytes()))
 
         streamer = threading.Thread(target=stream)
@@ -217,16 +246,25 @@ def test_a_queued_request_is_granted_across_the_line_and_a_leaver_withdrawn(tmp_
 
 def test_keys_hold_in_the_workers_and_in_the_owner(tmp_path: Path) -> None:
     ops, app = "sk-ops-" + "o" * 24, "sk-app-" + "a" * 24
-    keys = {"api_keys": [{"name": "ops", "key": ops, "permissions": ["all"]},
-                         {"name": "app", "key": app, "permissions": ["chat", "models"]}]}
+    keys = {
+        "api_keys": [
+            {"name": "ops", "key": ops, "permissions": ["all"]},
+            {"name": "app", "key": app, "permissions": ["chat", "models"]},
+        ]
+    }
     with run_gateway({**config(), "auth": keys}, tmp_path) as gw:
+
         def get(path: str, key: str | None = None) -> int:
             headers = {"authorization": f"Bearer {key}"} if key else {}
             return httpx.get(gw.url + path, headers=headers, timeout=5).status_code
 
         assert chat(gw.url, "m").status_code == 401  # answered by a worker
-        allowed = httpx.post(gw.url + "/v1/chat/completions", headers={"authorization": f"Bearer {app}"}, timeout=10,
-                             json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        allowed = httpx.post(
+            gw.url + "/v1/chat/completions",
+            headers={"authorization": f"Bearer {app}"},
+            timeout=10,
+            json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert allowed.status_code == 200
         assert (get("/v1/models"), get("/v1/models", app)) == (401, 200)  # answered by the owner
         assert (get("/admin/engines", app), get("/admin/engines", ops)) == (403, 200)
@@ -238,8 +276,13 @@ def test_keys_hold_in_the_workers_and_in_the_owner(tmp_path: Path) -> None:
             return sample(text, "gateway_requests_total", model="", endpoint="admin", status="200")
 
         before = admin_done()
-        with httpx.stream("GET", gw.url + "/admin/engines/m/logs", params={"follow": "true", "tail": 1},
-                          headers={"authorization": f"Bearer {ops}"}, timeout=10) as follow:
+        with httpx.stream(
+            "GET",
+            gw.url + "/admin/engines/m/logs",
+            params={"follow": "true", "tail": 1},
+            headers={"authorization": f"Bearer {ops}"},
+            timeout=10,
+        ) as follow:
             assert follow.headers["content-type"].startswith("text/event-stream")
             lines = follow.iter_lines()
             assert any(line.startswith("data: ") for line in itertools.islice(lines, 4))

@@ -239,8 +239,11 @@ def _lmdeploy_parser() -> argparse.ArgumentParser:
     a("--model-format", choices=["hf", "awq", "gptq", "compressed-tensors", "fp8", "mxfp4"], default=None)
     a("--vision-max-batch-size", type=int, default=1)
     a("--api-keys", nargs="*", default=None)
-    a("--log-level", choices=["CRITICAL", "FATAL", "ERROR", "WARN", "WARNING", "INFO", "DEBUG", "NOTSET"],
-      default="WARNING")
+    a(
+        "--log-level",
+        choices=["CRITICAL", "FATAL", "ERROR", "WARN", "WARNING", "INFO", "DEBUG", "NOTSET"],
+        default="WARNING",
+    )
     a("--distributed-executor-backend", choices=["uni", "mp", "ray"], default=None)
     a("--trust-remote-code", action="store_true")
     a("--chat-template", default=None)
@@ -290,7 +293,7 @@ def parse_vllm(argv: list[str]) -> EngineConfig:
     argv = _normalize(argv)
     if "--config" in argv[:-1]:
         i = argv.index("--config")
-        rest = argv[:i] + argv[i + 2:]
+        rest = argv[:i] + argv[i + 2 :]
         # After ``serve MODEL``: a list-valued key right before the positional would swallow it.
         head = 2 if len(rest) > 1 and not rest[1].startswith("-") else 1
         argv = rest[:head] + _normalize(_config_file_args(argv[i + 1])) + rest[head:]
@@ -303,16 +306,27 @@ def parse_vllm(argv: list[str]) -> EngineConfig:
     level = ns.uvicorn_log_level
     serve = _serve_parser(top, "serve")
     return EngineConfig(
-        engine="vllm", model=model, served_names=ns.served_model_name or [model],
-        host=ns.host if ns.host is not None else "0.0.0.0", port=ns.port, uds=ns.uds, api_keys=keys,
-        tp=ns.tensor_parallel_size, pp=ns.pipeline_parallel_size, executor=ns.distributed_executor_backend,
-        max_model_len=ns.max_model_len or DEFAULT_MAX_MODEL_LEN, image_limit=int(limit),
-        allowed_media_domains=ns.allowed_media_domains, allowed_local_media_path=ns.allowed_local_media_path or None,
+        engine="vllm",
+        model=model,
+        served_names=ns.served_model_name or [model],
+        host=ns.host if ns.host is not None else "0.0.0.0",
+        port=ns.port,
+        uds=ns.uds,
+        api_keys=keys,
+        tp=ns.tensor_parallel_size,
+        pp=ns.pipeline_parallel_size,
+        executor=ns.distributed_executor_backend,
+        max_model_len=ns.max_model_len or DEFAULT_MAX_MODEL_LEN,
+        image_limit=int(limit),
+        allowed_media_domains=ns.allowed_media_domains,
+        allowed_local_media_path=ns.allowed_local_media_path or None,
         access_log=not ns.disable_uvicorn_access_log,
         quiet_uvicorn=level in ("warning", "error", "critical"),
         no_log_paths=tuple(p for p in (ns.disable_access_log_for_endpoints or "").split(",") if p),
-        request_id_headers=ns.enable_request_id_headers, force_include_usage=ns.enable_force_include_usage,
-        sse_keep_alive=ns.sse_keep_alive_interval, shutdown_timeout=float(ns.shutdown_timeout),
+        request_id_headers=ns.enable_request_id_headers,
+        force_include_usage=ns.enable_force_include_usage,
+        sse_keep_alive=ns.sse_keep_alive_interval,
+        shutdown_timeout=float(ns.shutdown_timeout),
         tool_parser=ns.tool_call_parser,
         non_default={"model_tag": model, **_non_default(serve, ns, ())},
     )
@@ -329,10 +343,19 @@ def parse_lmdeploy(argv: list[str]) -> EngineConfig:
     adapters = [a.split("=", 1)[0] if "=" in a else "default" for a in (ns.adapters or [])]
     level = os.environ.get("UVICORN_LOG_LEVEL", "info").lower()
     return EngineConfig(
-        engine="lmdeploy", model=ns.model_path, served_names=[name, *adapters], host=ns.server_name,
-        port=ns.server_port, api_keys=list(ns.api_keys or []), tp=ns.tp, executor=ns.distributed_executor_backend,
-        backend=ns.backend, max_model_len=ns.session_len or DEFAULT_MAX_MODEL_LEN,
-        allowed_media_domains=ns.allowed_media_domains, quiet_uvicorn=level in ("warning", "error", "critical"),
-        metrics=not ns.disable_metrics, tool_parser=ns.tool_call_parser,
+        engine="lmdeploy",
+        model=ns.model_path,
+        served_names=[name, *adapters],
+        host=ns.server_name,
+        port=ns.server_port,
+        api_keys=list(ns.api_keys or []),
+        tp=ns.tp,
+        executor=ns.distributed_executor_backend,
+        backend=ns.backend,
+        max_model_len=ns.session_len or DEFAULT_MAX_MODEL_LEN,
+        allowed_media_domains=ns.allowed_media_domains,
+        quiet_uvicorn=level in ("warning", "error", "critical"),
+        metrics=not ns.disable_metrics,
+        tool_parser=ns.tool_call_parser,
         non_default=_non_default(_serve_parser(top, "serve", "api_server"), ns, (ns.model_path,)),
     )

@@ -91,24 +91,39 @@ class App:
         self.cfg = state.cfg
         self.vllm = state.cfg.engine == "vllm"
         self.routes: dict[str, tuple[str, ...]] = {
-            "/health": ("GET",), "/v1/models": ("GET",), "/v1/chat/completions": ("POST",),
-            "/v1/completions": ("POST",), "/v1/embeddings": ("POST",),
+            "/health": ("GET",),
+            "/v1/models": ("GET",),
+            "/v1/chat/completions": ("POST",),
+            "/v1/completions": ("POST",),
+            "/v1/embeddings": ("POST",),
         }
         if self.vllm:
-            self.routes.update({"/version": ("GET",), "/ping": ("GET", "POST"), "/load": ("GET",),
-                                "/v1/rerank": ("POST",), "/rerank": ("POST",), "/v2/rerank": ("POST",),
-                                "/tokenize": ("POST",), "/detokenize": ("POST",), "/metrics": ("GET",)})
+            self.routes.update(
+                {
+                    "/version": ("GET",),
+                    "/ping": ("GET", "POST"),
+                    "/load": ("GET",),
+                    "/v1/rerank": ("POST",),
+                    "/rerank": ("POST",),
+                    "/v2/rerank": ("POST",),
+                    "/tokenize": ("POST",),
+                    "/detokenize": ("POST",),
+                    "/metrics": ("GET",),
+                }
+            )
         elif state.cfg.metrics:
             self.routes["/metrics"] = ("GET",)
 
     # ---- helpers -------------------------------------------------------------------------------------------
-    async def _send_json(self, resp: Response, status: int, obj: Any,
-                         headers: tuple[tuple[str, str], ...] = ()) -> None:
+    async def _send_json(
+        self, resp: Response, status: int, obj: Any, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         await resp.send(status, _json(obj), "application/json", headers)
 
     async def _error(self, resp: Response, err: ApiError) -> None:
-        await self._send_json(resp, err.status, error_body(self.cfg.engine, err.status, err.message, err.param,
-                                                          err.type), err.headers)
+        await self._send_json(
+            resp, err.status, error_body(self.cfg.engine, err.status, err.message, err.param, err.type), err.headers
+        )
 
     async def pause(self, resp: Response, seconds: float, keep_alive: bool = False) -> None:
         """Sleep, but wake for a client that leaves (ClientGone) or a vLLM shutdown abort (Aborted)."""
@@ -195,15 +210,30 @@ class App:
             await self._send_json(resp, 200, {"server_load": self.s.running})
         elif path == "/v1/models":
             created = int(time.time())
-            perm = {"id": new_id("modelperm"), "object": "model_permission", "created": created,
-                    "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
-                    "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
-                    "organization": "*", "group": None, "is_blocking": False}
+            perm = {
+                "id": new_id("modelperm"),
+                "object": "model_permission",
+                "created": created,
+                "allow_create_engine": False,
+                "allow_sampling": True,
+                "allow_logprobs": True,
+                "allow_search_indices": False,
+                "allow_view": True,
+                "allow_fine_tuning": False,
+                "organization": "*",
+                "group": None,
+                "is_blocking": False,
+            }
             cards = []
             for name in cfg.served_names:
-                card: dict[str, Any] = {"id": name, "object": "model", "created": created,
-                                        "owned_by": "vllm" if self.vllm else "lmdeploy",
-                                        "root": cfg.model if self.vllm else name, "parent": None}
+                card: dict[str, Any] = {
+                    "id": name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "vllm" if self.vllm else "lmdeploy",
+                    "root": cfg.model if self.vllm else name,
+                    "parent": None,
+                }
                 if self.vllm:
                     card["max_model_len"] = cfg.max_model_len
                 cards.append({**card, "permission": [perm]})
@@ -215,8 +245,11 @@ class App:
             if path == "/tokenize":
                 words = str(body.get("prompt", "")).split()
                 tokens = [zlib.crc32(w.encode()) % 50000 for w in words]
-                await self._send_json(resp, 200, {"count": len(words), "max_model_len": cfg.max_model_len,
-                                                  "tokens": tokens, "token_strs": None})
+                await self._send_json(
+                    resp,
+                    200,
+                    {"count": len(words), "max_model_len": cfg.max_model_len, "tokens": tokens, "token_strs": None},
+                )
             else:
                 await self._send_json(resp, 200, {"prompt": " ".join(f"<{t}>" for t in body.get("tokens", []))})
 
@@ -247,15 +280,21 @@ class App:
     def _metrics(self) -> str:
         p = "vllm" if self.vllm else "lmdeploy"
         labels = f'{{engine="0",model_name="{self.cfg.served_names[0]}"}}'
-        rows = [("num_requests_running", "gauge", self.s.running), ("num_requests_waiting", "gauge", 0),
-                ("kv_cache_usage_perc" if self.vllm else "gpu_cache_usage_perc", "gauge", 0.0),
-                ("prompt_tokens_total", "counter", self.s.prompt_tokens),
-                ("generation_tokens_total", "counter", self.s.generation_tokens),
-                ("request_success_total", "counter", self.s.successes)]
+        rows = [
+            ("num_requests_running", "gauge", self.s.running),
+            ("num_requests_waiting", "gauge", 0),
+            ("kv_cache_usage_perc" if self.vllm else "gpu_cache_usage_perc", "gauge", 0.0),
+            ("prompt_tokens_total", "counter", self.s.prompt_tokens),
+            ("generation_tokens_total", "counter", self.s.generation_tokens),
+            ("request_success_total", "counter", self.s.successes),
+        ]
         out = []
         for name, kind, value in rows:
-            out += [f"# HELP {p}:{name} stand-in value", f"# TYPE {p}:{name} {kind}",
-                    f"{p}:{name}{labels} {float(value)}"]
+            out += [
+                f"# HELP {p}:{name} stand-in value",
+                f"# TYPE {p}:{name} {kind}",
+                f"{p}:{name}{labels} {float(value)}",
+            ]
         return "\n".join(out) + "\n"
 
     # ---- inference -----------------------------------------------------------------------------------------
@@ -268,8 +307,18 @@ class App:
         try:
             return json.loads(req.body or b"null")
         except json.JSONDecodeError as exc:
-            raise Invalid([{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error",
-                            "input": {}, "ctx": {"error": exc.msg}}], self.cfg.engine) from None
+            raise Invalid(
+                [
+                    {
+                        "type": "json_invalid",
+                        "loc": ("body", exc.pos),
+                        "msg": "JSON decode error",
+                        "input": {},
+                        "ctx": {"error": exc.msg},
+                    }
+                ],
+                self.cfg.engine,
+            ) from None
 
     def _record_request(self, req: Request) -> None:
         try:
@@ -277,8 +326,15 @@ class App:
             extra: dict[str, Any] = {"body": body}
         except ValueError:
             extra = {"body": None, "body_text": req.body[:4096].decode("utf-8", "replace")}
-        self.s.record("request", method=req.method, path=req.path, query=req.query, headers=req.headers(),
-                      raw_headers=req.raw_headers, **extra)
+        self.s.record(
+            "request",
+            method=req.method,
+            path=req.path,
+            query=req.query,
+            headers=req.headers(),
+            raw_headers=req.raw_headers,
+            **extra,
+        )
 
     async def _inference(self, req: Request, resp: Response, faults: dict[str, Any]) -> None:
         if faults.get("crash-on-request"):
@@ -332,8 +388,9 @@ class App:
         headers = (("retry-after", str(faults["retry-after"])),) if faults.get("retry-after") else ()
         if garbage is None:
             assert status is not None
-            await self._send_json(resp, status, error_body(self.cfg.engine, status, self._fault_message(status)),
-                                  headers)
+            await self._send_json(
+                resp, status, error_body(self.cfg.engine, status, self._fault_message(status)), headers
+            )
             return True
         content_type, parts = garbage_body(str(garbage), _wants_stream(req))
         if len(parts) == 1:
@@ -349,11 +406,19 @@ class App:
         cfg = self.cfg
         if status == 400:
             n = cfg.max_model_len + 1
-            return (f"This model's maximum context length is {cfg.max_model_len} tokens. However, your prompt contains "
-                    f"{n} input tokens. Please reduce the length of the input messages.") if self.vllm else \
-                   f"Input length ({n}) must be smaller than the model context length ({cfg.max_model_len})."
-        return {429: "Too many requests, please try again later.", 500: ENGINE_500,
-                503: "The engine is not available."}.get(status, f"stand-in fault: HTTP {status}")
+            return (
+                (
+                    f"This model's maximum context length is {cfg.max_model_len} tokens. However, your prompt contains "
+                    f"{n} input tokens. Please reduce the length of the input messages."
+                )
+                if self.vllm
+                else f"Input length ({n}) must be smaller than the model context length ({cfg.max_model_len})."
+            )
+        return {
+            429: "Too many requests, please try again later.",
+            500: ENGINE_500,
+            503: "The engine is not available.",
+        }.get(status, f"stand-in fault: HTTP {status}")
 
     def _model(self, body: dict) -> str:
         """vLLM: optional, aliases allowed, answers with the first served name. LMDeploy: exact, echoed."""
@@ -361,12 +426,12 @@ class App:
         model = body.get("model")
         if self.vllm:
             if model and model not in names:
-                raise ApiError(404, f"The model `{model}` does not exist. Valid aliases: {', '.join(names)}.",
-                               "model")
+                raise ApiError(404, f"The model `{model}` does not exist. Valid aliases: {', '.join(names)}.", "model")
             return names[0]
         if model is None:
-            raise Invalid([{"type": "missing", "loc": ("body", "model"), "msg": "Field required", "input": body}],
-                          "lmdeploy")
+            raise Invalid(
+                [{"type": "missing", "loc": ("body", "model"), "msg": "Field required", "input": body}], "lmdeploy"
+            )
         if model not in names:
             raise ApiError(404, f"The model '{model}' does not exist.")
         return str(model)
@@ -400,13 +465,22 @@ class App:
         if images := sum(p.images for p in prompts):
             headers += (("x-standin-images", str(images)),)
         prompt_tokens = sum(p.tokens for p in prompts)  # once per prompt, however many choices
-        echo = {"method": req.method, "path": req.path, "headers": req.raw_headers} if faults.get("echo-headers") \
-            else None
+        echo = (
+            {"method": req.method, "path": req.path, "headers": req.raw_headers} if faults.get("echo-headers") else None
+        )
         self.s.running += 1
         try:
             if body.get("stream"):
-                events = stream_events(kind, engine, rid, model, plans, prompt_tokens, body.get("stream_options") or {},
-                                       cfg.force_include_usage)
+                events = stream_events(
+                    kind,
+                    engine,
+                    rid,
+                    model,
+                    plans,
+                    prompt_tokens,
+                    body.get("stream_options") or {},
+                    cfg.force_include_usage,
+                )
                 if echo:
                     events[0][1]["standin_echo"] = echo
                 await self._stream(req, resp, faults, events, rid, headers)
@@ -418,8 +492,19 @@ class App:
         finally:
             self.s.running -= 1
 
-    async def _non_stream(self, req: Request, resp: Response, faults: dict[str, Any], kind: str, rid: str, model: str,
-                          plans: list, prompt_tokens: int, headers: tuple, echo: dict | None) -> None:
+    async def _non_stream(
+        self,
+        req: Request,
+        resp: Response,
+        faults: dict[str, Any],
+        kind: str,
+        rid: str,
+        model: str,
+        plans: list,
+        prompt_tokens: int,
+        headers: tuple,
+        echo: dict | None,
+    ) -> None:
         if faults.get("drip"):
             await resp.start(200, "application/json", headers)
             await self._drip(req, resp, faults, itertools.repeat(b" "))
@@ -447,16 +532,19 @@ class App:
             self._gone(req, faults, sent)
             raise
 
-    async def _stream(self, req: Request, resp: Response, faults: dict[str, Any], events: list[Event], rid: str,
-                      headers: tuple) -> None:
+    async def _stream(
+        self, req: Request, resp: Response, faults: dict[str, Any], events: list[Event], rid: str, headers: tuple
+    ) -> None:
         await resp.start(200, "text/event-stream; charset=utf-8", headers)
         if faults.get("drip"):
             body = b"".join(sse(p) for _, p in events[:-1] if isinstance(p, dict) and p.get("choices"))
-            await self._drip(req, resp, faults, (body[i:i + 1] for i in itertools.cycle(range(len(body)))))
+            await self._drip(req, resp, faults, (body[i : i + 1] for i in itertools.cycle(range(len(body)))))
             return
         first, interval = float(faults.get("first-token-delay", 0)), float(faults.get("token-interval", 0))
-        limits = {k: faults.get(k) for k in ("crash-after-chunks", "close-after-chunks", "stall-after-chunks",
-                                             "error-after-chunks")}
+        limits = {
+            k: faults.get(k)
+            for k in ("crash-after-chunks", "close-after-chunks", "stall-after-chunks", "error-after-chunks")
+        }
         sent = 0
         try:
             for wait, payload in events:

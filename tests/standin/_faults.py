@@ -138,8 +138,11 @@ class Recorder:
     def __call__(self, event: str, **fields: Any) -> None:
         if not self.path:
             return
-        line = json.dumps({"event": event, "ts": time.time(), "pid": os.getpid(), "engine": self.engine, **fields},
-                          default=repr, ensure_ascii=False)
+        line = json.dumps(
+            {"event": event, "ts": time.time(), "pid": os.getpid(), "engine": self.engine, **fields},
+            default=repr,
+            ensure_ascii=False,
+        )
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, (line + "\n").encode())

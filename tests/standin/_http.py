@@ -91,8 +91,9 @@ class Response:
         self.conn.server.on_response(self.req, status)
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
-    async def send(self, status: int, body: bytes, content_type: str | None = "application/json",
-                   headers: Headers = ()) -> None:
+    async def send(
+        self, status: int, body: bytes, content_type: str | None = "application/json", headers: Headers = ()
+    ) -> None:
         hdrs = [("content-length", str(len(body)))]
         if content_type:
             hdrs.append(("content-type", content_type))
@@ -258,8 +259,10 @@ class Connection:
                 except (TimeoutError, ClientGone):
                     return
                 except _BadRequest:
-                    self.writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                                      b"content-length: 28\r\nconnection: close\r\n\r\nInvalid HTTP request received.")
+                    self.writer.write(
+                        b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                        b"content-length: 28\r\nconnection: close\r\n\r\nInvalid HTTP request received."
+                    )
                     return
                 first = False
                 if req is None:
@@ -307,8 +310,12 @@ Handler = Callable[[Request, Response], Awaitable[None]]
 
 
 class HttpServer:
-    def __init__(self, handler: Handler, on_response: Callable[[Request, int], None],
-                 keep_alive_timeout: float = KEEP_ALIVE_TIMEOUT) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        on_response: Callable[[Request, int], None],
+        keep_alive_timeout: float = KEEP_ALIVE_TIMEOUT,
+    ) -> None:
         self.handler = handler
         self.keep_alive_timeout = keep_alive_timeout
         self.on_response = on_response

@@ -83,8 +83,11 @@ class Runner:
             title = f"{prefix}::EngineCore"
             world = cfg.tp * cfg.pp
             if world > 1 and cfg.executor in (None, "mp"):
-                workers = [f"{prefix}::Worker_TP{t}" if cfg.pp == 1 else f"{prefix}::Worker_PP{p}_TP{t}"
-                           for p in range(cfg.pp) for t in range(cfg.tp)]
+                workers = [
+                    f"{prefix}::Worker_TP{t}" if cfg.pp == 1 else f"{prefix}::Worker_PP{p}_TP{t}"
+                    for p in range(cfg.pp)
+                    for t in range(cfg.tp)
+                ]
             else:
                 workers = ["ray::RayWorkerWrapper"] * world if world > 1 and cfg.executor == "ray" else []
             extras = [f"{prefix}::Worker_TP{len(workers) + i}" for i in range(extra)]
@@ -93,12 +96,24 @@ class Runner:
                 return  # turbomind runs in the API server process; TP uses threads
             title = "ZMQMPEngine" if cfg.backend == "pytorch" else "lmdeploy-standin::engine"
             executor = cfg.executor or os.environ.get("LMDEPLOY_EXECUTOR_BACKEND") or ("ray" if cfg.tp > 1 else "uni")
-            workers = [] if cfg.backend != "pytorch" or cfg.tp == 1 or executor == "uni" else \
-                ["ray::RayWorkerWrapper" if executor == "ray" else f"lmdeploy::Worker_TP{t}" for t in range(cfg.tp)]
+            workers = (
+                []
+                if cfg.backend != "pytorch" or cfg.tp == 1 or executor == "uni"
+                else [
+                    "ray::RayWorkerWrapper" if executor == "ray" else f"lmdeploy::Worker_TP{t}" for t in range(cfg.tp)
+                ]
+            )
             extras = ["ray::RayWorkerWrapper"] * extra
-        self.engine_pid = fork_child(title, lambda: engine_process(
-            "EngineCore_DP0" if self.vllm else title, workers, extras,
-            setsid=bool(faults.get("setsid")), ignore_term=ignore_all))
+        self.engine_pid = fork_child(
+            title,
+            lambda: engine_process(
+                "EngineCore_DP0" if self.vllm else title,
+                workers,
+                extras,
+                setsid=bool(faults.get("setsid")),
+                ignore_term=ignore_all,
+            ),
+        )
 
     def cleanup(self) -> None:
         """What atexit/context managers do on an orderly exit; never runs on SIGKILL."""
@@ -214,8 +229,11 @@ class Runner:
             if self.vllm:
                 emit(2, f"Traceback (most recent call last):\nOSError: [Errno {exc.errno}] {exc.strerror}")
             else:
-                self.uv(f"[Errno {exc.errno}] error while attempting to bind on address {(cfg.host, cfg.port)}: "
-                        f"{(exc.strerror or '').lower()}", "ERROR")
+                self.uv(
+                    f"[Errno {exc.errno}] error while attempting to bind on address {(cfg.host, cfg.port)}: "
+                    f"{(exc.strerror or '').lower()}",
+                    "ERROR",
+                )
             raise SystemExit(1) from None
         return sock
 
@@ -245,8 +263,11 @@ class Runner:
         faults = self.current_faults()
         if "exit-at-startup" in faults:
             where = "EngineCore_DP0" if self.vllm else "lmdeploy"
-            emit(2, f"Traceback (most recent call last):\nRuntimeError: Engine core initialization failed ({where}). "
-                    "See root cause above. (stand-in fault exit-at-startup)")
+            emit(
+                2,
+                f"Traceback (most recent call last):\nRuntimeError: Engine core initialization failed ({where}). "
+                "See root cause above. (stand-in fault exit-at-startup)",
+            )
             self.cleanup()
             return int(faults["exit-at-startup"])
         if not self.vllm:
@@ -254,8 +275,11 @@ class Runner:
                 emit(1, f"HINT:    Please open http://{cfg.host}:{cfg.port} in a browser for detailed api usage!!!")
             sock = self.bind()
         port = sock.getsockname()[1] if sock else cfg.port
-        url = f"unix socket {cfg.uds}" if cfg.uds else \
-            f"http://{'[' + cfg.host + ']' if ':' in cfg.host else cfg.host}:{port}"
+        url = (
+            f"unix socket {cfg.uds}"
+            if cfg.uds
+            else f"http://{'[' + cfg.host + ']' if ':' in cfg.host else cfg.host}:{port}"
+        )
         if self.vllm:
             self.log(f"Starting vLLM server on {url}", where="launcher.py")
             for route, methods in self.server.handler.routes.items():  # type: ignore[attr-defined]
@@ -272,8 +296,9 @@ class Runner:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.on_signal, sig)
         if faults.get("hold-port-in-child"):
-            self.holder_pid = fork_child("standin::port-holder", lambda: port_holder(
-                faults.get("ignore-sigterm") == "all"))
+            self.holder_pid = fork_child(
+                "standin::port-holder", lambda: port_holder(faults.get("ignore-sigterm") == "all")
+            )
         if "crash-after-seconds" in faults:
             loop.call_later(float(faults["crash-after-seconds"]), lambda: os.kill(self.pid, signal.SIGKILL))
         if "engine-dead-after" in faults:

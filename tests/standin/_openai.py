@@ -37,8 +37,14 @@ _TYPES: dict[str, tuple[tuple[type, ...], str, str]] = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, type_: str | None = None,
-                 headers: tuple[tuple[str, str], ...] = ()) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type_: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.headers = status, message, param, type_, headers
 
@@ -60,8 +66,15 @@ class Invalid(ApiError):
 
 def error_type(engine: str, status: int) -> str:
     if engine == "vllm":
-        names = {400: "BadRequestError", 401: "Unauthorized", 404: "NotFoundError", 422: "UnprocessableEntityError",
-                 429: "TooManyRequestsError", 501: "NotImplementedError", 503: "ServiceUnavailableError"}
+        names = {
+            400: "BadRequestError",
+            401: "Unauthorized",
+            404: "NotFoundError",
+            422: "UnprocessableEntityError",
+            429: "TooManyRequestsError",
+            501: "NotImplementedError",
+            503: "ServiceUnavailableError",
+        }
         return names.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
     if status == 401:
         return "authentication_error"
@@ -80,9 +93,17 @@ def error_body(engine: str, status: int, message: str, param: str | None = None,
 def check_fields(body: Any, spec: dict[str, tuple[str, bool]], engine: str) -> None:
     """``spec``: field -> (kind, required); kind may be "a|b" for a union."""
     if not isinstance(body, dict):
-        raise Invalid([{"type": "model_attributes_type", "loc": ("body",),
-                        "msg": "Input should be a valid dictionary or object to extract fields from", "input": body}],
-                      engine)
+        raise Invalid(
+            [
+                {
+                    "type": "model_attributes_type",
+                    "loc": ("body",),
+                    "msg": "Input should be a valid dictionary or object to extract fields from",
+                    "input": body,
+                }
+            ],
+            engine,
+        )
     errors: list[dict[str, Any]] = []
     for name, (kinds, required) in spec.items():
         value = body.get(name, _MISSING)
@@ -98,23 +119,47 @@ def check_fields(body: Any, spec: dict[str, tuple[str, bool]], engine: str) -> N
         raise Invalid(errors, engine)
 
 
-CHAT_FIELDS = {"messages": ("list", True), "stream": ("bool", False), "stream_options": ("dict", False),
-               "max_tokens": ("int", False), "max_completion_tokens": ("int", False), "n": ("int", False),
-               "temperature": ("num", False), "top_p": ("num", False), "stop": ("str|list", False),
-               "ignore_eos": ("bool", False), "tools": ("list", False)}
-COMPLETION_FIELDS = {**{k: v for k, v in CHAT_FIELDS.items() if k not in ("messages", "tools")},
-                     "prompt": ("str|list", True)}
+CHAT_FIELDS = {
+    "messages": ("list", True),
+    "stream": ("bool", False),
+    "stream_options": ("dict", False),
+    "max_tokens": ("int", False),
+    "max_completion_tokens": ("int", False),
+    "n": ("int", False),
+    "temperature": ("num", False),
+    "top_p": ("num", False),
+    "stop": ("str|list", False),
+    "ignore_eos": ("bool", False),
+    "tools": ("list", False),
+}
+COMPLETION_FIELDS = {
+    **{k: v for k, v in CHAT_FIELDS.items() if k not in ("messages", "tools")},
+    "prompt": ("str|list", True),
+}
 
 
 def check_sampling(body: dict, cfg: EngineConfig) -> None:
     engine = cfg.engine
     if body.get("stream_options") is not None and not body.get("stream"):
-        raise Invalid([{"type": "value_error", "loc": ("body",), "input": body,
-                        "msg": "Value error, Stream options can only be defined when `stream=True`."}], engine)
+        raise Invalid(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("body",),
+                    "input": body,
+                    "msg": "Value error, Stream options can only be defined when `stream=True`.",
+                }
+            ],
+            engine,
+        )
     mt = body.get("max_completion_tokens") if body.get("max_completion_tokens") is not None else body.get("max_tokens")
     if mt is not None and mt < 1:
-        raise ApiError(400, f"max_tokens must be at least 1, got {mt}." if engine == "vllm"
-                       else f"The max_tokens `{mt}` must be a positive integer.")
+        raise ApiError(
+            400,
+            f"max_tokens must be at least 1, got {mt}."
+            if engine == "vllm"
+            else f"The max_tokens `{mt}` must be a positive integer.",
+        )
     if engine == "lmdeploy":
         top_p, temp, n = body.get("top_p"), body.get("temperature"), body.get("n")
         if top_p is not None and not 0 < top_p <= 1:
@@ -135,8 +180,14 @@ class Prompt:
     media: list[dict[str, Any]] = field(default_factory=list)
 
 
-_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"GIF8", "gif"), (b"BM", "bmp"),
-                (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"))
+_IMAGE_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"GIF8", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+)
 
 
 def _sniff(data: bytes) -> str | None:
@@ -173,14 +224,19 @@ def load_media(url: str, kind: str, cfg: EngineConfig) -> dict[str, Any]:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise ApiError(400, fail) from None
-        info.update(source="data", mime=header.split(";")[0], bytes=len(data),
-                    sha256=hashlib.sha256(data).hexdigest()[:16])
+        info.update(
+            source="data", mime=header.split(";")[0], bytes=len(data), sha256=hashlib.sha256(data).hexdigest()[:16]
+        )
     elif scheme in ("http", "https"):
         host = urlsplit(url).hostname or ""
         if cfg.allowed_media_domains is not None and host not in cfg.allowed_media_domains:
-            raise ApiError(400, f"The URL must be from one of the allowed domains: {cfg.allowed_media_domains}. "
-                                f"Input URL domain: {host}" if vllm else "URL is blocked for security reasons: "
-                                f"domain {host!r} is not in --allowed-media-domains")
+            raise ApiError(
+                400,
+                f"The URL must be from one of the allowed domains: {cfg.allowed_media_domains}. "
+                f"Input URL domain: {host}"
+                if vllm
+                else f"URL is blocked for security reasons: domain {host!r} is not in --allowed-media-domains",
+            )
         ip = _host_ip(host)
         if not vllm and ip is not None and not ip.is_global:
             raise ApiError(400, f"URL is blocked for security reasons: Blocked non-global IP detected: {ip}")
@@ -211,11 +267,24 @@ def load_media(url: str, kind: str, cfg: EngineConfig) -> dict[str, Any]:
 
 _TEXT_PARTS = {"vllm": ("text", "input_text", "output_text", "refusal", "thinking"), "lmdeploy": ("text",)}
 _MEDIA_PARTS = {
-    "vllm": {"image_url": "image", "input_image": "image", "video_url": "video", "audio_url": "audio",
-             "input_audio": "audio"},
-    "lmdeploy": {"image_url": "image", "image": "image", "image_data": "image", "video_url": "video",
-                 "video": "video", "audio_url": "audio", "audio": "audio", "time_series_url": "time_series",
-                 "time_series": "time_series"},
+    "vllm": {
+        "image_url": "image",
+        "input_image": "image",
+        "video_url": "video",
+        "audio_url": "audio",
+        "input_audio": "audio",
+    },
+    "lmdeploy": {
+        "image_url": "image",
+        "image": "image",
+        "image_data": "image",
+        "video_url": "video",
+        "video": "video",
+        "audio_url": "audio",
+        "audio": "audio",
+        "time_series_url": "time_series",
+        "time_series": "time_series",
+    },
 }
 
 
@@ -229,8 +298,17 @@ def _part_url(part: dict, ptype: str, engine: str) -> str:
             return url
     if isinstance(value, str) and (engine == "lmdeploy" or ptype == "input_image"):
         return value
-    raise Invalid([{"type": "dict_type", "loc": ("body", "messages", ptype), "msg": "Input should be a valid "
-                    "dictionary", "input": value}], engine)
+    raise Invalid(
+        [
+            {
+                "type": "dict_type",
+                "loc": ("body", "messages", ptype),
+                "msg": "Input should be a valid dictionary",
+                "input": value,
+            }
+        ],
+        engine,
+    )
 
 
 def chat_prompt(body: dict, cfg: EngineConfig) -> Prompt:
@@ -238,16 +316,22 @@ def chat_prompt(body: dict, cfg: EngineConfig) -> Prompt:
     words_total, last_user, media = 0, "", []
     for i, msg in enumerate(body["messages"]):
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
-            raise Invalid([{"type": "missing", "loc": ("body", "messages", i, "role"), "msg": "Field required",
-                            "input": msg}], engine)
+            raise Invalid(
+                [{"type": "missing", "loc": ("body", "messages", i, "role"), "msg": "Field required", "input": msg}],
+                engine,
+            )
         content, texts = msg.get("content"), []
         if isinstance(content, str):
             texts.append(content)
         elif isinstance(content, list):
             for part in content:
                 if not isinstance(part, dict):
-                    raise ApiError(400, "Request preprocessing failed." if engine == "lmdeploy"
-                                   else f"Invalid content part: {part!r:.40}")
+                    raise ApiError(
+                        400,
+                        "Request preprocessing failed."
+                        if engine == "lmdeploy"
+                        else f"Invalid content part: {part!r:.40}",
+                    )
                 ptype = part.get("type")
                 if ptype is None and engine == "vllm":  # vLLM's shorthand: the key names the kind
                     ptype = next((k for k in ("image_url", "audio_url", "video_url") if k in part), None)
@@ -257,19 +341,32 @@ def chat_prompt(body: dict, cfg: EngineConfig) -> Prompt:
                     url = _part_url(part, ptype, engine)
                     media.append(load_media(url, _MEDIA_PARTS[engine][ptype], cfg))
                 else:
-                    raise ApiError(400, "Request preprocessing failed." if engine == "lmdeploy"
-                                   else f"Unknown part type: {ptype}")
+                    raise ApiError(
+                        400, "Request preprocessing failed." if engine == "lmdeploy" else f"Unknown part type: {ptype}"
+                    )
         elif content is not None:
-            raise Invalid([{"type": "string_type", "loc": ("body", "messages", i, "content"),
-                            "msg": "Input should be a valid string", "input": content}], engine)
+            raise Invalid(
+                [
+                    {
+                        "type": "string_type",
+                        "loc": ("body", "messages", i, "content"),
+                        "msg": "Input should be a valid string",
+                        "input": content,
+                    }
+                ],
+                engine,
+            )
         text = " ".join(texts)
         words_total += len(text.split())
         if msg["role"] == "user" or not last_user:
             last_user = text
     images = sum(1 for m in media if m["kind"] == "image")
     if engine == "vllm" and images > cfg.image_limit:
-        raise ApiError(400, f"At most {cfg.image_limit} image(s) may be provided in one prompt. "
-                            "Set `--limit-mm-per-prompt` to increase this limit.")
+        raise ApiError(
+            400,
+            f"At most {cfg.image_limit} image(s) may be provided in one prompt. "
+            "Set `--limit-mm-per-prompt` to increase this limit.",
+        )
     return Prompt(last_user.split(), words_total + len(media), images, media)
 
 
@@ -286,22 +383,37 @@ def completion_prompts(body: dict, engine: str) -> list[Prompt]:
         elif isinstance(p, list) and all(isinstance(t, int) for t in p):
             out.append(Prompt([f"t{t}" for t in p], len(p)))
         else:
-            raise Invalid([{"type": "string_type", "loc": ("body", "prompt"), "msg": "Input should be a valid string",
-                            "input": p}], engine)
+            raise Invalid(
+                [
+                    {
+                        "type": "string_type",
+                        "loc": ("body", "prompt"),
+                        "msg": "Input should be a valid string",
+                        "input": p,
+                    }
+                ],
+                engine,
+            )
     if not out:
-        raise ApiError(400, "Prompt cannot be empty." if engine == "vllm" else "prompt: List should have at least 1 "
-                            "item")
+        raise ApiError(
+            400, "Prompt cannot be empty." if engine == "vllm" else "prompt: List should have at least 1 item"
+        )
     return out
 
 
 def check_length(prompt: Prompt, cfg: EngineConfig) -> None:
     if cfg.engine == "vllm" and prompt.tokens > cfg.max_model_len:
-        raise ApiError(400, f"This model's maximum context length is {cfg.max_model_len} tokens. However, your "
-                            f"prompt contains {prompt.tokens} input tokens. Please reduce the length of the input "
-                            "messages.", "input_tokens")
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {cfg.max_model_len} tokens. However, your "
+            f"prompt contains {prompt.tokens} input tokens. Please reduce the length of the input "
+            "messages.",
+            "input_tokens",
+        )
     if cfg.engine == "lmdeploy" and prompt.tokens >= cfg.max_model_len:
-        raise ApiError(400, f"Input length ({prompt.tokens}) must be smaller than the model context length "
-                            f"({cfg.max_model_len}).")
+        raise ApiError(
+            400, f"Input length ({prompt.tokens}) must be smaller than the model context length ({cfg.max_model_len})."
+        )
 
 
 @dataclass
@@ -335,8 +447,11 @@ def new_id(prefix: str, request_id: str | None = None) -> str:
 
 
 def usage(prompt_tokens: int, completion: int, vllm_full: bool = False) -> dict[str, Any]:
-    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion,
-                           "completion_tokens": completion}
+    out: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion,
+        "completion_tokens": completion,
+    }
     if vllm_full:
         out["prompt_tokens_details"] = None
     return out
@@ -369,8 +484,14 @@ def embeddings_body(body: dict, model: str) -> dict[str, Any]:
             value = base64.b64encode(struct.pack(f"<{dim}f", *vec)).decode()
         data.append({"index": i, "object": "embedding", "embedding": value})
     tokens = sum(len(t.split()) for t in items)
-    return {"id": new_id("embd"), "object": "list", "created": int(time.time()), "model": model, "data": data,
-            "usage": usage(tokens, 0, vllm_full=True)}
+    return {
+        "id": new_id("embd"),
+        "object": "list",
+        "created": int(time.time()),
+        "model": model,
+        "data": data,
+        "usage": usage(tokens, 0, vllm_full=True),
+    }
 
 
 def rerank_body(body: dict, model: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ def set_title(title: str) -> None:
     try:
         with open("/proc/self/stat", "rb") as fh:
             stat = fh.read()
-        fields = stat[stat.rindex(b")") + 2:].split()
+        fields = stat[stat.rindex(b")") + 2 :].split()
         start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49
         size = end - start
         raw = title.encode()[: size - 1]
@@ -105,8 +105,9 @@ def _sleeper(death_w: int, setsid: bool, ignore_term: bool, prefix: str) -> None
         signal.pause()
 
 
-def engine_process(prefix: str, worker_titles: list[str], extra_titles: list[str], *, setsid: bool,
-                   ignore_term: bool) -> None:
+def engine_process(
+    prefix: str, worker_titles: list[str], extra_titles: list[str], *, setsid: bool, ignore_term: bool
+) -> None:
     """Body of the engine process: start workers, then idle until signalled (no parent-death check).
 
     ``worker_titles`` watch a death pipe to this process, like vLLM's TP workers; ``extra_titles`` (the
@@ -114,8 +115,10 @@ def engine_process(prefix: str, worker_titles: list[str], extra_titles: list[str
     """
     _log(prefix, "Initializing engine (stand-in): no model is loaded, nothing touches a GPU")
     death_r, death_w = os.pipe()
-    kids = [fork_child(t, lambda t=t: _worker(death_r, death_w, setsid, ignore_term, t.split("::")[-1]))
-            for t in worker_titles]
+    kids = [
+        fork_child(t, lambda t=t: _worker(death_r, death_w, setsid, ignore_term, t.split("::")[-1]))
+        for t in worker_titles
+    ]
     os.close(death_r)
     kids += [fork_child(t, lambda t=t: _sleeper(death_w, setsid, ignore_term, t.split("::")[-1])) for t in extra_titles]
 

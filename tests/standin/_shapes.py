@@ -27,33 +27,101 @@ def chat_body(engine: str, rid: str, model: str, plans: list[Plan], prompt_token
     created = int(time.time())
     use = usage(prompt_tokens, _completion_tokens(plans), vllm_full=engine == "vllm")
     if engine == "vllm":
-        choices = [{"index": i, "message": {"role": "assistant", "content": "".join(p.tokens), "refusal": None,
-                                            "annotations": None, "audio": None, "function_call": None,
-                                            "tool_calls": [], "reasoning": None},
-                    "logprobs": None, "finish_reason": p.finish, "stop_reason": p.stop_reason, "token_ids": None}
-                   for i, p in enumerate(plans)]
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-                "service_tier": None, "system_fingerprint": None, "usage": use, "prompt_logprobs": None,
-                "prompt_token_ids": None, "kv_transfer_params": None}
-    choices = [{"index": i, "message": {"role": "assistant", "content": "".join(p.tokens), "reasoning_content": None,
-                                        "tool_calls": None},
-                "logprobs": None, "finish_reason": p.finish} for i, p in enumerate(plans)]
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-            "usage": use}
+        choices = [
+            {
+                "index": i,
+                "message": {
+                    "role": "assistant",
+                    "content": "".join(p.tokens),
+                    "refusal": None,
+                    "annotations": None,
+                    "audio": None,
+                    "function_call": None,
+                    "tool_calls": [],
+                    "reasoning": None,
+                },
+                "logprobs": None,
+                "finish_reason": p.finish,
+                "stop_reason": p.stop_reason,
+                "token_ids": None,
+            }
+            for i, p in enumerate(plans)
+        ]
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "service_tier": None,
+            "system_fingerprint": None,
+            "usage": use,
+            "prompt_logprobs": None,
+            "prompt_token_ids": None,
+            "kv_transfer_params": None,
+        }
+    choices = [
+        {
+            "index": i,
+            "message": {
+                "role": "assistant",
+                "content": "".join(p.tokens),
+                "reasoning_content": None,
+                "tool_calls": None,
+            },
+            "logprobs": None,
+            "finish_reason": p.finish,
+        }
+        for i, p in enumerate(plans)
+    ]
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": use,
+    }
 
 
 def completion_body(engine: str, rid: str, model: str, plans: list[Plan], prompt_tokens: int) -> dict[str, Any]:
     created = int(time.time())
     use = usage(prompt_tokens, _completion_tokens(plans), vllm_full=engine == "vllm")
     if engine == "vllm":
-        choices = [{"index": i, "text": "".join(p.tokens), "logprobs": None, "finish_reason": p.finish,
-                    "stop_reason": p.stop_reason, "prompt_logprobs": None} for i, p in enumerate(plans)]
-        return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-                "service_tier": None, "system_fingerprint": None, "usage": use, "kv_transfer_params": None}
-    choices = [{"index": i, "text": "".join(p.tokens), "logprobs": None, "finish_reason": p.finish}
-               for i, p in enumerate(plans)]
-    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-            "usage": use}
+        choices = [
+            {
+                "index": i,
+                "text": "".join(p.tokens),
+                "logprobs": None,
+                "finish_reason": p.finish,
+                "stop_reason": p.stop_reason,
+                "prompt_logprobs": None,
+            }
+            for i, p in enumerate(plans)
+        ]
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "service_tier": None,
+            "system_fingerprint": None,
+            "usage": use,
+            "kv_transfer_params": None,
+        }
+    choices = [
+        {"index": i, "text": "".join(p.tokens), "logprobs": None, "finish_reason": p.finish}
+        for i, p in enumerate(plans)
+    ]
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": use,
+    }
 
 
 def _steps(plans: list[Plan]) -> Iterator[tuple[int, int, str, Plan | None]]:
@@ -65,8 +133,16 @@ def _steps(plans: list[Plan]) -> Iterator[tuple[int, int, str, Plan | None]]:
                 yield t, i, p.tokens[t] if p.tokens else "", p if last else None
 
 
-def stream_events(kind: str, engine: str, rid: str, model: str, plans: list[Plan], prompt_tokens: int,
-                  opts: dict[str, Any], force_usage: bool = False) -> list[Event]:
+def stream_events(
+    kind: str,
+    engine: str,
+    rid: str,
+    model: str,
+    plans: list[Plan],
+    prompt_tokens: int,
+    opts: dict[str, Any],
+    force_usage: bool = False,
+) -> list[Event]:
     """``kind``: "chat" or "completion". ``opts``: the request's ``stream_options``."""
     created = int(time.time())
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
@@ -107,8 +183,9 @@ def stream_events(kind: str, engine: str, rid: str, model: str, plans: list[Plan
         events.append((wait, chunk([choice])))
     if include_usage:
         use = usage(prompt_tokens, _completion_tokens(plans))
-        events.append((None, {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-                              "usage": use}))
+        events.append(
+            (None, {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": use})
+        )
     events.append((None, DONE))
     return events
 
@@ -120,8 +197,9 @@ def error_event(engine: str, status: int, message: str, type_: str) -> dict[str,
     return {"error": inner}
 
 
-GARBAGE_CHUNK = ('{"id":"chatcmpl-garbage","object":"chat.completion.chunk",'
-                 '"choices":[{"index":0,"delta":{"content":"x"}}]}')
+GARBAGE_CHUNK = (
+    '{"id":"chatcmpl-garbage","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"x"}}]}'
+)
 
 
 def garbage_body(kind: str, stream: bool) -> tuple[str, list[bytes]]:
@@ -140,6 +218,11 @@ def garbage_body(kind: str, stream: bool) -> tuple[str, list[bytes]]:
         parts = [b'data: {"id": "chatcmpl-garbage", "choices": [{"delta": {"content": "x"}\n\n'] * 3
     else:
         good = GARBAGE_CHUNK
-        parts = [f"data:{good}\n".encode(), b"event: weird\n\n", f"{good}\n\n".encode(), f"data: {good}\r".encode(),
-                 b"data: {not json}\n\n"]
+        parts = [
+            f"data:{good}\n".encode(),
+            b"event: weird\n\n",
+            f"{good}\n\n".encode(),
+            f"data: {good}\r".encode(),
+            b"data: {not json}\n\n",
+        ]
     return "text/event-stream; charset=utf-8", [*parts, b"data: [DONE]\n\n"]

@@ -40,9 +40,14 @@ def faults_text(faults: str | Mapping[str, Any] | None) -> str:
     return ",".join(k if v is True else f"{k}={v}" for k, v in faults.items() if v is not False)
 
 
-def standin_env(faults: str | Mapping[str, Any] | None = None, *, faults_file: str | os.PathLike[str] | None = None,
-                record: str | os.PathLike[str] | None = None, tag: str | None = None,
-                extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def standin_env(
+    faults: str | Mapping[str, Any] | None = None,
+    *,
+    faults_file: str | os.PathLike[str] | None = None,
+    record: str | os.PathLike[str] | None = None,
+    tag: str | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STANDIN_") and k != "VLLM_API_KEY"}
     env["PATH"] = standin_path(env.get("PATH", ""))
     env[TAG_VAR] = tag or uuid.uuid4().hex
@@ -86,7 +91,7 @@ def group_pids(pgid: int) -> list[int]:
     def member(pid: int) -> bool:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             stat = fh.read()
-        fields = stat[stat.rindex(b")") + 2:].split()
+        fields = stat[stat.rindex(b")") + 2 :].split()
         return int(fields[2]) == pgid and fields[0] != b"Z"
 
     return _pids_where(member)
@@ -106,7 +111,7 @@ def alive(pid: int) -> bool:
             stat = fh.read()
     except OSError:
         return False
-    return stat[stat.rindex(b")") + 2:][:1] != b"Z"
+    return stat[stat.rindex(b")") + 2 :][:1] != b"Z"
 
 
 class Proc:
@@ -119,8 +124,9 @@ class Proc:
         self._out = tempfile.TemporaryFile()
         self._err = tempfile.TemporaryFile()
         self._final = ("", "")
-        self.popen = subprocess.Popen(argv, env=dict(env), stdin=subprocess.DEVNULL, stdout=self._out,
-                                      stderr=self._err, start_new_session=True)
+        self.popen = subprocess.Popen(
+            argv, env=dict(env), stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err, start_new_session=True
+        )
         self.pid = self.popen.pid
 
     def stdout(self) -> str:
@@ -194,8 +200,17 @@ def serve_args(engine: str, port: int, name: str = "m1", *aliases: str, model: s
     """The command line the gateway's adapters build (engines/adapters/*.py), minus the executable."""
     if engine == "vllm":
         return ["serve", model, "--served-model-name", name, *aliases, "--host", "127.0.0.1", "--port", str(port)]
-    return ["serve", "api_server", model, "--server-name", "127.0.0.1", "--server-port", str(port),
-            "--model-name", name]
+    return [
+        "serve",
+        "api_server",
+        model,
+        "--server-name",
+        "127.0.0.1",
+        "--server-port",
+        str(port),
+        "--model-name",
+        name,
+    ]
 
 
 def read_records(path: str | os.PathLike[str], event: str | None = None) -> list[dict[str, Any]]:
@@ -216,14 +231,28 @@ def write_faults(path: str | os.PathLike[str], faults: Mapping[str, Any]) -> Non
     os.replace(tmp, path)
 
 
-def raw_request(port: int, method: str, path: str, body: Any = None, headers: Mapping[str, str] | None = None,
-                timeout: float = 5.0, read: bool = True, total: float | None = None) -> bytes | socket.socket:
+def raw_request(
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 5.0,
+    read: bool = True,
+    total: float | None = None,
+) -> bytes | socket.socket:
     """One HTTP/1.1 request on a bare socket; returns every byte until EOF, ``timeout`` seconds of silence or
     ``total`` seconds in all (no parsing, so a cut stream shows exactly where it was cut), or the open socket
     when ``read`` is False."""
     data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else (body or b"")
-    head = [f"{method} {path} HTTP/1.1", f"host: 127.0.0.1:{port}", f"content-length: {len(data)}",
-            "content-type: application/json", "connection: close", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    head = [
+        f"{method} {path} HTTP/1.1",
+        f"host: 127.0.0.1:{port}",
+        f"content-length: {len(data)}",
+        "content-type: application/json",
+        "connection: close",
+        *(f"{k}: {v}" for k, v in (headers or {}).items()),
+    ]
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data)
     if not read:
@@ -253,8 +282,9 @@ def get(port: int, path: str, headers: Mapping[str, str] | None = None, timeout:
 
 
 @contextlib.contextmanager
-def post(port: int, path: str, body: bytes, headers: Mapping[str, str] | None = None,
-         timeout: float = 5.0) -> Iterator[http.client.HTTPResponse]:
+def post(
+    port: int, path: str, body: bytes, headers: Mapping[str, str] | None = None, timeout: float = 5.0
+) -> Iterator[http.client.HTTPResponse]:
     """POST and yield the response unread, for streaming; the connection is closed on exit."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:

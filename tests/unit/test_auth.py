@@ -6,16 +6,32 @@ from gateway.http.keys import KeyRing, required_permission
 
 
 def ring(**kw):
-    return KeyRing(AuthConfig.model_validate({"api_keys": [
-        {"name": "ops", "key": "sk-ops-123456", "permissions": ["all"]},
-        {"name": "app", "key": "sk-app-123456", "permissions": ["chat", "models"]},
-    ], **kw}))
+    return KeyRing(
+        AuthConfig.model_validate(
+            {
+                "api_keys": [
+                    {"name": "ops", "key": "sk-ops-123456", "permissions": ["all"]},
+                    {"name": "app", "key": "sk-app-123456", "permissions": ["chat", "models"]},
+                ],
+                **kw,
+            }
+        )
+    )
 
 
-@pytest.mark.parametrize(("path", "needed"), [
-    ("/health", "public"), ("/ready", "public"), ("/v1/chat/completions", "chat"), ("/v1/models/a/b", "models"),
-    ("/admin/engines", "admin"), ("/docs", "any"), ("//v1/chat/completions", "any"), ("/v1/chat/completions/", "any"),
-])
+@pytest.mark.parametrize(
+    ("path", "needed"),
+    [
+        ("/health", "public"),
+        ("/ready", "public"),
+        ("/v1/chat/completions", "chat"),
+        ("/v1/models/a/b", "models"),
+        ("/admin/engines", "admin"),
+        ("/docs", "any"),
+        ("//v1/chat/completions", "any"),
+        ("/v1/chat/completions/", "any"),
+    ],
+)
 def test_required_permission_uses_exact_paths(path, needed):
     assert required_permission(path, metrics_public=True) == needed
 
@@ -46,5 +62,9 @@ def test_key_from_env_must_exist(monkeypatch):
     with pytest.raises(ValueError, match="NOPE_KEY"):
         KeyRing(AuthConfig.model_validate({"api_keys": [{"name": "x", "key_env": "NOPE_KEY"}]}))
     monkeypatch.setenv("NOPE_KEY", "sk-from-env-1")
-    assert KeyRing(AuthConfig.model_validate({"api_keys": [{"name": "x", "key_env": "NOPE_KEY"}]})).identify(
-        b"Bearer sk-from-env-1").name == "x"
+    assert (
+        KeyRing(AuthConfig.model_validate({"api_keys": [{"name": "x", "key_env": "NOPE_KEY"}]}))
+        .identify(b"Bearer sk-from-env-1")
+        .name
+        == "x"
+    )

@@ -15,9 +15,11 @@ models:
 """)
     assert main(["check", "--config", str(config)]) == 0
     out = capsys.readouterr().out
-    assert ("CUDA_VISIBLE_DEVICES=0,1 VLLM_MEDIA_URL_ALLOW_REDIRECTS=0 /opt/vllm/bin/vllm serve /m/chat "
-            "--served-model-name chat gpt-4o-mini --host 127.0.0.1 --port '<free port>' "
-            "--tensor-parallel-size 2") in out
+    assert (
+        "CUDA_VISIBLE_DEVICES=0,1 VLLM_MEDIA_URL_ALLOW_REDIRECTS=0 /opt/vllm/bin/vllm serve /m/chat "
+        "--served-model-name chat gpt-4o-mini --host 127.0.0.1 --port '<free port>' "
+        "--tensor-parallel-size 2"
+    ) in out
     assert "lmdeploy serve api_server /m/vl --server-name 127.0.0.1 --server-port 23333 --model-name vl" in out
     assert "remote: http://10.0.0.5:8000/v1" in out and "config OK: 3 model(s)" in out
 

@@ -4,25 +4,34 @@ from gateway.config.loader import ConfigError, build_config, load_config
 
 
 def test_minimal_config_builds_specs_in_order():
-    config = build_config({"models": {
-        "chat": {"engine": "vllm", "model": "/m/a", "aliases": ["gpt-4o-mini"], "gpus": [0, 1]},
-        "remote": {"engine": "openai", "url": "http://10.0.0.5:8000/v1"},
-    }})
+    config = build_config(
+        {
+            "models": {
+                "chat": {"engine": "vllm", "model": "/m/a", "aliases": ["gpt-4o-mini"], "gpus": [0, 1]},
+                "remote": {"engine": "openai", "url": "http://10.0.0.5:8000/v1"},
+            }
+        }
+    )
     assert [m.name for m in config.models] == ["chat", "remote"]
     assert config.models[0].served_names == ("chat", "gpt-4o-mini")
     assert config.models[0].tp_size == 2
 
 
-@pytest.mark.parametrize(("models", "needle"), [
-    ({"x": {"engine": "tgi", "model": "/m"}}, "models.x.engine"),
-    ({"x": {"engine": "vllm"}}, "engine 'vllm' needs 'model'"),
-    ({"x": {"engine": "openai"}}, "needs 'url'"),
-    ({"x": {"engine": "vllm", "model": "/m", "gpu": [0]}}, "models.x.gpu"),
-    ({"a": {"engine": "vllm", "model": "/m", "aliases": ["b"]}, "b": {"engine": "vllm", "model": "/m"}},
-     "'b' is used by both 'a' and 'b'"),
-    ({"a": {"engine": "vllm", "model": "/m", "aliases": ["a"]}}, "lists 'a' twice"),
-    ({"x": "vllm"}, "models.x: must be a mapping"),
-])
+@pytest.mark.parametrize(
+    ("models", "needle"),
+    [
+        ({"x": {"engine": "tgi", "model": "/m"}}, "models.x.engine"),
+        ({"x": {"engine": "vllm"}}, "engine 'vllm' needs 'model'"),
+        ({"x": {"engine": "openai"}}, "needs 'url'"),
+        ({"x": {"engine": "vllm", "model": "/m", "gpu": [0]}}, "models.x.gpu"),
+        (
+            {"a": {"engine": "vllm", "model": "/m", "aliases": ["b"]}, "b": {"engine": "vllm", "model": "/m"}},
+            "'b' is used by both 'a' and 'b'",
+        ),
+        ({"a": {"engine": "vllm", "model": "/m", "aliases": ["a"]}}, "lists 'a' twice"),
+        ({"x": "vllm"}, "models.x: must be a mapping"),
+    ],
+)
 def test_errors_name_the_offending_key(models, needle):
     with pytest.raises(ConfigError) as info:
         build_config({"models": models})

@@ -108,8 +108,11 @@ def test_entrypoint_is_executable_and_execs_the_gateway(tmp_path):
 # -------------------------------------------------------------------------------------- Dockerfiles
 def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(line for line in dockerfile.read_text().splitlines()
-                                         if not line.lstrip().startswith("#")))
+    text = re.sub(
+        r"\\\n",
+        " ",
+        "\n".join(line for line in dockerfile.read_text().splitlines() if not line.lstrip().startswith("#")),
+    )
     out = []
     for line in text.splitlines():
         if line.strip():
@@ -173,9 +176,21 @@ def test_gpu_image_has_a_venv_for_every_engine_command_the_configs_use():
 # ------------------------------------------------------------------------------- docker-compose.yml
 def _compose_config(*args: str) -> dict[str, Any]:
     # An empty environment and env file: what the file says by itself, not what this shell has set.
-    result = _run([_compose_binary(), "--env-file", os.devnull, "-f", str(REPO / "docker-compose.yml"),
-                   *args, "config", "--format", "json"], env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"},
-                  cwd=REPO)
+    result = _run(
+        [
+            _compose_binary(),
+            "--env-file",
+            os.devnull,
+            "-f",
+            str(REPO / "docker-compose.yml"),
+            *args,
+            "config",
+            "--format",
+            "json",
+        ],
+        env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"},
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -213,8 +228,9 @@ def test_compose_mounts_files_that_exist_and_a_config_that_checks(compose, capsy
             if volume["type"] != "bind" or volume["target"] == "/models":  # the models live outside the repo
                 continue
             assert source.exists(), f"{name}: bind mount {source} does not exist"
-    config = next(v["source"] for v in compose["services"]["gateway"]["volumes"]
-                  if v["target"] == "/etc/gateway/config.yaml")
+    config = next(
+        v["source"] for v in compose["services"]["gateway"]["volumes"] if v["target"] == "/etc/gateway/config.yaml"
+    )
     assert gateway_cli(["check", "--config", config]) == 0, capsys.readouterr().err
 
 
@@ -261,8 +277,11 @@ def _gateway_configs(path: Path) -> list[str]:
     """The gateway config(s) in a file: the file itself for an example, ConfigMap data for a manifest."""
     if path.parent == DEPLOY / "examples":
         return [path.read_text()]
-    return [d["data"]["config.yaml"] for d in _docs(path) if d.get("kind") == "ConfigMap"
-            and "config.yaml" in d.get("data", {})]
+    return [
+        d["data"]["config.yaml"]
+        for d in _docs(path)
+        if d.get("kind") == "ConfigMap" and "config.yaml" in d.get("data", {})
+    ]
 
 
 def _validate_k8s(doc: dict[str, Any], version: str, where: str) -> None:
@@ -292,8 +311,11 @@ def test_kustomization_lists_every_manifest_beside_it(kustomization):
     assert k["apiVersion"] == "kustomize.config.k8s.io/v1beta1" and k["kind"] == "Kustomization"
     listed = {(kustomization.parent / r).resolve() for r in k["resources"]}
     assert all(p.exists() for p in listed), "a listed resource does not exist"
-    beside = {p.resolve() for p in kustomization.parent.glob("*.yaml")
-              if p.name != "kustomization.yaml" and not p.name.endswith(".example.yaml")}
+    beside = {
+        p.resolve()
+        for p in kustomization.parent.glob("*.yaml")
+        if p.name != "kustomization.yaml" and not p.name.endswith(".example.yaml")
+    }
     assert beside == listed, "every manifest is either in resources: or named *.example.yaml"
 
 
@@ -345,8 +367,10 @@ def test_k8s_objects_reference_each_other_consistently(kustomization):
                 assert ("ConfigMap", volume["configMap"]["name"]) in names, volume
             if "persistentVolumeClaim" in volume:
                 assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in names, volume
-        assert deployment["spec"]["selector"]["matchLabels"].items() <= \
-            deployment["spec"]["template"]["metadata"]["labels"].items()
+        assert (
+            deployment["spec"]["selector"]["matchLabels"].items()
+            <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        )
 
 
 def test_k8s_configmaps_hold_configs_that_pass_gateway_check(tmp_path, capsys):
@@ -378,8 +402,9 @@ def test_k8s_secret_example_has_every_key_the_configs_and_pods_read():
     example = _docs(K8S / "secret.example.yaml")[0]
     keys = set(example["stringData"])
     for kustomization in KUSTOMIZATIONS:
-        objects = [d for r in yaml.safe_load(kustomization.read_text())["resources"]
-                   for d in _docs(kustomization.parent / r)]
+        objects = [
+            d for r in yaml.safe_load(kustomization.read_text())["resources"] for d in _docs(kustomization.parent / r)
+        ]
         missing = _secret_keys_needed(objects) - keys
         assert not missing, f"{kustomization.parent.name}: secret.example.yaml lacks {sorted(missing)}"
         for _, spec in _pod_specs(objects):

@@ -52,9 +52,16 @@ EXPORTED = _exported()
 
 
 def test_the_metric_names_the_deploy_files_rely_on_are_exported():
-    assert {"gateway_requests_total", "gateway_request_duration_seconds_bucket", "gateway_engine_state",
-            "gateway_engine_restarts_total", "gateway_queue_depth", "gateway_gpu_memory_used_bytes",
-            "gateway_gpu_memory_total_bytes", "gateway_gpu_utilization_ratio"} <= set(EXPORTED)
+    assert {
+        "gateway_requests_total",
+        "gateway_request_duration_seconds_bucket",
+        "gateway_engine_state",
+        "gateway_engine_restarts_total",
+        "gateway_queue_depth",
+        "gateway_gpu_memory_used_bytes",
+        "gateway_gpu_memory_total_bytes",
+        "gateway_gpu_utilization_ratio",
+    } <= set(EXPORTED)
     assert EXPORTED["gateway_engine_state"] == {"model", "replica", "state"}
 
 
@@ -151,11 +158,15 @@ def _promtool() -> str:
     return found
 
 
-@pytest.mark.parametrize("args", [["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"],
-                                  ["test", "rules", "alerts.test.yml"]], ids=" ".join)
+@pytest.mark.parametrize(
+    "args",
+    [["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"], ["test", "rules", "alerts.test.yml"]],
+    ids=" ".join,
+)
 def test_promtool(args):
-    result = subprocess.run([_promtool(), *args], cwd=PROMETHEUS, capture_output=True, text=True, timeout=60,
-                            check=False)
+    result = subprocess.run(
+        [_promtool(), *args], cwd=PROMETHEUS, capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -212,11 +223,22 @@ def test_dashboard_queries_parse_and_use_exported_metrics():
             assert m and m.group(1) in EXPORTED and m.group(2) in EXPORTED[m.group(1)], variable["name"]
     # The families the issue asks for are all on the dashboard.
     families = {re.sub(r"_(total|bucket|sum|count)$", "", n) for n in used}
-    assert {"gateway_requests", "gateway_request_duration_seconds", "gateway_time_to_first_token_seconds",
-            "gateway_time_between_chunks_seconds", "gateway_requests_in_flight", "gateway_queue_depth",
-            "gateway_upstream_errors", "gateway_tokens", "gateway_engine_restarts", "gateway_engine_startup_seconds",
-            "gateway_engine_state", "gateway_gpu_memory_used_bytes", "gateway_gpu_memory_total_bytes",
-            "gateway_gpu_utilization_ratio"} <= families
+    assert {
+        "gateway_requests",
+        "gateway_request_duration_seconds",
+        "gateway_time_to_first_token_seconds",
+        "gateway_time_between_chunks_seconds",
+        "gateway_requests_in_flight",
+        "gateway_queue_depth",
+        "gateway_upstream_errors",
+        "gateway_tokens",
+        "gateway_engine_restarts",
+        "gateway_engine_startup_seconds",
+        "gateway_engine_state",
+        "gateway_gpu_memory_used_bytes",
+        "gateway_gpu_memory_total_bytes",
+        "gateway_gpu_utilization_ratio",
+    } <= families
 
 
 def test_grafana_provisioning_points_at_the_dashboard_and_prometheus():

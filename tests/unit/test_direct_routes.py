@@ -20,9 +20,13 @@ def test_every_direct_route_is_a_thin_forward_in_routes_openai() -> None:
         # Only the request and the state: anything more (a parameter, another dependency) would be skipped by
         # the middleware's direct call to forward(request, state, endpoint).
         assert [d.call for d in dependant.dependencies] == [get_state], path
-        assert not (dependant.path_params or dependant.query_params or dependant.header_params
-                    or dependant.cookie_params or dependant.body_params), path
+        assert not (
+            dependant.path_params
+            or dependant.query_params
+            or dependant.header_params
+            or dependant.cookie_params
+            or dependant.body_params
+        ), path
         assert dependant.request_param_name == "request"
         source = inspect.getsource(route.endpoint)
         assert f'forward(request, state, "{endpoint}")' in source, f"{path}: the route does not forward to {endpoint!r}"
-

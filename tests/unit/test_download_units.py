@@ -13,25 +13,29 @@ from gateway.commands.download.progress import Progress, human
 from gateway.config.loader import build_config
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ("Qwen/Qwen2.5-7B-Instruct", True),
-    ("meta-llama/Llama-3.1-8B", True),
-    ("a/b_c.d", True),
-    ("/models/Qwen2.5-7B-Instruct", False),
-    ("./org/name", False),
-    ("org/name/extra", False),
-    ("name-only", False),
-    ("org/..", False),
-    ("-org/name", False),
-    ("org/na--me", False),
-    ("org/na me", False),
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("Qwen/Qwen2.5-7B-Instruct", True),
+        ("meta-llama/Llama-3.1-8B", True),
+        ("a/b_c.d", True),
+        ("/models/Qwen2.5-7B-Instruct", False),
+        ("./org/name", False),
+        ("org/name/extra", False),
+        ("name-only", False),
+        ("org/..", False),
+        ("-org/name", False),
+        ("org/na--me", False),
+        ("org/na me", False),
+    ],
+)
 def test_hub_ids(value: str, expected: bool) -> None:
     assert is_hub_id(value) is expected
 
 
-def test_an_existing_local_folder_shaped_like_a_hub_id_is_a_path(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_existing_local_folder_shaped_like_a_hub_id_is_a_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "tiny").mkdir(parents=True)
     assert not is_hub_id("models/tiny")
@@ -43,8 +47,17 @@ def _f(path: str) -> RepoFile:
 
 
 def test_select_skips_duplicate_weight_formats_only_when_safetensors_exist() -> None:
-    files = tuple(_f(p) for p in ("config.json", "model-00001-of-00002.safetensors", "pytorch_model.bin",
-                                  "original/consolidated.00.pth", "original/params.json", "training_args.bin"))
+    files = tuple(
+        _f(p)
+        for p in (
+            "config.json",
+            "model-00001-of-00002.safetensors",
+            "pytorch_model.bin",
+            "original/consolidated.00.pth",
+            "original/params.json",
+            "training_args.bin",
+        )
+    )
     chosen = [f.path for f in select(files, include=[], exclude=[], all_files=False)]
     assert chosen == ["config.json", "model-00001-of-00002.safetensors", "original/params.json"]
     assert len(select(files, include=[], exclude=[], all_files=True)) == len(files)
@@ -52,7 +65,8 @@ def test_select_skips_duplicate_weight_formats_only_when_safetensors_exist() -> 
     assert len(select(bin_only, include=[], exclude=[], all_files=False)) == 2
     # An explicit --include is taken as asked; --exclude always applies.
     assert [f.path for f in select(files, include=["*.bin"], exclude=["training*"], all_files=False)] == [
-        "pytorch_model.bin"]
+        "pytorch_model.bin"
+    ]
 
 
 @pytest.mark.parametrize("path", ["../x", "a/../../x", "/etc/passwd", "a\\..\\x", "a//b", "./x", ""])
@@ -71,13 +85,17 @@ def test_targets_go_into_root_slash_name_and_refuse_collisions(tmp_path: Path) -
 
 
 def test_from_config_takes_hub_ids_with_their_revision(tmp_path: Path) -> None:
-    config = build_config({"models": {
-        "a": {"engine": "vllm", "model": "org/a"},
-        "a2": {"engine": "lmdeploy", "model": "org/a"},  # the same weights served twice: fetched once
-        "b": {"engine": "vllm", "model": "org/b", "args": {"revision": "v2"}},
-        "local": {"engine": "vllm", "model": str(tmp_path)},
-        "remote": {"engine": "openai", "url": "http://h:1/v1", "model": "org/c"},
-    }})
+    config = build_config(
+        {
+            "models": {
+                "a": {"engine": "vllm", "model": "org/a"},
+                "a2": {"engine": "lmdeploy", "model": "org/a"},  # the same weights served twice: fetched once
+                "b": {"engine": "vllm", "model": "org/b", "args": {"revision": "v2"}},
+                "local": {"engine": "vllm", "model": str(tmp_path)},
+                "remote": {"engine": "openai", "url": "http://h:1/v1", "model": "org/c"},
+            }
+        }
+    )
     assert from_config(config) == ([("org/a", "main"), ("org/b", "v2")], ["local", "remote"])
 
 
@@ -95,10 +113,12 @@ def test_token_from_the_environment_then_the_login_file(tmp_path: Path, monkeypa
 
 
 def test_file_list_parsing_prefers_lfs_sizes_and_hashes() -> None:
-    files = _parse_files([
-        {"rfilename": "config.json", "size": 10, "blobId": "abc"},
-        {"rfilename": "w.safetensors", "size": 130, "blobId": "ptr", "lfs": {"sha256": "ff", "size": 999}},
-    ])
+    files = _parse_files(
+        [
+            {"rfilename": "config.json", "size": 10, "blobId": "abc"},
+            {"rfilename": "w.safetensors", "size": 130, "blobId": "ptr", "lfs": {"sha256": "ff", "size": 999}},
+        ]
+    )
     assert files == (RepoFile("config.json", 10, "abc", None), RepoFile("w.safetensors", 999, "ptr", "ff"))
     assert files[1].etag == "ff" and files[0].etag == "abc"
     with pytest.raises(DownloadError):

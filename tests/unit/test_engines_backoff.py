@@ -13,8 +13,15 @@ class Clock:
 
 
 def policy(**kw: float) -> RestartPolicy:
-    values = {"initial_delay": 1.0, "max_delay": 10.0, "jitter": 0.0, "exp_base": 2.0, "max_restarts": 5,
-              "window": 600.0, "stable_after": 120.0}
+    values = {
+        "initial_delay": 1.0,
+        "max_delay": 10.0,
+        "jitter": 0.0,
+        "exp_base": 2.0,
+        "max_restarts": 5,
+        "window": 600.0,
+        "stable_after": 120.0,
+    }
     values.update(kw)
     return RestartPolicy(**values)  # type: ignore[arg-type]
 

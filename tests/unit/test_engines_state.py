@@ -4,8 +4,7 @@ S = EngineState
 
 
 def test_values_are_lowercase_names() -> None:
-    assert [s.value for s in S] == ["stopped", "starting", "ready", "unhealthy", "backoff", "failed",
-                                       "stopping"]
+    assert [s.value for s in S] == ["stopped", "starting", "ready", "unhealthy", "backoff", "failed", "stopping"]
     assert S("ready") is S.READY and f"{S.BACKOFF}" == "backoff"
 
 
@@ -18,13 +17,25 @@ def test_every_state_has_a_row_and_no_self_loops() -> None:
 def test_the_supervision_loop_of_the_design() -> None:
     allowed = {
         (S.STOPPED, S.STARTING),
-        (S.STARTING, S.READY), (S.STARTING, S.BACKOFF), (S.STARTING, S.FAILED), (S.STARTING, S.STOPPING),
-        (S.READY, S.BACKOFF), (S.READY, S.FAILED), (S.READY, S.STOPPING), (S.READY, S.STARTING),
+        (S.STARTING, S.READY),
+        (S.STARTING, S.BACKOFF),
+        (S.STARTING, S.FAILED),
+        (S.STARTING, S.STOPPING),
+        (S.READY, S.BACKOFF),
+        (S.READY, S.FAILED),
+        (S.READY, S.STOPPING),
+        (S.READY, S.STARTING),
         (S.READY, S.UNHEALTHY),
-        (S.UNHEALTHY, S.READY), (S.UNHEALTHY, S.BACKOFF), (S.UNHEALTHY, S.FAILED), (S.UNHEALTHY, S.STOPPING),
-        (S.BACKOFF, S.STARTING), (S.BACKOFF, S.STOPPING),
-        (S.FAILED, S.STARTING), (S.FAILED, S.STOPPING),
-        (S.STOPPING, S.STOPPED), (S.STOPPING, S.STARTING),
+        (S.UNHEALTHY, S.READY),
+        (S.UNHEALTHY, S.BACKOFF),
+        (S.UNHEALTHY, S.FAILED),
+        (S.UNHEALTHY, S.STOPPING),
+        (S.BACKOFF, S.STARTING),
+        (S.BACKOFF, S.STOPPING),
+        (S.FAILED, S.STARTING),
+        (S.FAILED, S.STOPPING),
+        (S.STOPPING, S.STOPPED),
+        (S.STOPPING, S.STARTING),
     }
     for old in S:
         for new in S:
@@ -39,7 +50,33 @@ def test_only_stopping_leads_to_stopped_and_every_state_but_stopped_can_stop() -
 def test_argv_redaction_hides_secret_values_only() -> None:
     from engines.replica.snapshot import redact_argv
 
-    argv = ["vllm", "serve", "/m", "--api-key", "sk-1", "sk-2", "--tokenizer", "/tok", "--hf-token=hf_x",
-            "--port", "8000", "--ssl-keyfile", "/k.pem"]
-    assert redact_argv(argv) == ["vllm", "serve", "/m", "--api-key", "***", "***", "--tokenizer", "/tok",
-                                 "--hf-token=***", "--port", "8000", "--ssl-keyfile", "/k.pem"]
+    argv = [
+        "vllm",
+        "serve",
+        "/m",
+        "--api-key",
+        "sk-1",
+        "sk-2",
+        "--tokenizer",
+        "/tok",
+        "--hf-token=hf_x",
+        "--port",
+        "8000",
+        "--ssl-keyfile",
+        "/k.pem",
+    ]
+    assert redact_argv(argv) == [
+        "vllm",
+        "serve",
+        "/m",
+        "--api-key",
+        "***",
+        "***",
+        "--tokenizer",
+        "/tok",
+        "--hf-token=***",
+        "--port",
+        "8000",
+        "--ssl-keyfile",
+        "/k.pem",
+    ]

@@ -97,11 +97,13 @@ class FakeNvml:
 
 
 def three_gpus() -> FakeNvml:
-    return FakeNvml([
-        FakeGpu("H100-a", 80 * GiB, 60 * GiB, util=87, temp=61, power_mw=412_500, processes=[(4242, 59 * GiB)]),
-        FakeGpu("H100-b", 80 * GiB, 1 * GiB, util=0, temp=35),
-        FakeGpu("A10", 24 * GiB, 2 * GiB, util=5, power_mw=None, processes=[(7, None)]),
-    ])
+    return FakeNvml(
+        [
+            FakeGpu("H100-a", 80 * GiB, 60 * GiB, util=87, temp=61, power_mw=412_500, processes=[(4242, 59 * GiB)]),
+            FakeGpu("H100-b", 80 * GiB, 1 * GiB, util=0, temp=35),
+            FakeGpu("A10", 24 * GiB, 2 * GiB, util=5, power_mw=None, processes=[(7, None)]),
+        ]
+    )
 
 
 def test_reads_every_gpu_and_leaves_out_what_a_board_does_not_report() -> None:
@@ -110,8 +112,13 @@ def test_reads_every_gpu_and_leaves_out_what_a_board_does_not_report() -> None:
     assert report.reason is None
     assert [g.name for g in report.devices] == ["H100-a", "H100-b", "A10"]
     a, _, a10 = report.devices
-    assert (a.index, a.uuid, a.memory_total, a.memory_used, a.memory_free) == (0, "GPU-H100-a", 80 * GiB, 60 * GiB,
-                                                                               20 * GiB)
+    assert (a.index, a.uuid, a.memory_total, a.memory_used, a.memory_free) == (
+        0,
+        "GPU-H100-a",
+        80 * GiB,
+        60 * GiB,
+        20 * GiB,
+    )
     assert a.utilization == pytest.approx(0.87) and a.temperature_c == 61 and a.power_w == pytest.approx(412.5)
     assert [(p.pid, p.used_memory) for p in a.processes] == [(4242, 59 * GiB)]
     assert a10.power_w is None and a10.temperature_c == 40
@@ -167,9 +174,11 @@ def test_gpu_gauges_at_scrape_time() -> None:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(GpuCollector(lambda: probe.read().devices))
     assert probe._nvml.calls.get("memory", 0) == 0  # registering does not read the driver
-    samples = {(s.name, s.labels["gpu"]): s.value
-               for family in text_string_to_metric_families(generate_latest(registry).decode())
-               for s in family.samples}
+    samples = {
+        (s.name, s.labels["gpu"]): s.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+    }
     assert samples[("gateway_gpu_memory_used_bytes", "0")] == 60 * GiB
     assert samples[("gateway_gpu_memory_total_bytes", "2")] == 24 * GiB
     assert samples[("gateway_gpu_utilization_ratio", "0")] == pytest.approx(0.87)

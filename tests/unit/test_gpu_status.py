@@ -40,8 +40,18 @@ def tagged() -> Iterator[subprocess.Popen[bytes]]:
 def client_for(nvml: FakeNvml) -> TestClient:
     from gateway.app import create_app
 
-    config = build_config({"models": {"remote": {
-        "engine": "openai", "url": f"http://127.0.0.1:{free_port()}/v1", "load": "on_demand", "gpus": [0, 7]}}})
+    config = build_config(
+        {
+            "models": {
+                "remote": {
+                    "engine": "openai",
+                    "url": f"http://127.0.0.1:{free_port()}/v1",
+                    "load": "on_demand",
+                    "gpus": [0, 7],
+                }
+            }
+        }
+    )
     return TestClient(create_app(config, gpus=GpuProbe(nvml)))
 
 
@@ -58,14 +68,33 @@ def test_status_joins_config_and_processes(tagged: subprocess.Popen[bytes]) -> N
     assert gpu0["memory_used_bytes"] == 60 * GiB and gpu0["memory_free_bytes"] == 20 * GiB
     assert gpu0["utilization"] == pytest.approx(0.87) and gpu0["temperature_c"] == 61
     # By config: remote/0 is given GPU 0 (it is stopped, so it holds it in name only).
-    assert gpu0["engines"] == [{"model": "remote", "replica": 0, "state": "stopped", "pid": None,
-                                "engine_pid": None, "configured": True, "pids": []}]
+    assert gpu0["engines"] == [
+        {
+            "model": "remote",
+            "replica": 0,
+            "state": "stopped",
+            "pid": None,
+            "engine_pid": None,
+            "configured": True,
+            "pids": [],
+        }
+    ]
     # By evidence: NVML lists a process of remote/0 on GPU 1, and a stranger.
-    assert gpu1["engines"] == [{"model": "remote", "replica": 0, "state": "stopped", "pid": None,
-                                "engine_pid": None, "configured": False, "pids": [tagged.pid]}]
+    assert gpu1["engines"] == [
+        {
+            "model": "remote",
+            "replica": 0,
+            "state": "stopped",
+            "pid": None,
+            "engine_pid": None,
+            "configured": False,
+            "pids": [tagged.pid],
+        }
+    ]
     assert gpu1["processes"] == [
         {"pid": tagged.pid, "used_memory_bytes": 3 * GiB, "model": "remote", "replica": 0},
-        {"pid": 1, "used_memory_bytes": 1 * GiB, "model": None, "replica": None}]
+        {"pid": 1, "used_memory_bytes": 1 * GiB, "model": None, "replica": None},
+    ]
     assert gpu2["power_w"] is None and gpu2["engines"] == []
     assert body["unseen"] == [{"model": "remote", "gpu": 7}]
     assert 'gateway_gpu_memory_used_bytes{gpu="0"}' in metrics
@@ -89,10 +118,23 @@ def test_owners_found_through_the_reaper_tree_when_untagged() -> None:
     try:
         assert wait_until(lambda: children(parent.pid), 5)
         child = children(parent.pid)[0]
-        snap = ReplicaSnapshot(model="m/with/slash", replica=2, state=EngineState.READY, base_url=None,
-                               pid=parent.pid, engine_pid=None, port=None, restarts=0, last_exit_code=None,
-                               last_error=None, state_since=time.time(), ready_since=None, launches=1, argv=[],
-                               health_failures=0)
+        snap = ReplicaSnapshot(
+            model="m/with/slash",
+            replica=2,
+            state=EngineState.READY,
+            base_url=None,
+            pid=parent.pid,
+            engine_pid=None,
+            port=None,
+            restarts=0,
+            last_exit_code=None,
+            last_error=None,
+            state_since=time.time(),
+            ready_since=None,
+            launches=1,
+            argv=[],
+            health_failures=0,
+        )
         owners = owners_of([child, 1], [Holder("m/with/slash", (0,), snap)])
         assert owners == {child: ("m/with/slash", 2)}
     finally:

@@ -34,7 +34,10 @@ def test_each_task_logs_its_own_request_id() -> None:
     finally:
         logger.removeHandler(handler)
     assert {(r.getMessage(), r.request_id) for r in records} == {  # type: ignore[attr-defined]
-        ("working on a", "a"), ("working on b", "b"), ("outside any request", "-")}
+        ("working on a", "a"),
+        ("working on b", "b"),
+        ("outside any request", "-"),
+    }
 
 
 @pytest.mark.parametrize("rid", ["req-1", "-"])
@@ -42,4 +45,9 @@ def test_json_lines_carry_the_request_id(rid: str) -> None:
     record = logging.LogRecord("gateway", logging.WARNING, __file__, 1, "failed: %s", ("x",), None)
     record.request_id = rid
     assert orjson.loads(_JsonFormatter().format(record)) | {"ts": 0} == {
-        "ts": 0, "level": "warning", "logger": "gateway", "request_id": rid, "message": "failed: x"}
+        "ts": 0,
+        "level": "warning",
+        "logger": "gateway",
+        "request_id": rid,
+        "message": "failed: x",
+    }

@@ -18,8 +18,9 @@ def test_gpus_one_list_per_replica_or_split_evenly() -> None:
     nested = spec("a", gpus=[[0, 1], [2, 3]])
     assert (nested.replicas, nested.gpus, nested.replica_gpus, nested.tp_size) == (2, (0, 1, 2, 3), ((0, 1), (2, 3)), 2)
     flat = spec("a", gpus=[0, 1, 2, 3], replicas=2, port=9000, env={"LOG": "/var/log/a-{replica}.log", "X": "y"})
-    assert flat.replica_gpus == ((0, 1), (2, 3)) and flat == spec("a", gpus=[[0, 1], [2, 3]], port=9000,
-                                                                   env={"LOG": "/var/log/a-{replica}.log", "X": "y"})
+    assert flat.replica_gpus == ((0, 1), (2, 3)) and flat == spec(
+        "a", gpus=[[0, 1], [2, 3]], port=9000, env={"LOG": "/var/log/a-{replica}.log", "X": "y"}
+    )
     second = flat.for_replica(1)
     assert (second.gpus, second.port, second.tp_size) == ((2, 3), 9001, 2)
     assert second.env == {"LOG": "/var/log/a-1.log", "X": "y"}
@@ -28,11 +29,14 @@ def test_gpus_one_list_per_replica_or_split_evenly() -> None:
     assert spec("c", replicas=3).replica_gpus == ((), (), ())
 
 
-@pytest.mark.parametrize(("kw", "needle"), [
-    ({"gpus": [0, 1, 2], "replicas": 2}, "split evenly"),
-    ({"gpus": [[0], [0]]}, "listed twice"),
-    ({"gpus": [[0], [1]], "replicas": 3}, "has 2 lists"),
-])
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"gpus": [0, 1, 2], "replicas": 2}, "split evenly"),
+        ({"gpus": [[0], [0]]}, "listed twice"),
+        ({"gpus": [[0], [1]], "replicas": 3}, "has 2 lists"),
+    ],
+)
 def test_impossible_replica_gpus_are_refused(kw: dict[str, object], needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         spec("a", **kw)
@@ -41,8 +45,9 @@ def test_impossible_replica_gpus_are_refused(kw: dict[str, object], needle: str)
 
 
 def test_who_must_stop_for_whom() -> None:
-    p = Placement.model_validate({"groups": {"g": {"members": ["chat", "embed"]},
-                                             "solo": {"members": ["big"], "exclusive": True}}})
+    p = Placement.model_validate(
+        {"groups": {"g": {"members": ["chat", "embed"]}, "solo": {"members": ["big"], "exclusive": True}}}
+    )
     chat, embed = plan_for(spec("chat", gpus=[0]), p), plan_for(spec("embed", gpus=[0]), p)
     other, big = plan_for(spec("other", gpus=[0, 1]), p), plan_for(spec("big", gpus=[7]), p)
     far = plan_for(spec("far", gpus=[5]), p)
@@ -55,30 +60,63 @@ def test_who_must_stop_for_whom() -> None:
     assert must_stop_for(chat, plan_for(spec("chat", gpus=[3]), p))  # two versions of one model never overlap
 
 
-@pytest.mark.parametrize(("raw", "needle"), [
-    ({"models": {"a": {"engine": "vllm", "model": "/m", "gpus": [0]},
-                 "b": {"engine": "vllm", "model": "/m", "gpus": [1, 0]}}}, "'a' and 'b' share GPU 0"),
-    ({"groups": {"g": {"members": ["a", "zz"]}}, "models": {"a": {"engine": "vllm", "model": "/m"}}},
-     "'zz' is not a configured model"),
-    ({"groups": {"g": {"members": ["a"]}, "h": {"members": ["a"]}}, "models": {"a": {"engine": "vllm", "model": "/m"}}},
-     "in two groups"),
-    ({"max_loaded": 1, "models": {"a": {"engine": "vllm", "model": "/m"}, "b": {"engine": "vllm", "model": "/m"}}},
-     "2 eager models but max_loaded is 1"),
-])
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        (
+            {
+                "models": {
+                    "a": {"engine": "vllm", "model": "/m", "gpus": [0]},
+                    "b": {"engine": "vllm", "model": "/m", "gpus": [1, 0]},
+                }
+            },
+            "'a' and 'b' share GPU 0",
+        ),
+        (
+            {"groups": {"g": {"members": ["a", "zz"]}}, "models": {"a": {"engine": "vllm", "model": "/m"}}},
+            "'zz' is not a configured model",
+        ),
+        (
+            {
+                "groups": {"g": {"members": ["a"]}, "h": {"members": ["a"]}},
+                "models": {"a": {"engine": "vllm", "model": "/m"}},
+            },
+            "in two groups",
+        ),
+        (
+            {
+                "max_loaded": 1,
+                "models": {"a": {"engine": "vllm", "model": "/m"}, "b": {"engine": "vllm", "model": "/m"}},
+            },
+            "2 eager models but max_loaded is 1",
+        ),
+    ],
+)
 def test_config_refuses_placements_that_cannot_be_honoured(raw: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         build_config(raw)
 
 
 def test_config_accepts_groups_on_demand_sharing_and_queue_keys() -> None:
-    config = build_config({
-        "groups": {"small": {"members": ["chat", "embed"]}}, "max_loaded": 2,
-        "models": {
-            "chat": {"engine": "vllm", "model": "/m", "gpus": [0], "max_queue": 8, "queue_timeout": 5,
-                     "max_concurrency": 4, "outlier": {"consecutive_failures": 3}},
-            "embed": {"engine": "vllm", "model": "/m", "gpus": [0]},
-            "big": {"engine": "vllm", "model": "/m", "gpus": [0, 1], "load": "on_demand", "idle_timeout": 600},
-        }})
+    config = build_config(
+        {
+            "groups": {"small": {"members": ["chat", "embed"]}},
+            "max_loaded": 2,
+            "models": {
+                "chat": {
+                    "engine": "vllm",
+                    "model": "/m",
+                    "gpus": [0],
+                    "max_queue": 8,
+                    "queue_timeout": 5,
+                    "max_concurrency": 4,
+                    "outlier": {"consecutive_failures": 3},
+                },
+                "embed": {"engine": "vllm", "model": "/m", "gpus": [0]},
+                "big": {"engine": "vllm", "model": "/m", "gpus": [0, 1], "load": "on_demand", "idle_timeout": 600},
+            },
+        }
+    )
     assert config.placement.max_loaded == 2 and config.placement.group_of("embed") is not None
     chat = config.models[0]
     assert (chat.max_queue, chat.queue_timeout, chat.max_concurrency, chat.outlier.consecutive_failures) == (8, 5, 4, 3)

@@ -81,8 +81,10 @@ def test_plan_for_a_four_gpu_host_follows_the_table(tmp_path: Path) -> None:
         "vl": ("vision", "lmdeploy", (3,), {}),
     }
     assert config.model("big-chat").tp_size == 2
-    assert skipped(config) == {"embed": "cannot be placed: no free GPU left (GPUs are given to one model each: "
-                                        "0 → big-chat, 1 → big-chat, 2 → mid-chat, 3 → vl)"}
+    assert skipped(config) == {
+        "embed": "cannot be placed: no free GPU left (GPUs are given to one model each: "
+        "0 → big-chat, 1 → big-chat, 2 → mid-chat, 3 → vl)"
+    }
 
 
 def test_offload_on_the_gpu_explicit_entries_left(tmp_path: Path) -> None:
@@ -100,10 +102,16 @@ def test_offload_on_the_gpu_explicit_entries_left(tmp_path: Path) -> None:
 
 def test_an_explicit_gpu_engine_without_gpus_holds_gpu_0(tmp_path: Path) -> None:
     make_model(tmp_path, "chat", QWEN, weights_gib=1)
-    config = build_config({"models_dir": str(tmp_path), "models": {
-        "implicit": {"engine": "vllm", "model": "/m/implicit", "tensor_parallel": 2},  # CUDA's GPUs 0 and 1
-        "remote": {"engine": "openai", "url": "http://10.0.0.5:8000/v1"},
-    }}, gpus=four_h100s())
+    config = build_config(
+        {
+            "models_dir": str(tmp_path),
+            "models": {
+                "implicit": {"engine": "vllm", "model": "/m/implicit", "tensor_parallel": 2},  # CUDA's GPUs 0 and 1
+                "remote": {"engine": "openai", "url": "http://10.0.0.5:8000/v1"},
+            },
+        },
+        gpus=four_h100s(),
+    )
     assert plan(config) == {"chat": ("chat", "vllm", (2,), {})}
     assert config.discovered is not None
     assert "GPUs of explicit entries: 0 (implicit), 1 (implicit)" in config.discovered.notes
@@ -124,6 +132,11 @@ def test_config_gpu_list_narrows_nvml(tmp_path: Path) -> None:
     assert config.discovered is not None
     assert "discovery.gpus lists GPU 9, which NVML does not see: not used" in config.discovered.notes
     # Engine overrides per kind, and a tighter memory rule, change the plan accordingly.
-    config = build_config({"models_dir": str(tmp_path), "discovery": {
-        "engines": {"chat": "sglang"}, "kv_cache_headroom": 0.5, "gpu_memory_fraction": 0.5}}, gpus=four_h100s())
+    config = build_config(
+        {
+            "models_dir": str(tmp_path),
+            "discovery": {"engines": {"chat": "sglang"}, "kv_cache_headroom": 0.5, "gpu_memory_fraction": 0.5},
+        },
+        gpus=four_h100s(),
+    )
     assert plan(config) == {"chat": ("chat", "sglang", (0, 1, 2, 3), {})}  # 150/4 + 1 = 38.5 ≤ 40

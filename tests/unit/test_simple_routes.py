@@ -31,22 +31,32 @@ def png() -> bytes:
     return out.getvalue()
 
 
-COMPLETION = {"id": "chatcmpl-1", "model": "engine-name", "object": "chat.completion",
-              "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-              "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4, "prompt_tokens_details": None}}
+COMPLETION = {
+    "id": "chatcmpl-1",
+    "model": "engine-name",
+    "object": "chat.completion",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4, "prompt_tokens_details": None},
+}
 
 
 def test_simple_answer_shape() -> None:
     assert simple_answer(COMPLETION, model="chat", task=None) == {
-        "id": "chatcmpl-1", "model": "chat", "text": "hi", "finish_reason": "stop",
-        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+        "id": "chatcmpl-1",
+        "model": "chat",
+        "text": "hi",
+        "finish_reason": "stop",
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    }
     assert simple_answer(COMPLETION, model="chat", task="ocr")["task"] == "ocr"
     no_content = {"choices": [{"message": {"content": None}, "finish_reason": "tool_calls"}]}
     assert simple_answer(no_content, model="m", task=None)["text"] == ""
 
 
-@pytest.mark.parametrize("data", [{"choices": []}, {"object": "x"}, ["not", "an", "object"],
-                                  {"choices": [{"message": {"content": ["parts"]}}]}])
+@pytest.mark.parametrize(
+    "data",
+    [{"choices": []}, {"object": "x"}, ["not", "an", "object"], {"choices": [{"message": {"content": ["parts"]}}]}],
+)
 def test_unexpected_answer_shape_is_502(data: Any) -> None:
     outcome = Outcome()
     with pytest.raises(UpstreamError) as info:
@@ -59,17 +69,26 @@ def test_analyze_instruction() -> None:
     assert analyze_instruction({"task": "objects"}) == ("objects", TASKS["objects"])
     assert analyze_instruction({"question": "how many?"}) == ("question", "how many?")
     assert analyze_instruction({"task": "question", "question": "why?"}) == ("question", "why?")
-    for bad in ({"task": "ocr", "question": "q"}, {"task": "question"}, {"task": "paint"}, {"task": 3},
-                {"question": "  "}):
+    for bad in (
+        {"task": "ocr", "question": "q"},
+        {"task": "question"},
+        {"task": "paint"},
+        {"task": 3},
+        {"question": "  "},
+    ):
         with pytest.raises(BadRequest):
             analyze_instruction(bad)
 
 
 def test_chat_request_and_field_checks() -> None:
     body = chat_request({"system": "s", "temperature": 0, "top_p": 0.9, "max_tokens": 4, "stream": True}, "go")
-    assert body == {"messages": [{"role": "system", "content": "s"},
-                                 {"role": "user", "content": [{"type": "text", "text": "go"}]}],
-                    "temperature": 0, "top_p": 0.9, "max_tokens": 4, "stream": True}
+    assert body == {
+        "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "go"}]}],
+        "temperature": 0,
+        "top_p": 0.9,
+        "max_tokens": 4,
+        "stream": True,
+    }
     with pytest.raises(BadRequest) as info:
         chat_request({"temperature": True}, "go")
     assert info.value.param == "temperature"
@@ -110,29 +129,40 @@ class FakeMedia:
 
 
 async def test_inline_images_rewrites_urls_and_keeps_sizes() -> None:
-    params: dict[str, Any] = {"images": [{"type": "url", "data": "https://example.com/a.png", "uuid": 1},
-                                         {"type": "image_size", "data": [4, 4]}]}
+    params: dict[str, Any] = {
+        "images": [
+            {"type": "url", "data": "https://example.com/a.png", "uuid": 1},
+            {"type": "image_size", "data": [4, 4]},
+        ]
+    }
     await inline_images(params, FakeMedia())  # type: ignore[arg-type]
     assert params["images"] == [{"type": "base64", "data": "QUJD", "uuid": 1}, {"type": "image_size", "data": [4, 4]}]
 
 
 async def test_inline_images_first_refusal_cancels_the_rest() -> None:
     media = FakeMedia()
-    params = {"images": [{"type": "url", "data": "https://example.com/slow.png"},
-                         {"type": "url", "data": "https://example.com/bad.png"}]}
+    params = {
+        "images": [
+            {"type": "url", "data": "https://example.com/slow.png"},
+            {"type": "url", "data": "https://example.com/bad.png"},
+        ]
+    }
     with pytest.raises(MediaError) as info:
         await asyncio.wait_for(inline_images(params, media), 5)  # type: ignore[arg-type]
     assert info.value.param == "multimodal_params.images[1].data" and media.cancelled == 1
 
 
-@pytest.mark.parametrize(("params", "code"), [
-    ({"images": [{"type": "url", "data": "/etc/passwd"}]}, "image_url_forbidden"),
-    ({"images": [{"type": "file", "data": "x"}]}, "invalid_request"),
-    ({"images": [{"type": "url"}]}, "invalid_request"),
-    ({"images": "https://example.com/a.png"}, "invalid_request"),
-    ({"audios": [{"type": "url", "data": "https://example.com/a.wav"}]}, "unsupported_content"),
-    ({"images": [{"type": "url", "data": "https://example.com/a.png"}] * 3}, "too_many_images"),
-])
+@pytest.mark.parametrize(
+    ("params", "code"),
+    [
+        ({"images": [{"type": "url", "data": "/etc/passwd"}]}, "image_url_forbidden"),
+        ({"images": [{"type": "file", "data": "x"}]}, "invalid_request"),
+        ({"images": [{"type": "url"}]}, "invalid_request"),
+        ({"images": "https://example.com/a.png"}, "invalid_request"),
+        ({"audios": [{"type": "url", "data": "https://example.com/a.wav"}]}, "unsupported_content"),
+        ({"images": [{"type": "url", "data": "https://example.com/a.png"}] * 3}, "too_many_images"),
+    ],
+)
 async def test_inline_images_refusals(params: dict[str, Any], code: str) -> None:
     with pytest.raises(BadRequest) as info:
         await inline_images(params, FakeMedia(limit=2))  # type: ignore[arg-type]
@@ -142,8 +172,9 @@ async def test_inline_images_refusals(params: dict[str, Any], code: str) -> None
 async def test_inline_images_checks_base64_for_real() -> None:
     async with MediaNormalizer(MediaConfig()) as media:
         raw = base64.b64encode(png()).decode()
-        params: dict[str, Any] = {"images": [{"type": "base64", "data": raw},
-                                             {"type": "base64", "data": "data:image/png;base64," + raw}]}
+        params: dict[str, Any] = {
+            "images": [{"type": "base64", "data": raw}, {"type": "base64", "data": "data:image/png;base64," + raw}]
+        }
         await inline_images(params, media)
         assert [base64.b64decode(i["data"]) for i in params["images"]] == [png(), png()]
         for data in ("bm90IGFuIGltYWdlIGF0IGFsbA==", "/etc/passwd"):

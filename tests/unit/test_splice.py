@@ -60,8 +60,11 @@ async def engine() -> AsyncIterator[Engine]:
 
 async def exchange(pool: EngineConnections, engine: Engine, body: bytes = b"{}") -> tuple[int, list[bytes]]:
     conn = await pool.get("127.0.0.1", engine.port)
-    conn.send(request_bytes("POST", "127.0.0.1", engine.port, "/v1/chat/completions",
-                            {"Content-Type": "application/json"}, body))
+    conn.send(
+        request_bytes(
+            "POST", "127.0.0.1", engine.port, "/v1/chat/completions", {"Content-Type": "application/json"}, body
+        )
+    )
     await conn.headers_done
     got: list[bytes] = []
     conn.stream_to(got.append)
@@ -96,10 +99,13 @@ async def test_connections_idle_too_long_or_closed_by_the_engine_are_not_reused(
     pool.close()
 
 
-@pytest.mark.parametrize("pieces", [
-    [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nda"],  # cut inside a chunk
-    [b"<html>not http</html>\r\n\r\n"],
-])
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nda"],  # cut inside a chunk
+        [b"<html>not http</html>\r\n\r\n"],
+    ],
+)
 async def test_an_answer_cut_short_or_not_http_is_an_engine_closed_error(engine: Engine, pieces: list[bytes]) -> None:
     engine.answer = lambda _: pieces
     engine.close_after = True
@@ -153,8 +159,9 @@ def test_usage_is_read_from_the_events_that_carry_it() -> None:
     assert (outcome.prompt_tokens, outcome.completion_tokens) == (7, 3)
 
 
-@pytest.mark.parametrize("error", [b'{"error":{"message":"boom","code":"x"}}', b'{"error":"boom"}',
-                                   b'{"object":"error","message":"boom"}'])
+@pytest.mark.parametrize(
+    "error", [b'{"error":{"message":"boom","code":"x"}}', b'{"error":"boom"}', b'{"object":"error","message":"boom"}']
+)
 def test_an_error_event_ends_the_stream_in_the_gateway_shape(error: bytes) -> None:
     outcome = Outcome()
     cutter = EventCutter((), outcome, t0=0.0)
@@ -193,11 +200,14 @@ async def test_an_answer_without_length_ends_where_the_connection_does(engine: E
     pool.close()
 
 
-@pytest.mark.parametrize(("url", "expected"), [
-    ("http://127.0.0.1:8001/v1/chat/completions", ("127.0.0.1", 8001, "/v1/chat/completions")),
-    ("http://remote.example/v1/completions", ("remote.example", 80, "/v1/completions")),
-    ("http://[::1]:9000/v1/embeddings?x=1", ("::1", 9000, "/v1/embeddings?x=1")),
-])
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://127.0.0.1:8001/v1/chat/completions", ("127.0.0.1", 8001, "/v1/chat/completions")),
+        ("http://remote.example/v1/completions", ("remote.example", 80, "/v1/completions")),
+        ("http://[::1]:9000/v1/embeddings?x=1", ("::1", 9000, "/v1/embeddings?x=1")),
+    ],
+)
 def test_engine_urls_split_into_where_to_connect_and_what_to_ask(url: str, expected: tuple[str, int, str]) -> None:
     assert split_url(url) == expected
     host, port, path = expected

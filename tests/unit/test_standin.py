@@ -25,14 +25,16 @@ try:
     from tests.standin import harness as h
 except ImportError:  # tests/ is not on sys.path (rootdir-less run): load the helper by its path
     _spec = importlib.util.spec_from_file_location(
-        "standin_harness", Path(__file__).resolve().parents[1] / "standin" / "harness.py")
+        "standin_harness", Path(__file__).resolve().parents[1] / "standin" / "harness.py"
+    )
     assert _spec is not None and _spec.loader is not None
     h = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(h)
 
 pytestmark = pytest.mark.timeout(30)
 PNG_1x1 = base64.b64decode(
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
 CHAT = {"messages": [{"role": "user", "content": "hello there world"}]}
 
 Start = Callable[..., Any]
@@ -42,12 +44,22 @@ Start = Callable[..., Any]
 def start(tmp_path: Path) -> Iterator[Start]:
     procs: list[Any] = []
 
-    def _start(engine: str, *extra: str, faults: str | dict | None = None, ready: bool = True,
-               faults_file: Path | None = None, env: dict[str, str] | None = None) -> Any:
+    def _start(
+        engine: str,
+        *extra: str,
+        faults: str | dict | None = None,
+        ready: bool = True,
+        faults_file: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Any:
         port = h.free_port()
         rec = tmp_path / f"record-{len(procs)}.jsonl"
-        proc = h.launch(engine, [*h.serve_args(engine, port, "m1", *(("m2",) if engine == "vllm" else ())), *extra],
-                        h.standin_env(faults, faults_file=faults_file, record=rec, extra=env), port)
+        proc = h.launch(
+            engine,
+            [*h.serve_args(engine, port, "m1", *(("m2",) if engine == "vllm" else ())), *extra],
+            h.standin_env(faults, faults_file=faults_file, record=rec, extra=env),
+            port,
+        )
         procs.append(proc)
         if ready:
             proc.wait_http(port)
@@ -82,21 +94,25 @@ def eventually(check: Callable[[], Any], timeout: float = 5.0) -> Any:
 
 def run_cli(engine: str, *args: str) -> subprocess.CompletedProcess[str]:
     exe = h.VLLM if engine == "vllm" else h.LMDEPLOY
-    return subprocess.run([sys.executable, str(exe), *args], capture_output=True, text=True, timeout=15,
-                          env=h.standin_env())
+    return subprocess.run(
+        [sys.executable, str(exe), *args], capture_output=True, text=True, timeout=15, env=h.standin_env()
+    )
 
 
 # ---- command line -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("engine", "args"), [
-    ("vllm", ["serve", "m", "--no-such-flag"]),
-    ("vllm", ["serve", "m", "--served-model-nam", "x"]),  # argparse would complete an abbreviation
-    ("vllm", ["serve", "m", "--tp", "2"]),  # LMDeploy's spelling
-    ("vllm", ["serve", "m", "--dtype", "fp7"]),
-    ("vllm", ["serve", "m", "--limit-mm-per-prompt", "{not json"]),
-    ("lmdeploy", ["serve", "api_server", "m", "--tensor-parallel-size", "2"]),  # vLLM's spelling
-    ("lmdeploy", ["serve", "api_server", "m", "--api-key", "k"]),  # it is --api-keys
-    ("lmdeploy", ["serve", "api_server", "m", "--backend", "vllm"]),
-])
+@pytest.mark.parametrize(
+    ("engine", "args"),
+    [
+        ("vllm", ["serve", "m", "--no-such-flag"]),
+        ("vllm", ["serve", "m", "--served-model-nam", "x"]),  # argparse would complete an abbreviation
+        ("vllm", ["serve", "m", "--tp", "2"]),  # LMDeploy's spelling
+        ("vllm", ["serve", "m", "--dtype", "fp7"]),
+        ("vllm", ["serve", "m", "--limit-mm-per-prompt", "{not json"]),
+        ("lmdeploy", ["serve", "api_server", "m", "--tensor-parallel-size", "2"]),  # vLLM's spelling
+        ("lmdeploy", ["serve", "api_server", "m", "--api-key", "k"]),  # it is --api-keys
+        ("lmdeploy", ["serve", "api_server", "m", "--backend", "vllm"]),
+    ],
+)
 def test_unknown_or_bad_flag_exits_2(engine: str, args: list[str]) -> None:
     done = run_cli(engine, *args)
     assert done.returncode == 2, done.stderr
@@ -105,15 +121,30 @@ def test_unknown_or_bad_flag_exits_2(engine: str, args: list[str]) -> None:
 
 def test_unknown_fault_key_exits_2() -> None:
     env = h.standin_env("crash-after-chunk=3")
-    done = subprocess.run([sys.executable, str(h.VLLM), "serve", "m"], env=env, capture_output=True, text=True,
-                          timeout=15)
+    done = subprocess.run(
+        [sys.executable, str(h.VLLM), "serve", "m"], env=env, capture_output=True, text=True, timeout=15
+    )
     assert done.returncode == 2 and "unknown fault key 'crash-after-chunk'" in done.stderr
 
 
 def test_vllm_accepts_real_spellings_and_guards_v1_only(start: Start) -> None:
-    p = start("vllm", "--gpu_memory_utilization", "0.5", "--no-enforce-eager", "--trust-remote-code",
-              "--limit-mm-per-prompt.image", "2", "--max-model-len", "1K", "-tp", "1", "--api-key", "k1", "k2",
-              "--enable-request-id-headers")
+    p = start(
+        "vllm",
+        "--gpu_memory_utilization",
+        "0.5",
+        "--no-enforce-eager",
+        "--trust-remote-code",
+        "--limit-mm-per-prompt.image",
+        "2",
+        "--max-model-len",
+        "1K",
+        "-tp",
+        "1",
+        "--api-key",
+        "k1",
+        "k2",
+        "--enable-request-id-headers",
+    )
     assert h.get(p.port, "/health") == (200, b"")
     assert h.get(p.port, "/version") == (200, b'{"version":"0.33.0"}')
     assert h.get(p.port, "/v1/models") == (401, b'{"error":"Unauthorized"}')
@@ -122,8 +153,12 @@ def test_vllm_accepts_real_spellings_and_guards_v1_only(start: Start) -> None:
     assert status == 200 and [m["id"] for m in models["data"]] == ["m1", "m2"]
     assert models["data"][0]["max_model_len"] == 1024 and models["data"][0]["root"] == "org/model"
     assert h.get(p.port, "/metrics")[0] == 200  # outside /v1: no key needed
-    with h.post(p.port, "/v1/chat/completions", json.dumps({**CHAT, "model": "m2"}).encode(),
-                {"authorization": "Bearer k1", "x-request-id": "abc"}) as r:
+    with h.post(
+        p.port,
+        "/v1/chat/completions",
+        json.dumps({**CHAT, "model": "m2"}).encode(),
+        {"authorization": "Bearer k1", "x-request-id": "abc"},
+    ) as r:
         out = json.loads(r.read())
         assert r.status == 200 and r.getheader("x-request-id") == "abc"
     assert out["id"] == "chatcmpl-abc" and out["model"] == "m1"  # answers with the first served name
@@ -158,8 +193,11 @@ def test_vllm_stream_shape_with_openai_sdk(start: Start) -> None:
 
     p = start("vllm")
     with OpenAI(base_url=f"http://127.0.0.1:{p.port}/v1", api_key="unused", max_retries=0, timeout=10) as client:
-        chunks = list(client.chat.completions.create(model="m2", messages=CHAT["messages"], stream=True,
-                                                     stream_options={"include_usage": True}))
+        chunks = list(
+            client.chat.completions.create(
+                model="m2", messages=CHAT["messages"], stream=True, stream_options={"include_usage": True}
+            )
+        )
         reply = client.chat.completions.create(model="m1", messages=CHAT["messages"], max_tokens=2)
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hello there world"
@@ -171,8 +209,12 @@ def test_vllm_stream_shape_with_openai_sdk(start: Start) -> None:
     raw = h.raw_request(p.port, "POST", "/v1/chat/completions", stream_body())
     assert raw.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")  # chunked framing around SSE events
     got = events(raw)
-    assert got[0]["choices"][0] == {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                    "finish_reason": None}
+    assert got[0]["choices"][0] == {
+        "index": 0,
+        "delta": {"role": "assistant", "content": ""},
+        "logprobs": None,
+        "finish_reason": None,
+    }
     assert got[1]["choices"][0]["finish_reason"] is None and "usage" not in got[1]
 
 
@@ -196,8 +238,13 @@ def test_unknown_model_404_in_each_dialect(start: Start) -> None:
     lmd, vll = start("lmdeploy"), start("vllm")
     with h.post(lmd.port, "/v1/chat/completions", json.dumps({**CHAT, "model": "m2"}).encode()) as r:
         assert r.status == 404
-        assert json.loads(r.read()) == {"message": "The model 'm2' does not exist.", "type": "not_found_error",
-                                        "code": 404, "param": None, "object": "error"}
+        assert json.loads(r.read()) == {
+            "message": "The model 'm2' does not exist.",
+            "type": "not_found_error",
+            "code": 404,
+            "param": None,
+            "object": "error",
+        }
     with h.post(lmd.port, "/v1/embeddings", b'{"model": "m1", "input": "x"}') as r:
         assert r.status == 400 and json.loads(r.read())["message"] == "Unsupported by turbomind."
     with h.post(vll.port, "/v1/chat/completions", json.dumps({**CHAT, "model": "nope"}).encode()) as r:
@@ -211,10 +258,16 @@ def test_unknown_model_404_in_each_dialect(start: Start) -> None:
 def test_images_reach_the_engine_and_requests_are_recorded(start: Start) -> None:
     vll, lmd = start("vllm"), start("lmdeploy")
     url = "data:image/png;base64," + base64.b64encode(PNG_1x1).decode()
-    msg = {"role": "user", "content": [{"type": "text", "text": "describe"},
-                                       {"type": "image_url", "image_url": {"url": url}}]}
-    with h.post(vll.port, "/v1/chat/completions", json.dumps({"messages": [msg]}).encode(),
-                {"authorization": "Bearer client-key"}) as r:
+    msg = {
+        "role": "user",
+        "content": [{"type": "text", "text": "describe"}, {"type": "image_url", "image_url": {"url": url}}],
+    }
+    with h.post(
+        vll.port,
+        "/v1/chat/completions",
+        json.dumps({"messages": [msg]}).encode(),
+        {"authorization": "Bearer client-key"},
+    ) as r:
         out = json.loads(r.read())
         assert r.status == 200 and r.getheader("x-standin-images") == "1"
     assert out["choices"][0]["message"]["content"] == "[images=1] describe"
@@ -225,8 +278,10 @@ def test_images_reach_the_engine_and_requests_are_recorded(start: Start) -> None
     blocked = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://10.1.2.3/a.png"}}]}
     with h.post(lmd.port, "/v1/chat/completions", json.dumps({"model": "m1", "messages": [blocked]}).encode()) as r:
         assert r.status == 400
-        assert json.loads(r.read())["message"] == \
-            "URL is blocked for security reasons: Blocked non-global IP detected: 10.1.2.3"
+        assert (
+            json.loads(r.read())["message"]
+            == "URL is blocked for security reasons: Blocked non-global IP detected: 10.1.2.3"
+        )
 
 
 # ---- faults -----------------------------------------------------------------------------------------------
@@ -278,8 +333,9 @@ def test_faults_file_changes_a_running_engine(start: Start, tmp_path: Path) -> N
 # ---- signals and the process tree -------------------------------------------------------------------------
 def test_sigterm_vllm_aborts_in_flight_stream(start: Start) -> None:
     p = start("vllm", faults="token-interval=0.2")
-    sock = h.raw_request(p.port, "POST", "/v1/chat/completions", stream_body(max_tokens=100, ignore_eos=True),
-                         read=False)
+    sock = h.raw_request(
+        p.port, "POST", "/v1/chat/completions", stream_body(max_tokens=100, ignore_eos=True), read=False
+    )
     with sock:
         first = sock.recv(65536)
         assert first.startswith(b"HTTP/1.1 200")
@@ -298,8 +354,9 @@ def test_sigterm_vllm_aborts_in_flight_stream(start: Start) -> None:
 
 def test_sigterm_lmdeploy_waits_for_open_stream(start: Start) -> None:
     p = start("lmdeploy", faults="token-interval=0.1")
-    sock = h.raw_request(p.port, "POST", "/v1/chat/completions",
-                         stream_body(model="m1", max_tokens=10, ignore_eos=True), read=False)
+    sock = h.raw_request(
+        p.port, "POST", "/v1/chat/completions", stream_body(model="m1", max_tokens=10, ignore_eos=True), read=False
+    )
     with sock:
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
         os.kill(p.pid, signal.SIGTERM)

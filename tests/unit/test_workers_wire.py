@@ -30,7 +30,7 @@ def test_messages_cross_whole_however_the_bytes_are_cut() -> None:
         loop = asyncio.get_running_loop()
         data = b"".join(frame(m) for m in [("acq", 1, "m"), ("config", {"big": "x" * 100_000}), ("rel", 1, True)])
         for i in range(0, len(data), 7_777):  # frames split across reads, several frames in one read
-            await loop.sock_sendall(theirs, data[i:i + 7_777])
+            await loop.sock_sendall(theirs, data[i : i + 7_777])
             await asyncio.sleep(0)
         await asyncio.sleep(0.05)
         assert got == [("acq", 1, "m"), ("config", {"big": "x" * 100_000}), ("rel", 1, True)]
@@ -77,14 +77,18 @@ def test_merged_expositions_add_up_series_and_parse_back() -> None:
         worker.in_flight.labels("m").inc()
     w2.requests.labels('we"ird\\', "chat", "404").inc()
     merged = merge_expositions([owner.render().decode(), w1.render().decode(), w2.render().decode()]).decode()
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(merged) for s in family.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(merged)
+        for s in family.samples
+    }
     assert samples[("gateway_requests_total", (("endpoint", "chat"), ("model", "m"), ("status", "200")))] == 7
     assert samples[("gateway_requests_total", (("endpoint", "ops"), ("model", ""), ("status", "200")))] == 1
     assert samples[("gateway_requests_total", (("endpoint", "chat"), ("model", 'we"ird\\'), ("status", "404")))] == 1
     assert samples[("gateway_request_duration_seconds_count", (("endpoint", "chat"), ("model", "m")))] == 2
-    assert samples[("gateway_request_duration_seconds_bucket", (("endpoint", "chat"), ("le", "0.1"),
-                                                                ("model", "m")))] == 2
+    assert (
+        samples[("gateway_request_duration_seconds_bucket", (("endpoint", "chat"), ("le", "0.1"), ("model", "m")))] == 2
+    )
     assert samples[("gateway_requests_in_flight", (("model", "m"),))] == 2
     assert samples[("gateway_engine_state", (("model", "m"), ("replica", "0"), ("state", "ready")))] == 1
     assert "# TYPE gateway_requests_total counter" in merged
@@ -93,6 +97,7 @@ def test_merged_expositions_add_up_series_and_parse_back() -> None:
 def test_a_worker_that_connects_during_the_drain_is_told_to_drain(tmp_path: Path) -> None:
     """A worker started before the drain may connect after it began: it must drain too, or the owner waits
     for it until its grace runs out."""
+
     async def main() -> None:
         hub = LeaseHub(pool=None, path=str(tmp_path / "control.sock"), config=lambda: "the config")  # type: ignore[arg-type]
         await hub.start()

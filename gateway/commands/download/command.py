@@ -29,14 +29,18 @@ _SNAPSHOT_TRIES = 3
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", nargs="+", metavar="ID", default=[], help="hub ids (org/name)")
     parser.add_argument("--all", action="store_true", help="every model of the config given by hub id")
-    parser.add_argument("--config", help="the gateway config: its models for --all, its models_dir "
-                        "(default: $GATEWAY_CONFIG)")
+    parser.add_argument(
+        "--config", help="the gateway config: its models for --all, its models_dir (default: $GATEWAY_CONFIG)"
+    )
     parser.add_argument("--path", help="folder for the models (default: models_dir of the config, else ./models)")
     parser.add_argument("--revision", default=None, help="branch, tag or commit for --model ids (default: main)")
     parser.add_argument("--include", action="append", default=[], metavar="GLOB", help="only files matching")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip files matching")
-    parser.add_argument("--all-files", action="store_true",
-                        help="also weights in other formats when safetensors exist (.bin, .pth, ...)")
+    parser.add_argument(
+        "--all-files",
+        action="store_true",
+        help="also weights in other formats when safetensors exist (.bin, .pth, ...)",
+    )
     parser.add_argument("--workers", type=int, default=4, help="files fetched at once (default: 4)")
     parser.add_argument("--retries", type=int, default=5, help="attempts per file after a cut transfer")
 
@@ -152,16 +156,28 @@ def _download(hub: Hub, target: Target, args: argparse.Namespace) -> None:
         progress.have(total - sum(f.size or 0 for f in todo))
         progress.done_files = len(files) - len(todo)
         try:
-            _fetch_all(todo, args, stop, lambda f: _fetch_one(hub, snapshot, f, local_dir, progress, manifest,
-                                                                  args.retries, stop))
+            _fetch_all(
+                todo,
+                args,
+                stop,
+                lambda f: _fetch_one(hub, snapshot, f, local_dir, progress, manifest, args.retries, stop),
+            )
         finally:
             progress.close()
         manifest.set_commit(target.revision, snapshot.commit)
     _say(f"{label}: done, in {local_dir}")
 
 
-def _fetch_one(hub: Hub, snapshot: Snapshot, file: RepoFile, local_dir: Path, progress: Progress,
-               manifest: Manifest, retries: int, stop: threading.Event) -> None:
+def _fetch_one(
+    hub: Hub,
+    snapshot: Snapshot,
+    file: RepoFile,
+    local_dir: Path,
+    progress: Progress,
+    manifest: Manifest,
+    retries: int,
+    stop: threading.Event,
+) -> None:
     from gateway.commands.download.transfer import FileFetch
 
     how = FileFetch(hub, snapshot, file, local_dir, progress, stop).run(retries)
@@ -169,8 +185,9 @@ def _fetch_one(hub: Hub, snapshot: Snapshot, file: RepoFile, local_dir: Path, pr
     progress.file_done(file.path, file.size, how)
 
 
-def _fetch_all(todo: list[RepoFile], args: argparse.Namespace, stop: threading.Event,
-               one: Callable[[RepoFile], None]) -> None:
+def _fetch_all(
+    todo: list[RepoFile], args: argparse.Namespace, stop: threading.Event, one: Callable[[RepoFile], None]
+) -> None:
     """Files in parallel; the first failure (or Ctrl-C) stops the others at their next chunk."""
     from gateway.commands.download.transfer import Interrupted
 

@@ -86,12 +86,14 @@ def _parse_files(siblings: object) -> tuple[RepoFile, ...]:
             raise DownloadError("the hub's file list has an unexpected shape")
         lfs = entry.get("lfs") if isinstance(entry.get("lfs"), dict) else {}
         size = lfs.get("size", entry.get("size"))
-        files.append(RepoFile(
-            path=entry["rfilename"],
-            size=size if isinstance(size, int) else None,
-            blob_id=entry.get("blobId") if isinstance(entry.get("blobId"), str) else None,
-            sha256=lfs.get("sha256") if isinstance(lfs.get("sha256"), str) else None,
-        ))
+        files.append(
+            RepoFile(
+                path=entry["rfilename"],
+                size=size if isinstance(size, int) else None,
+                blob_id=entry.get("blobId") if isinstance(entry.get("blobId"), str) else None,
+                sha256=lfs.get("sha256") if isinstance(lfs.get("sha256"), str) else None,
+            )
+        )
     return tuple(files)
 
 
@@ -103,8 +105,9 @@ class Hub:
         if token:
             headers["authorization"] = f"Bearer {token}"
         self.has_token = bool(token)
-        self._client = httpx.Client(headers=headers, follow_redirects=True,
-                                    timeout=httpx.Timeout(timeout, connect=10.0))
+        self._client = httpx.Client(
+            headers=headers, follow_redirects=True, timeout=httpx.Timeout(timeout, connect=10.0)
+        )
 
     def close(self) -> None:
         self._client.close()
@@ -169,14 +172,18 @@ class Hub:
             return
         what = f"{repo_id}/{path}" if path else repo_id
         if status in (401, 403):
-            hint = ("the token has no access to it" if self.has_token
-                    else "it is gated or private: accept its terms on the hub and set HF_TOKEN")
+            hint = (
+                "the token has no access to it"
+                if self.has_token
+                else "it is gated or private: accept its terms on the hub and set HF_TOKEN"
+            )
             raise DownloadError(f"{what}: access denied (HTTP {status}); {hint}")
         if status == 404:
             hint = "" if self.has_token else "; a private repository needs HF_TOKEN"
             raise DownloadError(f"{what}: not found at revision {revision!r} (HTTP 404){hint}")
         if status == 429 or status >= 500:
             retry_after = response.headers.get("retry-after", "")
-            raise Retryable(f"{what}: the hub answered HTTP {status}",
-                            float(retry_after) if retry_after.isdigit() else None)
+            raise Retryable(
+                f"{what}: the hub answered HTTP {status}", float(retry_after) if retry_after.isdigit() else None
+            )
         raise DownloadError(f"{what}: the hub answered HTTP {status}")

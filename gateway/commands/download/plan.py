@@ -19,8 +19,18 @@ DEFAULT_ROOT = "./models"
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 # When a repository has safetensors, these are the same weights again in another format (Meta's
 # original/*.pth, PyTorch .bin, TF, Flax, ONNX, GGUF): engines load the safetensors, so they are skipped.
-OTHER_WEIGHT_FORMATS = ("*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data",
-                        "*.tflite", "*.gguf")
+OTHER_WEIGHT_FORMATS = (
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.h5",
+    "*.msgpack",
+    "*.ot",
+    "*.onnx",
+    "*.onnx_data",
+    "*.tflite",
+    "*.gguf",
+)
 
 
 @dataclass(frozen=True)
@@ -32,8 +42,7 @@ class Target:
 
 def is_hub_id(value: str) -> bool:
     """``org/name`` that is not an existing local path (a relative ``models/x`` folder stays a path)."""
-    return (_HUB_ID.fullmatch(value) is not None and ".." not in value and "--" not in value
-            and not Path(value).exists())
+    return _HUB_ID.fullmatch(value) is not None and ".." not in value and "--" not in value and not Path(value).exists()
 
 
 def targets(repo_ids: list[tuple[str, str]], root: Path) -> list[Target]:
@@ -45,8 +54,10 @@ def targets(repo_ids: list[tuple[str, str]], root: Path) -> list[Target]:
         target = Target(repo_id, revision, root / repo_id.split("/", 1)[1])
         other = found.get(target.local_dir)
         if other is not None and other != target:
-            raise DownloadError(f"{other.repo_id}@{other.revision} and {repo_id}@{revision} would both go into "
-                                f"{target.local_dir}; download them with separate --path folders")
+            raise DownloadError(
+                f"{other.repo_id}@{other.revision} and {repo_id}@{revision} would both go into "
+                f"{target.local_dir}; download them with separate --path folders"
+            )
         found[target.local_dir] = target
     return list(found.values())
 
@@ -69,12 +80,16 @@ def from_config(config: Config) -> tuple[list[tuple[str, str]], list[str]]:
 def safe_path(path: str) -> bool:
     """A hub file name that stays inside the target folder (a hostile or broken hub cannot write elsewhere)."""
     pure = PurePosixPath(path)
-    return (bool(path) and not pure.is_absolute() and "\\" not in path and "\0" not in path
-            and all(part not in ("", ".", "..") for part in path.split("/")))
+    return (
+        bool(path)
+        and not pure.is_absolute()
+        and "\\" not in path
+        and "\0" not in path
+        and all(part not in ("", ".", "..") for part in path.split("/"))
+    )
 
 
-def select(files: tuple[RepoFile, ...], *, include: list[str], exclude: list[str],
-           all_files: bool) -> list[RepoFile]:
+def select(files: tuple[RepoFile, ...], *, include: list[str], exclude: list[str], all_files: bool) -> list[RepoFile]:
     """The files to fetch: ``--include`` globs (all when none), minus ``--exclude``; without either
     ``--include`` or ``--all-files``, minus weights that duplicate the safetensors."""
     for file in files:

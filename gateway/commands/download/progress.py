@@ -23,8 +23,9 @@ def human(n: float) -> str:
 
 
 class Progress:
-    def __init__(self, label: str, total_bytes: int, total_files: int, *, stream: TextIO | None = None,
-                 tty: bool | None = None) -> None:
+    def __init__(
+        self, label: str, total_bytes: int, total_files: int, *, stream: TextIO | None = None, tty: bool | None = None
+    ) -> None:
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
         self.label = label
@@ -73,7 +74,9 @@ class Progress:
         part = min(self.done_bytes / total, 1.0)
         filled = int(part * _BAR)
         rate = self._fetched / max(time.monotonic() - self._started, 1e-3)
-        self.stream.write(f"\r\x1b[K{self.label} [{'#' * filled}{'.' * (_BAR - filled)}] {part:4.0%} "
-                          f"{human(self.done_bytes)}/{human(self.total_bytes)} {human(rate)}/s "
-                          f"{self.done_files}/{self.total_files} files")
+        self.stream.write(
+            f"\r\x1b[K{self.label} [{'#' * filled}{'.' * (_BAR - filled)}] {part:4.0%} "
+            f"{human(self.done_bytes)}/{human(self.total_bytes)} {human(rate)}/s "
+            f"{self.done_files}/{self.total_files} files"
+        )
         self.stream.flush()

@@ -69,8 +69,9 @@ def is_complete(path: Path, file: RepoFile, manifest: Manifest, stop: threading.
 class FileFetch:
     """The state of one file across attempts; ``counted`` is what the progress bar has been told."""
 
-    def __init__(self, hub: Hub, snapshot: Snapshot, file: RepoFile, local_dir: Path, progress: Progress,
-                 stop: threading.Event) -> None:
+    def __init__(
+        self, hub: Hub, snapshot: Snapshot, file: RepoFile, local_dir: Path, progress: Progress, stop: threading.Event
+    ) -> None:
         self.hub, self.snapshot, self.file, self.progress, self.stop = hub, snapshot, file, progress, stop
         self.final = local_dir / file.path
         self.part = self.final.with_name(self.final.name + PARTIAL_SUFFIX)

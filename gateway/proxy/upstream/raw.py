@@ -89,8 +89,11 @@ class EngineConnection(asyncio.Protocol):
             self._on_lost(self)
 
     def _ends_at_close(self) -> bool:
-        return (self.headers_done.done() and b"content-length" not in self.headers
-                and b"chunked" not in self.headers.get(b"transfer-encoding", b"").lower())
+        return (
+            self.headers_done.done()
+            and b"content-length" not in self.headers
+            and b"chunked" not in self.headers.get(b"transfer-encoding", b"").lower()
+        )
 
     # -- httptools callbacks -------------------------------------------------------------------------
 
@@ -169,13 +172,23 @@ class EngineConnection(asyncio.Protocol):
     def lost_when_reused(self) -> bool:
         """Closed with no byte of answer on a connection kept from before: the engine's idle timer closed it
         as the request went out, so the request never reached it and may go again on a new connection."""
-        return (self.exchanges > 1 and not self.received and self.headers_done.done()
-                and not self.headers_done.cancelled() and self.headers_done.exception() is not None)
+        return (
+            self.exchanges > 1
+            and not self.received
+            and self.headers_done.done()
+            and not self.headers_done.cancelled()
+            and self.headers_done.exception() is not None
+        )
 
     @property
     def reusable(self) -> bool:
-        return self.complete and self.keep_alive and not self.closed and self.transport is not None \
+        return (
+            self.complete
+            and self.keep_alive
+            and not self.closed
+            and self.transport is not None
             and not self.transport.is_closing()
+        )
 
     def _broken(self, exc: BaseException) -> None:
         for future in (self.headers_done, self.done):
