@@ -29,15 +29,15 @@ from engines.spec import EngineKind, ModelKind
 # (embeddings, rerank); LMDeploy's TurboMind/PyTorch VL pipeline is the one this deployment trusts for
 # vision-language models. Without a GPU only `transformers serve` runs, and it has no embeddings or
 # rerank endpoint, so those kinds have no CPU default (they are skipped with that reason).
-GPU_ENGINES: dict[str, str] = {"chat": "vllm", "vision": "lmdeploy", "embedding": "vllm", "rerank": "vllm"}
-CPU_ENGINES: dict[str, str] = {"chat": "transformers", "vision": "transformers"}
+GPU_ENGINES: dict[ModelKind, EngineKind] = {"chat": "vllm", "vision": "lmdeploy", "embedding": "vllm", "rerank": "vllm"}
+CPU_ENGINES: dict[ModelKind, EngineKind] = {"chat": "transformers", "vision": "transformers"}
 
 # Engines that get GPUs (CUDA_VISIBLE_DEVICES, tensor parallel). transformers runs on CPU (--device cpu).
-GPU_ENGINE_KINDS = frozenset({"vllm", "lmdeploy", "sglang", "lightllm"})
+GPU_ENGINE_KINDS: frozenset[EngineKind] = frozenset({"vllm", "lmdeploy", "sglang", "lightllm"})
 # The engine flag that moves part of the weights to host memory, GiB per GPU. LMDeploy has none.
-OFFLOAD_FLAG: dict[str, str] = {"vllm": "cpu-offload-gb"}
+OFFLOAD_FLAG: dict[EngineKind, str] = {"vllm": "cpu-offload-gb"}
 # Which engines a kind may be given: pooling kinds need an engine whose flags for them are known here.
-ALLOWED: dict[str, frozenset[str]] = {
+ALLOWED: dict[ModelKind, frozenset[EngineKind]] = {
     "chat": frozenset({"vllm", "lmdeploy", "sglang", "lightllm", "transformers"}),
     "vision": frozenset({"vllm", "lmdeploy", "sglang", "transformers"}),
     "embedding": frozenset({"vllm"}),
@@ -45,7 +45,7 @@ ALLOWED: dict[str, frozenset[str]] = {
 }
 
 
-def kind_args(engine: str, kind: str, generative: bool) -> dict[str, Any]:
+def kind_args(engine: EngineKind, kind: ModelKind, generative: bool) -> dict[str, Any]:
     """Flags an engine needs to serve this kind. vLLM spells pooling ``--runner pooling`` since 0.10 (the
     older ``--task embed|score`` is deprecated), plus ``--convert embed|classify`` for an architecture it
     must adapt: a causal LM shipped as an embedder (e.g. Qwen3-Embedding) needs ``--convert embed``;
@@ -84,7 +84,7 @@ class DiscoveryPolicy(_Frozen):
 
     @field_validator("engines", "cpu_engines")
     @classmethod
-    def _engine_serves_kind(cls, table: dict[str, str]) -> dict[str, str]:
+    def _engine_serves_kind(cls, table: dict[ModelKind, EngineKind]) -> dict[ModelKind, EngineKind]:
         for kind, engine in table.items():
             if engine not in ALLOWED[kind]:
                 raise ValueError(
@@ -95,13 +95,13 @@ class DiscoveryPolicy(_Frozen):
 
     @field_validator("command")
     @classmethod
-    def _commands_not_empty(cls, table: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    def _commands_not_empty(cls, table: dict[EngineKind, tuple[str, ...]]) -> dict[EngineKind, tuple[str, ...]]:
         for engine, argv in table.items():
             if not argv or not all(argv):
                 raise ValueError(f"command.{engine}: give the executable, e.g. [/opt/{engine}/bin/{engine}]")
         return table
 
-    def engine_for(self, kind: str, *, has_gpus: bool) -> str | None:
+    def engine_for(self, kind: ModelKind, *, has_gpus: bool) -> EngineKind | None:
         """The engine for ``kind`` on this host, or None when no engine serves it here."""
         if has_gpus:
             return self.engines.get(kind) or GPU_ENGINES.get(kind)

@@ -17,7 +17,7 @@ from engines.discovery.classify import Classified, Unsupported, classify
 from engines.discovery.policy import GPU_ENGINE_KINDS, OFFLOAD_FLAG, DiscoveryPolicy, GpuEntry, kind_args
 from engines.discovery.sizing import Fit, GiB, GpuSlot, Limits, Need, fits_on, place
 from engines.discovery.weights import Weights, read_weights
-from engines.spec import ModelSpec
+from engines.spec import EngineKind, ModelSpec
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class _Candidate:
     folder: Path
     what: Classified
     weights: Weights
-    engine: str
+    engine: EngineKind
 
 
 def _candidates(

@@ -17,6 +17,7 @@ from engines.spec import ModelSpec
 from gateway.config.auth import AuthConfig
 from gateway.config.server import ServerSettings
 from gateway.media.settings import MediaConfig
+from gateway.observability.gpu_probe import GpuInfo, GpuProbe
 
 log = logging.getLogger("gateway.discovery")
 
@@ -117,8 +118,6 @@ def read_gpus(policy: DiscoveryPolicy) -> list[GpuSlot]:
     """NVML's GPUs as plain data for placement; none (a CPU-only host) when NVML is absent."""
     if not policy.needs_nvml:
         return []
-    from gateway.observability.gpu_probe import GpuProbe
-
     probe = GpuProbe(ttl=0)
     try:
         return gpu_slots(probe.read().devices)
@@ -126,8 +125,8 @@ def read_gpus(policy: DiscoveryPolicy) -> list[GpuSlot]:
         probe.close()
 
 
-def gpu_slots(devices: Iterable[Any]) -> list[GpuSlot]:
-    """``GpuInfo`` readings (gateway.observability.gpu_probe) as the plain data engines/discovery takes."""
+def gpu_slots(devices: Iterable[GpuInfo]) -> list[GpuSlot]:
+    """NVML readings as the plain data engines/discovery takes."""
     return [GpuSlot(d.index, d.memory_total, d.name) for d in devices]
 
 

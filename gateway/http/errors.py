@@ -194,9 +194,9 @@ def reshape_upstream_error(status: int, body: bytes) -> bytes:
             return error_body(inner, default_type, status)
         message = data.get("message")
         if isinstance(message, str):
-            type_ = data.get("type") if isinstance(data.get("type"), str) else default_type
-            code = data.get("code")
-            param = data.get("param") if isinstance(data.get("param"), str) else None
+            given_type, code, given_param = data.get("type"), data.get("code"), data.get("param")
+            type_ = given_type if isinstance(given_type, str) else default_type
+            param = given_param if isinstance(given_param, str) else None
             return error_body(message, type_, code if isinstance(code, str | int) else status, param)
         detail = data.get("detail")
         if detail is not None:

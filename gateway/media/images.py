@@ -44,7 +44,7 @@ def _open_header(fmt: str, data: bytes) -> ImageFile.ImageFile:
         Image.init()
         _plugins_ready = True
     factory, _accept = Image.OPEN[_PIL_NAMES[fmt]]
-    return factory(io.BytesIO(data), "")  # type: ignore[no-any-return]
+    return factory(io.BytesIO(data), "")
 
 
 def gif_frame_count(data: bytes, stop_after: int) -> int:

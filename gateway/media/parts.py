@@ -20,7 +20,7 @@ MediaKind = Literal["image", "video", "audio", "input_audio"]
 
 _TEXT = frozenset({"text", "input_text", "output_text"})
 _OPENAI_ONLY_TEXT = frozenset({"refusal", "thinking"})
-_AV = {"video_url": "video", "audio_url": "audio"}
+_AV: dict[str, MediaKind] = {"video_url": "video", "audio_url": "audio"}
 # Known, deliberately refused: embeddings (vLLM's prompt_embeds went through torch.load),
 # engine-private forms, and file references the gateway cannot resolve.
 _REFUSED = {
@@ -132,7 +132,7 @@ def _part(part: Any, dialect: str, param: str, jobs: list[MediaJob]) -> dict[str
             jobs.append(MediaJob("input_audio", value["data"], target, "data", param + ".input_audio"))
             return {**part, "type": "input_audio", "input_audio": target}
         target, source = _url_object(part.get(kind), f"{param}.{kind}")
-        jobs.append(MediaJob(_AV[kind], source, target, "url", f"{param}.{kind}"))  # type: ignore[arg-type]
+        jobs.append(MediaJob(_AV[kind], source, target, "url", f"{param}.{kind}"))
         return {**part, "type": kind, kind: target}
     if kind in _REFUSED:
         raise failures.unsupported_content(_REFUSED[kind], param)

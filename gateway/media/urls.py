@@ -30,8 +30,10 @@ def reference_kind(ref: str) -> RefKind:
     scheme = match.group(1).lower()
     if scheme in ("http", "https"):
         return "http"
-    if scheme in ("data", "file"):
-        return scheme  # type: ignore[return-value]
+    if scheme == "data":
+        return "data"
+    if scheme == "file":
+        return "file"
     return "scheme"
 
 

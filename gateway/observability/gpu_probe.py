@@ -11,14 +11,55 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import ModuleType
-from typing import Any
+from typing import Protocol, TypeVar
 
 log = logging.getLogger("gateway.observability.gpu_probe")
 
 _TEMPERATURE_GPU = 0  # pynvml.NVML_TEMPERATURE_GPU, spelled out so a fake module need not define it
+
+T = TypeVar("T")
+
+
+class NvmlMemory(Protocol):
+    @property
+    def total(self) -> int: ...
+    @property
+    def used(self) -> int: ...
+    @property
+    def free(self) -> int: ...
+
+
+class NvmlUtilization(Protocol):
+    @property
+    def gpu(self) -> int: ...  # percent
+
+
+class NvmlProcess(Protocol):
+    @property
+    def pid(self) -> int: ...
+
+    # ``usedGpuMemory`` is read with getattr: some drivers leave it out
+
+
+class Nvml(Protocol):
+    """The slice of ``pynvml`` the probe calls; the module itself satisfies it, and so does a fake.
+
+    A device handle is opaque here: it is only passed back to NVML.
+    """
+
+    def nvmlInit(self) -> None: ...
+    def nvmlShutdown(self) -> None: ...
+    def nvmlDeviceGetCount(self) -> int: ...
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> object: ...
+    def nvmlDeviceGetName(self, handle: object) -> bytes | str: ...
+    def nvmlDeviceGetUUID(self, handle: object) -> bytes | str: ...
+    def nvmlDeviceGetMemoryInfo(self, handle: object) -> NvmlMemory: ...
+    def nvmlDeviceGetUtilizationRates(self, handle: object) -> NvmlUtilization: ...
+    def nvmlDeviceGetTemperature(self, handle: object, sensor: int) -> int: ...
+    def nvmlDeviceGetPowerUsage(self, handle: object) -> int: ...  # milliwatts
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: object) -> Sequence[NvmlProcess] | None: ...
 
 
 @dataclass(frozen=True)
@@ -52,7 +93,7 @@ class GpuProbe:
     """Reads NVML through ``nvml`` (``pynvml`` from nvidia-ml-py, or a fake in tests)."""
 
     def __init__(
-        self, nvml: ModuleType | Any | None = None, *, ttl: float = 2.0, clock: Callable[[], float] = time.monotonic
+        self, nvml: Nvml | None = None, *, ttl: float = 2.0, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._nvml = nvml
         self._ttl = ttl
@@ -63,23 +104,25 @@ class GpuProbe:
         self._count: int | None = None
         self._cached: tuple[float, GpuReport] | None = None
 
-    def _init(self) -> bool:
+    def _init(self) -> Nvml | None:
+        """The initialised NVML, or None (and ``reason``) where there is none."""
         if self._ready:
-            return True
+            return self._nvml
         if self.reason is not None:
-            return False  # a machine without a driver does not grow one: do not retry on every request
+            return None  # a machine without a driver does not grow one: do not retry on every request
         try:
-            if self._nvml is None:
+            nvml = self._nvml
+            if nvml is None:
                 import pynvml
 
-                self._nvml = pynvml
-            self._nvml.nvmlInit()
+                nvml = self._nvml = pynvml
+            nvml.nvmlInit()
         except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, NVMLError_DriverNotLoaded, ...
             self.reason = f"NVML is not available: {_describe(exc)}"
             log.info("no GPUs visible: %s", self.reason)
-            return False
+            return None
         self._ready = True
-        return True
+        return nvml
 
     def count(self) -> int:
         """How many GPUs NVML lists; after the first call, a plain attribute read (NVML enumerates at init)."""
@@ -91,10 +134,11 @@ class GpuProbe:
     def _count_locked(self) -> int:
         if self._count is not None:
             return self._count
-        if not self._init():
+        nvml = self._init()
+        if nvml is None:
             return 0
         try:
-            self._count = int(self._nvml.nvmlDeviceGetCount())
+            self._count = int(nvml.nvmlDeviceGetCount())
         except Exception as exc:
             self.reason = f"NVML failed: {_describe(exc)}"
             return 0
@@ -121,39 +165,23 @@ class GpuProbe:
 
     def _read_locked(self) -> GpuReport:
         count = self._count_locked()
-        if not self._ready or self._count is None:
+        nvml = self._nvml if self._ready else None
+        if nvml is None or self._count is None:
             return GpuReport((), self.reason or "NVML is not available", time.time())
         out: list[GpuInfo] = []
         failures: list[str] = []
         for index in range(count):
             try:
-                out.append(self._device(index))
+                out.append(_device(nvml, index))
             except Exception as exc:  # one lost GPU (Xid 79, "GPU is lost") must not hide the others
                 failures.append(f"GPU {index} could not be read: {_describe(exc)}")
         if count == 0:
             failures.append("NVML lists no GPUs")
         return GpuReport(tuple(out), "; ".join(failures) or None, time.time())
 
-    def _device(self, index: int) -> GpuInfo:
-        nvml = self._nvml
-        handle = nvml.nvmlDeviceGetHandleByIndex(index)
-        mem = nvml.nvmlDeviceGetMemoryInfo(handle)
-        return GpuInfo(
-            index=index,
-            name=_text(nvml.nvmlDeviceGetName(handle)),
-            uuid=_optional(lambda: _text(nvml.nvmlDeviceGetUUID(handle))) or "",
-            memory_total=int(mem.total),
-            memory_used=int(mem.used),
-            memory_free=int(mem.free),
-            utilization=_optional(lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0),
-            temperature_c=_optional(lambda: int(nvml.nvmlDeviceGetTemperature(handle, _TEMPERATURE_GPU))),
-            power_w=_optional(lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0),
-            processes=_optional(lambda: _processes(nvml.nvmlDeviceGetComputeRunningProcesses(handle))) or (),
-        )
-
     def close(self) -> None:
         with self._lock:
-            if self._ready:
+            if self._ready and self._nvml is not None:
                 try:
                     self._nvml.nvmlShutdown()
                 except Exception:
@@ -163,7 +191,24 @@ class GpuProbe:
                 self._cached = None
 
 
-def _processes(found: Any) -> tuple[GpuProcess, ...]:
+def _device(nvml: Nvml, index: int) -> GpuInfo:
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+    return GpuInfo(
+        index=index,
+        name=_text(nvml.nvmlDeviceGetName(handle)),
+        uuid=_optional(lambda: _text(nvml.nvmlDeviceGetUUID(handle))) or "",
+        memory_total=int(mem.total),
+        memory_used=int(mem.used),
+        memory_free=int(mem.free),
+        utilization=_optional(lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0),
+        temperature_c=_optional(lambda: int(nvml.nvmlDeviceGetTemperature(handle, _TEMPERATURE_GPU))),
+        power_w=_optional(lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0),
+        processes=_optional(lambda: _processes(nvml.nvmlDeviceGetComputeRunningProcesses(handle))) or (),
+    )
+
+
+def _processes(found: Sequence[NvmlProcess] | None) -> tuple[GpuProcess, ...]:
     out = []
     for proc in found or ():
         used = getattr(proc, "usedGpuMemory", None)
@@ -180,7 +225,7 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _optional(read: Callable[[], Any]) -> Any:
+def _optional(read: Callable[[], T]) -> T | None:
     try:
         return read()
     except Exception:  # some boards do not report power, temperature or processes (NVMLError_NotSupported)

@@ -7,10 +7,11 @@ Labels are bounded: ``model`` is a configured name (or ``""`` for requests that 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -33,18 +34,21 @@ class _Callback(Collector):
         return self._collect()
 
 
-class _Children:
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+class _Children(Generic[M]):
     """A labelled metric's children by label values, each made once: ``labels()`` validates its values and
     takes a lock on every call (~4 µs, several times a request), a dict lookup does not. Label values are
     bounded (module docstring), so the cache is too."""
 
     __slots__ = ("_children", "_metric")
 
-    def __init__(self, metric: Any) -> None:
+    def __init__(self, metric: M) -> None:
         self._metric = metric
-        self._children: dict[tuple[str, ...], Any] = {}
+        self._children: dict[tuple[str, ...], M] = {}
 
-    def __call__(self, *values: str) -> Any:
+    def __call__(self, *values: str) -> M:
         child = self._children.get(values)
         if child is None:
             child = self._children[values] = self._metric.labels(*values)

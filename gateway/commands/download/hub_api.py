@@ -77,21 +77,27 @@ def find_token() -> str | None:
     return None
 
 
+def _string(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def _parse_files(siblings: object) -> tuple[RepoFile, ...]:
     if not isinstance(siblings, list):
         raise DownloadError("the hub's file list has an unexpected shape")
     files = []
     for entry in siblings:
-        if not isinstance(entry, dict) or not isinstance(entry.get("rfilename"), str):
+        path = _string(entry.get("rfilename")) if isinstance(entry, dict) else None
+        if path is None:
             raise DownloadError("the hub's file list has an unexpected shape")
-        lfs = entry.get("lfs") if isinstance(entry.get("lfs"), dict) else {}
+        lfs_entry = entry.get("lfs")
+        lfs: dict[str, object] = lfs_entry if isinstance(lfs_entry, dict) else {}
         size = lfs.get("size", entry.get("size"))
         files.append(
             RepoFile(
-                path=entry["rfilename"],
+                path=path,
                 size=size if isinstance(size, int) else None,
-                blob_id=entry.get("blobId") if isinstance(entry.get("blobId"), str) else None,
-                sha256=lfs.get("sha256") if isinstance(lfs.get("sha256"), str) else None,
+                blob_id=_string(entry.get("blobId")),
+                sha256=_string(lfs.get("sha256")),
             )
         )
     return tuple(files)
@@ -137,7 +143,8 @@ class Hub:
             raise DownloadError(f"{repo_id}: the hub's answer is not JSON (is HF_ENDPOINT right?)") from None
         if not isinstance(data, dict):
             raise DownloadError(f"{repo_id}: the hub's answer has an unexpected shape")
-        commit = data.get("sha") if isinstance(data.get("sha"), str) else revision
+        sha = _string(data.get("sha"))
+        commit = sha if sha is not None else revision
         return Snapshot(repo_id, revision, commit, _parse_files(data.get("siblings")))
 
     @contextlib.contextmanager

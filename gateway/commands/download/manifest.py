@@ -14,7 +14,6 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from gateway.commands.download.hub_api import DownloadError, RepoFile
 
@@ -37,17 +36,17 @@ class Manifest:
     def __init__(self, local_dir: Path, repo_id: str) -> None:
         self.path = local_dir / MANIFEST
         self._lock = threading.Lock()
-        data: dict[str, Any] = {}
+        data: dict[str, object] = {}  # as read from disk: unchecked JSON
         with contextlib.suppress(OSError, ValueError):
             loaded = json.loads(self.path.read_text())
             data = loaded if isinstance(loaded, dict) else {}
         if data.get("repo_id") not in (None, repo_id):
             raise DownloadError(f"{local_dir} already holds {data['repo_id']}; choose another --path for {repo_id}")
         files = data.get("files")
-        self.files: dict[str, dict[str, Any]] = files if isinstance(files, dict) else {}
+        self.files: dict[str, dict[str, object]] = files if isinstance(files, dict) else {}
         self.data = {"repo_id": repo_id, "files": self.files}
 
-    def recorded(self, file: RepoFile) -> dict[str, Any] | None:
+    def recorded(self, file: RepoFile) -> dict[str, object] | None:
         entry = self.files.get(file.path)
         return entry if isinstance(entry, dict) else None
 

@@ -10,7 +10,7 @@ import hashlib
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 from gateway.commands.download.hub_api import DownloadError, Hub, RepoFile, Retryable, Snapshot
 from gateway.commands.download.manifest import Manifest
@@ -25,7 +25,14 @@ class Interrupted(DownloadError):
     """The command is stopping (Ctrl-C): the partial file stays for the next run."""
 
 
-def _hasher(file: RepoFile) -> Any:
+class _Hasher(Protocol):
+    """What ``hashlib``'s sha256 and sha1 objects offer that a download uses."""
+
+    def update(self, data: bytes, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
+def _hasher(file: RepoFile) -> _Hasher | None:
     if file.sha256:
         return hashlib.sha256()
     if file.blob_id and file.size is not None:
@@ -35,7 +42,7 @@ def _hasher(file: RepoFile) -> Any:
     return None
 
 
-def _hash_file(path: Path, hasher: Any, stop: threading.Event | None = None) -> None:
+def _hash_file(path: Path, hasher: _Hasher, stop: threading.Event | None = None) -> None:
     with open(path, "rb") as f:
         while block := f.read(CHUNK * 8):
             if stop is not None and stop.is_set():
@@ -43,7 +50,7 @@ def _hash_file(path: Path, hasher: Any, stop: threading.Event | None = None) -> 
             hasher.update(block)
 
 
-def _matches(file: RepoFile, hasher: Any) -> bool:
+def _matches(file: RepoFile, hasher: _Hasher | None) -> bool:
     return hasher is None or hasher.hexdigest() == (file.sha256 or file.blob_id)
 
 
