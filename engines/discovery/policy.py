@@ -50,7 +50,7 @@ def kind_args(engine: EngineKind, kind: ModelKind, generative: bool) -> dict[str
     older ``--task embed|score`` is deprecated), plus ``--convert embed|classify`` for an architecture it
     must adapt: a causal LM shipped as an embedder (e.g. Qwen3-Embedding) needs ``--convert embed``;
     encoders and ``*ForSequenceClassification`` heads are pooling models already. (Source: vLLM's
-    "Pooling Models" docs, 0.10-0.18; ENGINES.md does not cover pooling flags.)"""
+    "Pooling Models" docs, 0.10-0.18; docs/ENGINES.md does not cover pooling flags.)"""
     if engine != "vllm" or kind not in ("embedding", "rerank"):
         return {}
     args: dict[str, Any] = {"runner": "pooling"}

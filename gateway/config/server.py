@@ -15,7 +15,7 @@ class ServerSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
-    # uvicorn's access log costs ~10 % of throughput (PERFORMANCE.md); the gateway logs errors itself.
+    # uvicorn's access log costs ~10 % of throughput (docs/PERFORMANCE.md); the gateway logs errors itself.
     access_log: bool = False
 
     # The four clocks of an upstream call. First byte is long: a big prompt's prefill can take minutes.

@@ -1,7 +1,7 @@
 """What a download fetches: which repositories, which of their files, and into which folder.
 
 Each repository goes into ``<path>/<name>`` (``Qwen/Qwen2.5-7B-Instruct`` → ``/models/Qwen2.5-7B-Instruct``),
-the layout DESIGN.md's example config uses, so ``models_dir`` finds it and ``model:`` can name it.
+the layout docs/DESIGN.md's example config uses, so ``models_dir`` finds it and ``model:`` can name it.
 """
 
 from __future__ import annotations
