@@ -19,10 +19,13 @@ import argparse
 import logging
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol, TypedDict
 
 if TYPE_CHECKING:
+    from os import PathLike
+
     from tokenizers import Tokenizer
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,27 @@ def _train_tokenizer(special: list[str], vocab_size: int = 384) -> Tokenizer:
     return tok
 
 
-def _fast_tokenizer(special: list[str], chat_template: str) -> Any:
+class _Pretrained(Protocol):
+    """A model, tokenizer or processor: what ``_save`` writes."""
+
+    def save_pretrained(self, save_directory: str | PathLike[str], /) -> object: ...
+
+
+class _TextShape(TypedDict):
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int
+    initializer_range: float
+    tie_word_embeddings: bool
+    bos_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+
+
+def _fast_tokenizer(special: list[str], chat_template: str) -> PreTrainedTokenizerFast:
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
@@ -113,7 +136,7 @@ def _fast_tokenizer(special: list[str], chat_template: str) -> Any:
     )
 
 
-def _generation_config(tokenizer: Any) -> Any:
+def _generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
     """Greedy (so answers repeat exactly), a short default, and only printable ASCII or the end token.
 
     Suppressing the other tokens keeps random output readable and free of half UTF-8 sequences, which a
@@ -121,26 +144,34 @@ def _generation_config(tokenizer: Any) -> Any:
     """
     from transformers import GenerationConfig
 
-    eos_id = tokenizer.convert_tokens_to_ids(EOS)
-    suppress = [
-        i
-        for i in range(len(tokenizer))
-        if i != eos_id and not _printable(tokenizer.decode([i], skip_special_tokens=False))
-    ]
+    eos_id = _token_id(tokenizer, EOS)
+    suppress = [i for i in range(len(tokenizer)) if i != eos_id and not _printable(_token_text(tokenizer, i))]
     return GenerationConfig(
         eos_token_id=eos_id,
-        pad_token_id=tokenizer.convert_tokens_to_ids(PAD),
+        pad_token_id=_token_id(tokenizer, PAD),
         max_new_tokens=MAX_NEW_TOKENS,
         do_sample=False,
         suppress_tokens=suppress,
     )
 
 
+def _token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
+    found = tokenizer.convert_tokens_to_ids(token)
+    assert isinstance(found, int)  # typed ``int | list[int]``: one token in, one id out
+    return found
+
+
+def _token_text(tokenizer: PreTrainedTokenizerFast, token_id: int) -> str:
+    text = tokenizer.decode([token_id], skip_special_tokens=False)
+    assert isinstance(text, str)  # typed ``str | list[str]``: one sequence in, one text out
+    return text
+
+
 def _printable(text: str) -> bool:
     return bool(text) and all(" " <= c <= "~" for c in text) and text not in (PAD, IM_START, IMAGE)
 
 
-def _save(path: Path, *parts: Any) -> None:
+def _save(path: Path, *parts: _Pretrained) -> None:
     """Replace ``path`` with the ``save_pretrained`` output of ``parts``: whole or not at all, quietly,
     world-readable. A folder that holds something other than a model is never removed."""
     from transformers.utils import logging as hf_logging
@@ -166,7 +197,7 @@ def _save(path: Path, *parts: Any) -> None:
     partial.rename(path)  # config.json appears only with everything else (`make` keys on it)
 
 
-def _text_shape(pad_id: int, eos_id: int) -> dict[str, Any]:
+def _text_shape(pad_id: int, eos_id: int) -> _TextShape:
     """The tiny decoder both demo models share: ~100k parameters, fast on one CPU core."""
     return {
         "hidden_size": 64,
@@ -190,8 +221,8 @@ def make_chat_model(path: Path) -> None:
 
     path = Path(path)
     tokenizer = _fast_tokenizer([PAD, IM_START, EOS], CHAT_TEMPLATE)
-    eos_id = tokenizer.convert_tokens_to_ids(EOS)
-    pad_id = tokenizer.convert_tokens_to_ids(PAD)
+    eos_id = _token_id(tokenizer, EOS)
+    pad_id = _token_id(tokenizer, PAD)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         **_text_shape(pad_id, eos_id),
@@ -219,17 +250,17 @@ def make_vl_model(path: Path) -> None:
     path = Path(path)
     image_size, patch_size = 28, 14
     tokenizer = _fast_tokenizer([PAD, IM_START, EOS, IMAGE], VL_CHAT_TEMPLATE)
-    eos_id = tokenizer.convert_tokens_to_ids(EOS)
-    pad_id = tokenizer.convert_tokens_to_ids(PAD)
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
+    eos_id = _token_id(tokenizer, EOS)
+    pad_id = _token_id(tokenizer, PAD)
+    image_id = _token_id(tokenizer, IMAGE)
+    vision = CLIPVisionConfig(  # head_dim 64 here too (vLLM runs the tower with --model-impl transformers)
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=2,
         image_size=image_size,
         patch_size=patch_size,
-        projection_dim=32,
+        projection_dim=128,
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer),
