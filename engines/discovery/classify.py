@@ -108,7 +108,7 @@ class Classified:
     notes: tuple[str, ...] = ()
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path) -> object:
     """A JSON file's value; ``Unsupported`` naming the file when it is unreadable or not JSON."""
     try:
         if path.stat().st_size > _MAX_JSON_BYTES:

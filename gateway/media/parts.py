@@ -63,7 +63,7 @@ def _part_type(part: dict[str, Any], param: str) -> str:
     return kind
 
 
-def _url_object(value: Any, param: str) -> tuple[dict[str, Any], str]:
+def _url_object(value: object, param: str) -> tuple[dict[str, Any], str]:
     """``{"url": ...}`` (extra keys kept) from an object or a bare string; also LMDeploy's ``{"data": ...}``."""
     if isinstance(value, str):
         return {"url": value}, value
@@ -106,7 +106,7 @@ def _text(part: dict[str, Any], kind: str, dialect: str, param: str) -> dict[str
     return {**extras, "type": "text", "text": text}
 
 
-def _part(part: Any, dialect: str, param: str, jobs: list[MediaJob]) -> dict[str, Any]:
+def _part(part: object, dialect: str, param: str, jobs: list[MediaJob]) -> dict[str, Any]:
     if isinstance(part, str):
         return {"type": "text", "text": part}
     if not isinstance(part, dict):
@@ -139,7 +139,7 @@ def _part(part: Any, dialect: str, param: str, jobs: list[MediaJob]) -> dict[str
     raise failures.bad_part(f"unknown content part type '{kind[:40]}'", param)
 
 
-def plan_messages(messages: Any, dialect: str) -> list[MediaJob]:
+def plan_messages(messages: object, dialect: str) -> list[MediaJob]:
     """Rewrite ``messages`` in place into canonical parts; return the media references to resolve."""
     if dialect not in DIALECTS:
         raise ValueError(f"unknown dialect {dialect!r}")
@@ -156,7 +156,7 @@ def plan_messages(messages: Any, dialect: str) -> list[MediaJob]:
     return jobs
 
 
-def needs_work(body: Any) -> bool:
+def needs_work(body: object) -> bool:
     """True if some message has list content with a part other than ``{"type": "text"}``. Cheap."""
     messages = body.get("messages") if isinstance(body, dict) else None
     if not isinstance(messages, list):
