@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engines.adapters.base import OPENAI_PATHS, Dialect, EngineAdapter, render_flags
+from engines.adapters.base import Capability, Dialect, EngineAdapter, StreamEnd, render_flags
 from engines.adapters.lightllm import LightLLMAdapter
 from engines.adapters.lmdeploy import LMDeployAdapter
 from engines.adapters.remote import RemoteOpenAIAdapter
@@ -27,4 +27,4 @@ def adapter_for(kind: str) -> EngineAdapter:
     return ADAPTERS[kind]
 
 
-__all__ = ["ADAPTERS", "OPENAI_PATHS", "Dialect", "EngineAdapter", "adapter_for", "render_flags"]
+__all__ = ["ADAPTERS", "Capability", "Dialect", "EngineAdapter", "StreamEnd", "adapter_for", "render_flags"]

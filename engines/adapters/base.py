@@ -17,14 +17,11 @@ from engines.spec import ModelSpec
 # How an engine wants multimodal parts (gateway/media reshapes messages accordingly).
 Dialect = Literal["openai", "lmdeploy", "lightllm", "transformers"]
 
-# The OpenAI endpoints a gateway forwards, and the paths an engine serves them on.
-Endpoint = Literal["chat", "completions", "embeddings", "rerank"]
-OPENAI_PATHS: dict[str, str] = {
-    "chat": "/v1/chat/completions",
-    "completions": "/v1/completions",
-    "embeddings": "/v1/embeddings",
-    "rerank": "/v1/rerank",
-}
+# What an engine can be asked for, by name: the gateway's endpoint table (gateway/http/endpoints.py) maps
+# each of its paths to one capability and to the path it is posted to, the same on every engine kind.
+Capability = Literal["chat", "completions", "embeddings", "rerank", "generate"]
+# How a complete stream ends: see gateway.proxy.relay.Target.stream_end.
+StreamEnd = Literal["done", "finish", "eof"]
 
 
 def render_flags(args: dict[str, Any], *, negate_false: bool = False) -> list[str]:
@@ -55,9 +52,9 @@ class EngineAdapter:
     default_startup_timeout: ClassVar[float] = 900.0
     health_path: ClassVar[str] = "/health"
     dialect: ClassVar[Dialect] = "openai"
-    endpoints: ClassVar[frozenset[str]] = frozenset({"chat", "completions", "embeddings", "rerank"})
+    capabilities: ClassVar[frozenset[Capability]] = frozenset({"chat", "completions", "embeddings", "rerank"})
     spawns: ClassVar[bool] = True  # False for remote engines: probed, never launched
-    stream_end: ClassVar[str] = "done"  # how a complete stream ends: see gateway.proxy.relay.Target.stream_end
+    stream_end: ClassVar[StreamEnd] = "done"
 
     def executable(self, spec: ModelSpec, default: list[str]) -> list[str]:
         return list(spec.command) if spec.command else default

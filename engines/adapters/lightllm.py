@@ -13,7 +13,7 @@ class LightLLMAdapter(EngineAdapter):
     kind = "lightllm"
     default_startup_timeout = 1800.0
     dialect = "lightllm"
-    endpoints = frozenset({"chat", "completions", "generate"})
+    capabilities = frozenset({"chat", "completions", "generate"})
     stream_end = "eof"  # /generate_stream sends no [DONE]
 
     def argv(self, spec: ModelSpec, host: str, port: int) -> list[str]:

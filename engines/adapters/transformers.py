@@ -21,7 +21,7 @@ class TransformersAdapter(EngineAdapter):
     kind = "transformers"
     default_startup_timeout = 300.0
     dialect = "transformers"
-    endpoints = frozenset({"chat", "completions"})
+    capabilities = frozenset({"chat", "completions"})
     stream_end = "finish"  # 5.23 sends no [DONE]; the last event carries finish_reason and usage
 
     def model_ref(self, spec: ModelSpec) -> str:

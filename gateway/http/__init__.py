@@ -4,8 +4,10 @@ Modules, one concept each::
 
     protocol    uvicorn's httptools protocol with a header deadline and header size caps
     server      the uvicorn config every gateway process runs with
+    endpoints   the endpoint table: every path's metrics label, permission, engine capability, body rule
     middleware  the one ASGI middleware: request id, keys, metrics, last-resort errors, the fast path
     keys        API keys: who is calling and whether the key grants a permission
+    scope       the keys the gateway adds to a request's ASGI scope
     errors      every error the gateway answers with, in the OpenAI shape
     shutdown    graceful shutdown: drain, in-flight tracking, the signal handlers
 """

@@ -1,4 +1,4 @@
-"""API-key checks: which permission a path needs, and whether a presented key grants it.
+"""API-key checks: whether a presented key grants the permission a path needs (gateway/http/endpoints.py).
 
 Keys are compared as SHA-256 digests with ``hmac.compare_digest`` against every configured key (no
 early exit), so neither the position of a wrong character nor which key matched shows in the timing.
@@ -11,28 +11,8 @@ import hmac
 from dataclasses import dataclass
 
 from gateway.config.auth import AuthConfig
+from gateway.http.endpoints import ANY, ENDPOINTS, PUBLIC, EndpointTable
 from gateway.http.errors import PermissionDenied, Unauthorized
-
-PUBLIC = "public"
-ANY = "any"  # any valid key: routes with no permission of their own (and unknown paths, so they stay dark)
-
-_PERMISSION_BY_PATH: dict[str, str] = {
-    "/health": PUBLIC,
-    "/ready": PUBLIC,
-    "/v1/health": PUBLIC,
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "completions",
-    "/v1/embeddings": "embeddings",
-    "/v1/rerank": "rerank",
-    "/v1/models": "models",
-    "/infer": "chat",
-    "/infer/upload": "chat",
-    "/analyze": "chat",
-    "/analyze/upload": "chat",
-    "/generate": "completions",
-    "/generate_stream": "completions",
-    "/gpu/status": "admin",
-}
 
 
 @dataclass(frozen=True)
@@ -42,20 +22,6 @@ class Identity:
 
     def grants(self, permission: str) -> bool:
         return permission == ANY or "all" in self.permissions or permission in self.permissions
-
-
-def required_permission(path: str, *, metrics_public: bool) -> str:
-    """From ``scope["path"]`` (never the Host header or the raw URL): exact matches, or a known prefix."""
-    found = _PERMISSION_BY_PATH.get(path)
-    if found is not None:
-        return found
-    if path == "/metrics":
-        return PUBLIC if metrics_public else "metrics"
-    if path.startswith("/v1/models/"):
-        return "models"
-    if path.startswith("/admin/") or path == "/admin":
-        return "admin"
-    return ANY
 
 
 class KeyRing:
@@ -80,11 +46,12 @@ class KeyRing:
                 found = identity
         return found
 
-    def check(self, path: str, authorization: bytes | None) -> Identity | None:
-        """Raise 401/403 as the path requires; return who is calling (None when open or public)."""
+    def check(self, path: str, authorization: bytes | None, endpoints: EndpointTable = ENDPOINTS) -> Identity | None:
+        """Raise 401/403 as ``path``'s row in ``endpoints`` requires; return who is calling (None when open or
+        public)."""
         if self.open:
             return None
-        needed = required_permission(path, metrics_public=self.metrics_public)
+        needed = endpoints.permission(path, metrics_public=self.metrics_public)
         if needed == PUBLIC:
             return None
         identity = self.identify(authorization)

@@ -10,81 +10,38 @@ import asyncio
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.deps import get_state
+from gateway.http.endpoints import ENDPOINTS, EndpointTable
 from gateway.http.errors import GatewayError, error_body
 from gateway.http.keys import KeyRing
+from gateway.http.scope import IDENTITY_KEY, MODEL_KEY, REQUEST_ID_KEY, T0_KEY
 from gateway.observability.log_setup import request_id_var
 from gateway.observability.metrics import Metrics
+from gateway.proxy.pipeline import forward
 from gateway.proxy.relay import BODY_SEND_KEY, STATUS_KEY, send_error
 
 log = logging.getLogger("gateway")
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
-ENDPOINTS: dict[str, str] = {
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "completions",
-    "/v1/embeddings": "embeddings",
-    "/v1/rerank": "rerank",
-    "/v1/models": "models",
-    "/generate": "generate",
-    "/generate_stream": "generate",
-    "/infer": "infer",
-    "/infer/upload": "infer",
-    "/analyze": "analyze",
-    "/analyze/upload": "analyze",
-    "/health": "ops",
-    "/ready": "ops",
-    "/v1/health": "ops",
-    "/metrics": "ops",
-    "/gpu/status": "ops",
-}
-MODEL_KEY = "gateway.model"  # scope key: the served model a request was routed to (metrics label)
-REQUEST_ID_KEY = "gateway.request_id"
-# The OpenAI POST endpoints (routes/openai.py), answered here by the same handler without going through
-# FastAPI's router, dependency solving and exception middleware: ~0.3 ms of CPU less per request (~30 %
-# of the gateway's own cost; tests/bench/README.md). Errors take the same shape either way (GatewayError →
-# send_error below). FastAPI keeps the routes for the OpenAPI schema and for any other method.
-DIRECT_ROUTES: dict[str, str] = {
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "completions",
-    "/v1/embeddings": "embeddings",
-    "/v1/rerank": "rerank",
-}
-
-
-def endpoint_label(path: str) -> str:
-    label = ENDPOINTS.get(path)
-    if label is not None:
-        return label
-    if path.startswith("/v1/models/"):
-        return "models"
-    if path.startswith("/admin"):
-        return "admin"
-    return "other"
 
 
 class GatewayMiddleware:
-    def __init__(self, app: ASGIApp, *, keys: KeyRing, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, *, keys: KeyRing, metrics: Metrics, endpoints: EndpointTable = ENDPOINTS) -> None:
         self.app = app
         self.keys = keys
         self.metrics = metrics
-        from gateway.deps import get_state  # here: these import this module
-        from gateway.routes.openai import forward
-
-        self._get_state: Callable[[Request], Awaitable[Any]] = get_state
-        self._forward: Callable[[Request, Any, str], Awaitable[Any]] = forward
+        self.endpoints = endpoints
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         loop = asyncio.get_running_loop()
-        t0 = scope["gateway.t0"] = loop.time()
+        t0 = scope[T0_KEY] = loop.time()
         authorization = None
         request_id = None
         for name, value in scope["headers"]:
@@ -112,11 +69,16 @@ class GatewayMiddleware:
             await send(message)
 
         try:
-            scope["gateway.identity"] = self.keys.check(path, authorization)
-            direct = DIRECT_ROUTES.get(path) if scope["method"] == "POST" and "app" in scope else None
+            scope[IDENTITY_KEY] = self.keys.check(path, authorization, self.endpoints)
+            # The passthrough rows, answered here by the call routes/openai's handlers make, without FastAPI's
+            # router, dependency solving and exception middleware: ~0.3 ms of CPU less per request (~30 % of
+            # the gateway's own cost; tests/bench/README.md). Errors take the same shape either way
+            # (GatewayError → send_error below). FastAPI keeps the routes for the OpenAPI schema and for any
+            # other method.
+            direct = self.endpoints.fast_path(path) if scope["method"] == "POST" and "app" in scope else None
             if direct is not None:
                 request = Request(scope, receive)
-                response = await self._forward(request, await self._get_state(request), direct)
+                response = await forward(request, await get_state(request), direct)
                 await response(scope, receive, send_wrapper)
             else:
                 await self.app(scope, receive, send_wrapper)
@@ -141,7 +103,7 @@ class GatewayMiddleware:
         finally:
             status = scope.get(STATUS_KEY, status)
             model = scope.get(MODEL_KEY, "")
-            endpoint = endpoint_label(path)
+            endpoint = self.endpoints.label(path)
             self.metrics.requests_of(model, endpoint, str(status)).inc()
             if endpoint != "ops":
                 self.metrics.duration_of(model, endpoint).observe(loop.time() - t0)

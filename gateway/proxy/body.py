@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -67,20 +69,36 @@ def model_name(body: dict[str, Any]) -> str:
     return model
 
 
-def check_fields(body: dict[str, Any], endpoint: str) -> bool:
+def messages_are_objects(body: dict[str, Any]) -> None:
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise BadRequest("'messages' must be a non-empty list of message objects.", param="messages")
+
+
+def documents_are_a_list(body: dict[str, Any]) -> None:
+    if not isinstance(body.get("documents"), list):
+        raise BadRequest("'documents' must be a list.", param="documents", code="missing_field")
+
+
+@dataclass(frozen=True)
+class BodyRule:
+    """What an endpoint's JSON body must hold besides ``model``: fields that must be present, then checks
+    run in order once they are (each raises ``BadRequest``)."""
+
+    required: tuple[str, ...] = ()
+    checks: tuple[Callable[[dict[str, Any]], None], ...] = ()
+
+
+def check_fields(body: dict[str, Any], rule: BodyRule) -> bool:
     """Validate what the gateway relies on; strip what must not pass. Returns the ``stream`` flag."""
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false.", param="stream")
-    required = {"chat": "messages", "completions": "prompt", "embeddings": "input", "rerank": "query"}.get(endpoint)
-    if required is not None and required not in body:
-        raise BadRequest(f"'{required}' is required.", param=required, code="missing_field")
-    if endpoint == "chat":
-        messages = body["messages"]
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise BadRequest("'messages' must be a non-empty list of message objects.", param="messages")
-    if endpoint == "rerank" and not isinstance(body.get("documents"), list):
-        raise BadRequest("'documents' must be a list.", param="documents", code="missing_field")
+    for required in rule.required:
+        if required not in body:
+            raise BadRequest(f"'{required}' is required.", param=required, code="missing_field")
+    for check in rule.checks:
+        check(body)
     _check_int(body, "n", 1, MAX_N)
     _check_int(body, "max_tokens", 1, MAX_TOKENS)
     _check_int(body, "max_completion_tokens", 1, MAX_TOKENS)

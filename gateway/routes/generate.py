@@ -16,13 +16,14 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from gateway.deps import GatewayState, StateDep
+from gateway.http.endpoints import GENERATE, GENERATE_STREAM
 from gateway.http.errors import BadRequest, MediaError
 from gateway.media import MediaNormalizer, failures
 from gateway.media.urls import reference_kind
 from gateway.proxy.admission import while_connected
 from gateway.proxy.body import parse_json_object, read_body
+from gateway.proxy.pipeline import relay, route
 from gateway.proxy.relay import Relay
-from gateway.routes.openai import relay, route
 from gateway.routes.simple import chosen_model
 
 router = APIRouter()
@@ -88,7 +89,7 @@ async def generate_request(request: Request, state: GatewayState, *, stream_path
     settings = state.config.server
     raw = await read_body(request, limit=settings.max_body_bytes, body_timeout=settings.body_timeout)
     body = parse_json_object(request, raw)
-    entry = route(request, state, chosen_model(state, body, "generate"), "generate")
+    entry = route(request, state, chosen_model(state, body, "generate"), GENERATE)
     body.pop("model", None)
     stream = body.pop("stream", False)
     if not isinstance(stream, bool):
@@ -105,9 +106,8 @@ async def generate_request(request: Request, state: GatewayState, *, stream_path
     if body.get("multimodal_params") is not None:
         # Before a replica is chosen: a slow image must not hold an engine's slot.
         await while_connected(request, inline_images(body["multimodal_params"], state.media))
-    return await relay(
-        request, state, entry, body, path="/generate_stream" if stream else "/generate", stream=stream, stream_end="eof"
-    )
+    row = GENERATE_STREAM if stream else GENERATE
+    return await relay(request, state, entry, body, path=row.upstream_path, stream=stream, stream_end=row.stream_end)
 
 
 @router.post("/generate")

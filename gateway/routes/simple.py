@@ -1,10 +1,10 @@
 """The simple endpoints (seed 004): a prompt and at most one image in, one text out.
 
 ``POST /infer`` and ``/analyze`` take JSON, ``/infer/upload`` and ``/analyze/upload`` multipart with a
-``file``. Each builds one chat completion request and sends it down the OpenAI path's own pieces
-(``route`` → image through ``MediaNormalizer`` → ``relay``). A non-stream answer is reshaped by the
-relay's transform hook into ``{"id", "model", "text", "finish_reason", "usage"}`` (+ ``"task"``); a
-stream is the engine's chat completion SSE, unchanged.
+``file``. Each builds one chat completion request and sends it down the pipeline's own pieces as the
+endpoint table's CHAT row (``route`` → image through ``MediaNormalizer`` → ``relay``). A non-stream
+answer is reshaped by the relay's transform hook into ``{"id", "model", "text", "finish_reason",
+"usage"}`` (+ ``"task"``); a stream is the engine's chat completion SSE, unchanged.
 
 ``model`` is optional: the default is the first model in the config (in config order) whose engine
 serves chat completions.
@@ -20,14 +20,15 @@ from fastapi import APIRouter, Request, Response
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from engines.adapters import OPENAI_PATHS
+from engines.adapters import Capability
 from gateway.deps import GatewayState, StateDep
+from gateway.http.endpoints import CHAT
 from gateway.http.errors import BadRequest, MediaError
 from gateway.media import failures
 from gateway.proxy.admission import while_connected
 from gateway.proxy.body import check_fields, model_name, parse_json_object, read_body
+from gateway.proxy.pipeline import relay, route
 from gateway.proxy.relay import Relay
-from gateway.routes.openai import relay, route
 
 router = APIRouter()
 
@@ -50,19 +51,19 @@ FORM_SLACK = 1 << 20
 ImageLoader = Callable[[], Awaitable[str]]
 
 
-def default_model(state: GatewayState, endpoint: str) -> str:
-    """The first configured model (config order) whose engine serves ``endpoint``."""
+def default_model(state: GatewayState, capability: Capability) -> str:
+    """The first configured model (config order) whose engine serves ``capability``."""
     for entry in state.pool.entries():
-        if endpoint in entry.adapter.endpoints:
+        if capability in entry.adapter.capabilities:
             return entry.spec.name
     raise BadRequest(
         "No configured model serves this endpoint; name one with 'model'.", param="model", code="missing_model"
     )
 
 
-def chosen_model(state: GatewayState, fields: Mapping[str, Any], endpoint: str) -> str:
+def chosen_model(state: GatewayState, fields: Mapping[str, Any], capability: Capability) -> str:
     if fields.get("model") in (None, ""):
-        return default_model(state, endpoint)
+        return default_model(state, capability)
     return model_name(dict(fields))
 
 
@@ -126,7 +127,9 @@ def simple_answer(data: dict[str, Any], *, model: str, task: str | None) -> dict
     text = (choice.get("message") or {}).get("content") or ""
     if not isinstance(text, str):
         raise TypeError("content is not text")
-    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        usage = {}
     answer: dict[str, Any] = {
         "id": data.get("id"),
         "model": model,
@@ -150,8 +153,8 @@ async def ask(
     image_param: str,
 ) -> Relay:
     body = chat_request(fields, text)
-    entry = route(request, state, chosen_model(state, fields, "chat"), "chat")
-    stream = check_fields(body, "chat")
+    entry = route(request, state, chosen_model(state, fields, "chat"), CHAT)
+    stream = check_fields(body, CHAT.body)
     if image is not None:
         if state.media.config.max_images_per_request < 1:
             raise MediaError("This gateway accepts no images.", code=failures.TOO_MANY, param=image_param)
@@ -161,7 +164,7 @@ async def ask(
         body["messages"][-1]["content"].insert(0, part)
     body["model"] = entry.request_model
     transform = None if stream else partial(simple_answer, model=entry.spec.name, task=task)
-    return await relay(request, state, entry, body, path=OPENAI_PATHS["chat"], stream=stream, transform=transform)
+    return await relay(request, state, entry, body, path=CHAT.upstream_path, stream=stream, transform=transform)
 
 
 # -- reading the two kinds of body ------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 import pytest
 
 from gateway.config.auth import AuthConfig
+from gateway.http.endpoints import ENDPOINTS
 from gateway.http.errors import PermissionDenied, Unauthorized
-from gateway.http.keys import KeyRing, required_permission
+from gateway.http.keys import KeyRing
 
 
 def ring(**kw):
@@ -33,7 +34,7 @@ def ring(**kw):
     ],
 )
 def test_required_permission_uses_exact_paths(path, needed):
-    assert required_permission(path, metrics_public=True) == needed
+    assert ENDPOINTS.permission(path, metrics_public=True) == needed
 
 
 def test_keys_and_permissions():

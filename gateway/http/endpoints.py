@@ -1,0 +1,168 @@
+"""The endpoint table: every path the gateway answers, in one place, and the lookups the edge makes on it.
+
+One row per path says its metrics label, the permission a key needs for it, and, for the paths that reach
+an engine, what the engine must serve (a capability of its adapter), the path it is posted to and how its
+stream ends. A *passthrough* row (``fast_path``) is also a whole endpoint: its body is checked by its
+``body`` rule, the pipeline posts it to the engine, routes/openai registers its FastAPI route and the
+middleware answers it directly. Adding such an endpoint is one row.
+
+What derives from the table: the middleware's labels and fast path, the key ring's permissions, the body
+rules and engine paths of gateway/proxy/pipeline.py, and the OpenAI POST routes. The handlers of the
+other rows (routes/simple, routes/generate) read their rows from here.
+
+The engine-side path lives here, not in engines/adapters: it is the API's (OpenAI's, LightLLM's), the same
+on every engine kind; an adapter says only which capabilities its engine serves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from engines.adapters import Capability, StreamEnd
+from gateway.config.auth import Permission
+from gateway.proxy.body import BodyRule, documents_are_a_list, messages_are_objects
+
+PUBLIC: Final = "public"
+ANY: Final = "any"  # any valid key: routes with no permission of their own (and unknown paths, so they stay dark)
+Access = Permission | Literal["public", "any"]
+OTHER: Final = "other"  # the metrics label of a path that is in no row
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    path: str
+    label: str  # the ``endpoint`` label of the request metrics
+    permission: Access
+    # True: also every path below (``path + "/..."``), for the trees of routes with path parameters.
+    subtree: bool = False
+    # /metrics: public unless ``auth.metrics_public`` is false, then ``permission``.
+    public_by_config: bool = False
+    # -- rows that reach an engine --
+    capability: Capability | None = None  # what the model's engine must serve (EngineAdapter.capabilities)
+    engine_path: str | None = None  # where the body is posted on the engine; None: ``path``
+    body: BodyRule = field(default_factory=BodyRule)  # the JSON body's required fields and checks
+    stream_end: StreamEnd | None = None  # how a stream ends; None: as the engine's adapter says
+    media: bool = False  # image parts of chat ``messages`` are fetched and reshaped for the engine first
+    # A passthrough (POST): answered by the generic pipeline, on the middleware's fast path.
+    fast_path: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fast_path and (self.capability is None or self.subtree or self.public_by_config):
+            raise ValueError(f"{self.path}: a fast-path row needs a capability, one path, and a fixed permission")
+
+    @property
+    def upstream_path(self) -> str:
+        """The path the pipeline posts to on the engine."""
+        return self.engine_path or self.path
+
+
+# The rows other modules name.
+CHAT = Endpoint(
+    "/v1/chat/completions",
+    "chat",
+    "chat",
+    capability="chat",
+    body=BodyRule(("messages",), (messages_are_objects,)),
+    media=True,
+    fast_path=True,
+)
+GENERATE = Endpoint("/generate", "generate", "completions", capability="generate", stream_end="eof")
+GENERATE_STREAM = Endpoint("/generate_stream", "generate", "completions", capability="generate", stream_end="eof")
+
+
+class EndpointTable:
+    """The rows, looked up by ``scope["path"]`` (never the Host header or the raw URL): an exact path first,
+    then the longest subtree that holds it."""
+
+    def __init__(self, rows: Iterable[Endpoint]) -> None:
+        self.rows: tuple[Endpoint, ...] = tuple(rows)
+        self._exact: dict[str, Endpoint] = {}
+        for row in self.rows:
+            if row.path in self._exact:
+                raise ValueError(f"{row.path}: two rows for one path")
+            self._exact[row.path] = row
+        self._subtrees = sorted((r for r in self.rows if r.subtree), key=lambda r: len(r.path), reverse=True)
+        self._fast = {r.path: r for r in self.rows if r.fast_path}
+
+    def __iter__(self) -> Iterator[Endpoint]:
+        return iter(self.rows)
+
+    def with_rows(self, *rows: Endpoint) -> EndpointTable:
+        """This table and ``rows``."""
+        return EndpointTable((*self.rows, *rows))
+
+    def by_path(self, path: str) -> Endpoint | None:
+        found = self._exact.get(path)
+        if found is not None:
+            return found
+        for row in self._subtrees:
+            if path.startswith(row.path) and path[len(row.path) : len(row.path) + 1] == "/":
+                return row
+        return None
+
+    def label(self, path: str) -> str:
+        row = self.by_path(path)
+        return OTHER if row is None else row.label
+
+    def permission(self, path: str, *, metrics_public: bool) -> Access:
+        row = self.by_path(path)
+        if row is None:
+            return ANY
+        return PUBLIC if row.public_by_config and metrics_public else row.permission
+
+    def fast_path(self, path: str) -> Endpoint | None:
+        """The passthrough row of ``path`` (a POST to it is answered by the pipeline), or None."""
+        return self._fast.get(path)
+
+    def passthroughs(self) -> tuple[Endpoint, ...]:
+        return tuple(self._fast.values())
+
+
+ENDPOINTS: Final = EndpointTable(
+    (
+        # The OpenAI passthroughs.
+        CHAT,
+        Endpoint(
+            "/v1/completions",
+            "completions",
+            "completions",
+            capability="completions",
+            body=BodyRule(("prompt",)),
+            fast_path=True,
+        ),
+        Endpoint(
+            "/v1/embeddings",
+            "embeddings",
+            "embeddings",
+            capability="embeddings",
+            body=BodyRule(("input",)),
+            fast_path=True,
+        ),
+        Endpoint(
+            "/v1/rerank",
+            "rerank",
+            "rerank",
+            capability="rerank",
+            body=BodyRule(("query",), (documents_are_a_list,)),
+            fast_path=True,
+        ),
+        Endpoint("/v1/models", "models", "models", subtree=True),  # also /v1/models/{id}
+        # LightLLM's own API (routes/generate).
+        GENERATE,
+        GENERATE_STREAM,
+        # The simple endpoints (routes/simple): each sends the CHAT row's request.
+        Endpoint("/infer", "infer", "chat"),
+        Endpoint("/infer/upload", "infer", "chat"),
+        Endpoint("/analyze", "analyze", "chat"),
+        Endpoint("/analyze/upload", "analyze", "chat"),
+        # Operations (routes/ops, routes/gpu, routes/admin).
+        Endpoint("/health", "ops", PUBLIC),
+        Endpoint("/ready", "ops", PUBLIC),
+        Endpoint("/v1/health", "ops", PUBLIC),
+        Endpoint("/metrics", "ops", "metrics", public_by_config=True),
+        Endpoint("/gpu/status", "ops", "admin"),
+        Endpoint("/admin", "admin", "admin", subtree=True),
+    )
+)

@@ -1,0 +1,139 @@
+"""The request pipeline: read → check → route → normalize → relay, for a passthrough row of the endpoint table.
+
+``forward`` is a whole passthrough endpoint (the middleware's fast path and routes/openai call it);
+``route`` and ``relay`` are its steps that the other handlers (routes/simple, routes/generate) reuse
+around their own body handling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+
+from engines import ModelEntry
+from engines.adapters import StreamEnd
+from engines.scheduling.contract import ReplicaLease
+from gateway.deps import GatewayState
+from gateway.http.endpoints import Endpoint
+from gateway.http.errors import BadRequest, ShuttingDown
+from gateway.http.scope import MODEL_KEY, REQUEST_ID_KEY
+from gateway.media import MediaNormalizer
+from gateway.proxy.admission import acquire, resolve, while_connected
+from gateway.proxy.body import check_fields, model_name, parse_json_object, read_body
+from gateway.proxy.relay import Relay, Target
+
+
+async def forward(request: Request, state: GatewayState, endpoint: Endpoint) -> Relay:
+    """A passthrough: the client's JSON body, checked by ``endpoint.body``, relayed to its engine path."""
+    settings = state.config.server
+    raw = await read_body(request, limit=settings.max_body_bytes, body_timeout=settings.body_timeout)
+    body = parse_json_object(request, raw)
+    entry = route(request, state, model_name(body), endpoint)
+    stream = check_fields(body, endpoint.body)
+    if endpoint.media and MediaNormalizer.needs_work(body):
+        # Before a replica is chosen: a slow image must not hold an engine's slot.
+        await while_connected(request, state.media.normalize_chat(body, entry.adapter.dialect))
+    body["model"] = entry.request_model
+    return await relay(
+        request, state, entry, body, path=endpoint.upstream_path, stream=stream, stream_end=endpoint.stream_end
+    )
+
+
+def route(request: Request, state: GatewayState, name: str, endpoint: Endpoint) -> ModelEntry:
+    """The entry serving ``name`` (404 if none); 400 when its engine lacks ``endpoint``'s capability.
+
+    Every model endpoint passes here, so this is also where a draining gateway turns new work away.
+    """
+    if state.draining:
+        raise ShuttingDown(
+            "The gateway is shutting down; retry on another instance.", retry_after=state.config.server.retry_after
+        )
+    entry = resolve(state.pool, name)
+    request.scope[MODEL_KEY] = entry.spec.name
+    if endpoint.capability is not None and endpoint.capability not in entry.adapter.capabilities:
+        raise BadRequest(
+            f"The model '{entry.spec.name}' does not serve {endpoint.path}.", param="model", code="unsupported_endpoint"
+        )
+    return entry
+
+
+async def relay(
+    request: Request,
+    state: GatewayState,
+    entry: ModelEntry,
+    body: dict[str, Any],
+    *,
+    path: str,
+    stream: bool,
+    stream_end: StreamEnd | None = None,
+    transform: Callable[[dict[str, Any]], Any] | None = None,
+) -> Relay:
+    """Lease a replica (at once, or after a bounded FIFO wait) and build the ``Relay`` that posts ``body``
+    (final, ``model`` included) to ``path``; the relay releases the lease when it is over.
+
+    ``stream_end`` overrides the adapter's; ``transform`` reshapes a non-stream 2xx answer (``Target``).
+    """
+    settings = state.config.server
+    lease = await acquire(
+        state.pool,
+        entry,
+        request,
+        queue_timeout=settings.queue_timeout,
+        retry_after=settings.retry_after,
+        metrics=state.metrics,
+    )
+    try:
+        request_id: str = request.scope[REQUEST_ID_KEY]
+        headers = {
+            "Content-Type": "application/json",
+            "X-Request-Id": request_id,
+            "Accept": "text/event-stream" if stream else "application/json",
+        }
+        key = entry.spec.engine_key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        rewrite = model_rewrite(entry.adapter.response_model(entry.spec), entry.spec.name)
+
+        def target(lease: ReplicaLease, failover: Callable[[], Awaitable[Target | None]] | None) -> Target:
+            return Target(
+                lease=lease,
+                path=path,
+                model=entry.spec.name,
+                headers=headers,
+                model_rewrite=rewrite,
+                retry_after=settings.retry_after,
+                stream_end=stream_end or entry.adapter.stream_end,
+                transform=transform,
+                failover=failover,
+            )
+
+        async def failover() -> Target | None:
+            other = await state.pool.reroute(entry, lease)
+            return None if other is None else target(other, None)
+
+        first = target(lease, failover if entry.spec.replicas > 1 else None)
+        return Relay(
+            state.upstream,
+            first,
+            orjson.dumps(body),
+            stream=stream,
+            clocks=state.clocks,
+            request_id=request_id,
+            metrics=state.metrics,
+            in_flight=state.in_flight,
+        )
+    except BaseException:
+        lease.release()  # the relay never got it: hand the slot back
+        raise
+
+
+def model_rewrite(engine_name: str | None, served: str) -> tuple[tuple[bytes, bytes], ...]:
+    """Byte replacements that put the client's model name where the engine wrote its own (JSON with or
+    without a space after the colon): cheaper than parsing every streamed event."""
+    if not engine_name or engine_name == served:
+        return ()
+    old, new = orjson.dumps(engine_name), orjson.dumps(served)
+    return tuple((b'"model":' + sep + old, b'"model":' + sep + new) for sep in (b"", b" "))
