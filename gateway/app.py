@@ -1,11 +1,16 @@
-"""``create_app(config)``: the FastAPI app and the lifespan that owns the client, the engines and the media fetcher."""
+"""``create_app(config)``: the owner's FastAPI app; ``serving``: the lifespan the owner and a worker share.
+
+Both build a ``GatewayState`` (gateway/deps.py: the clients are made there), start its clients, run their
+own part (the owner: the engines' pool, its workers, SIGHUP; a worker: its line to the owner), and on the
+way out hand everything to the ``Shutdown`` (gateway/http/shutdown.py), which stops it in stages.
+"""
 
 from __future__ import annotations
 
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,17 +19,18 @@ from prometheus_client.core import Metric
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from engines import EnginePool, StateChanged
+from engines import EnginePool, EngineState, StateChanged
 from gateway.config.loader import Config
 from gateway.config.reload import Reloader, install_sighup
-from gateway.deps import GatewayState
+from gateway.deps import GatewayState, OwnerState
+from gateway.http.endpoints import ENDPOINTS, EndpointTable
 from gateway.http.errors import BadRequest, GatewayError, error_body
 from gateway.http.keys import KeyRing
-from gateway.http.middleware import REQUEST_ID_KEY, GatewayMiddleware
-from gateway.media import MediaNormalizer
+from gateway.http.middleware import GatewayMiddleware
+from gateway.http.scope import REQUEST_ID_KEY
+from gateway.http.shutdown import Shutdown
 from gateway.observability.gpu_probe import GpuProbe
 from gateway.observability.metrics import GpuCollector, Metrics, engine_state_family, probe_failures_family
-from gateway.proxy.upstream.client import Clocks, Upstream
 from gateway.routes import admin, generate, gpu, models, openai, ops, simple
 from gateway.workers.fleet import Fleet
 
@@ -36,6 +42,83 @@ def _error_response(exc: GatewayError, request: Request) -> Response:
     return Response(exc.body(), status_code=exc.status, headers=headers, media_type="application/json")
 
 
+@asynccontextmanager
+async def serving(
+    app: FastAPI, state: GatewayState, role: AbstractAsyncContextManager[None] | None = None
+) -> AsyncIterator[None]:
+    """The lifespan of either process: clients up, ``role`` entered (what differs between owner and worker),
+    the state handed to the handlers, start-up objects kept out of the GC; at the end, the shutdown's
+    closing stages (gateway/http/shutdown.py), whatever failed on the way up."""
+    shutdown = state.shutdown
+    shutdown.close_with(state.media.close)
+    shutdown.close_with(state.upstream.close)
+    shutdown.close_with(_sync(state.gpus.close))
+    try:
+        await state.upstream.start()
+        await state.media.start()
+        async with role or nullcontext():
+            app.state.gateway = state
+            # Everything built so far lives as long as the app: keep it out of the cyclic GC's sweeps. A full
+            # collection otherwise walks ~77k start-up objects, a 30-40 ms stop of every stream; undone at the end.
+            gc.collect()
+            gc.freeze()
+            try:
+                yield
+            finally:
+                gc.unfreeze()
+    finally:
+        await shutdown.close()
+
+
+def _sync(close: Callable[[], None]) -> Callable[[], Any]:
+    async def closed() -> None:
+        close()
+
+    return closed
+
+
+@asynccontextmanager
+async def owning(state: OwnerState) -> AsyncIterator[None]:
+    """The owner's part: the engines' pool, then its workers, then SIGHUP reloads (undone first at the end)."""
+    shutdown = state.shutdown
+    shutdown.pool = state.pool  # attached before it starts: a start that fails half-way is still stopped
+    await state.pool.start()
+    if state.workers is not None:
+        shutdown.peers = state.workers
+        await state.workers.start(state.pool, lambda: state.config)
+    undo_sighup = install_sighup(state, state.reloader) if state.reloader is not None else _nothing
+    try:
+        yield
+    finally:
+        undo_sighup()
+
+
+def _nothing() -> None:
+    pass
+
+
+def startup_timer(metrics: Metrics) -> Callable[[StateChanged], None]:
+    """Engine events → ``gateway_engine_startup_seconds`` (each replica's STARTING → READY) and
+    ``gateway_engine_restarts_total`` (a replica that went down on its own)."""
+    starting: dict[tuple[str, int], float] = {}
+
+    def on_engine_event(event: StateChanged) -> None:
+        key = (event.model, event.replica)
+        if event.new is EngineState.STARTING:
+            starting[key] = event.at
+        else:
+            began = starting.pop(key, None)
+            if event.new is EngineState.READY and began is not None:
+                metrics.startup.labels(event.model).observe(max(0.0, event.at - began))
+        if event.new is EngineState.BACKOFF and event.old in _UP:
+            metrics.restarts.labels(event.model, str(event.replica)).inc()
+
+    return on_engine_event
+
+
+_UP = frozenset({EngineState.READY, EngineState.UNHEALTHY, EngineState.STARTING})
+
+
 def create_app(
     config: Config,
     *,
@@ -43,63 +126,39 @@ def create_app(
     config_path: str | None = None,
     server_overrides: Mapping[str, Any] | None = None,
     workers: Fleet | None = None,
+    shutdown: Shutdown | None = None,
+    endpoints: EndpointTable = ENDPOINTS,
 ) -> FastAPI:
     """``config_path``: the file to re-read on ``POST /admin/reload`` and SIGHUP (with ``server_overrides``,
     the command line's --host/--port, applied again). ``workers``: this app is the owner of several worker
-    processes (gateway/workers), started once the engines' pool runs and stopped before it."""
+    processes (gateway/workers), started once the engines' pool runs and stopped before it. ``shutdown``:
+    the stages the server drives on a signal (one is made when not given). ``endpoints``: the table of paths
+    (gateway/http/endpoints.py) the keys, the metrics and the passthrough routes follow."""
     metrics = Metrics()
     keys = KeyRing(config.auth)
     gpu_probe = gpus or GpuProbe()
-
-    def on_engine_event(event: StateChanged) -> None:
-        if event.new.value == "backoff" and event.old.value in ("ready", "unhealthy", "starting"):
-            metrics.restarts.labels(event.model, str(event.replica)).inc()
+    stages = shutdown or Shutdown(config.server.drain_timeout)
+    on_engine_event = startup_timer(metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        clocks = Clocks.from_settings(config.server)
-        state = GatewayState(
+        state = OwnerState(
             config=config,
             pool=EnginePool(config.models, placement=config.placement, on_event=on_engine_event),
-            upstream=Upstream(clocks, splice=config.server.raw_connections),
-            media=MediaNormalizer(config.media),
             metrics=metrics,
             keys=keys,
-            clocks=clocks,
             gpus=gpu_probe,
+            shutdown=stages,
             reloader=Reloader(config_path, dict(server_overrides or {})) if config_path else None,
             workers=workers,
         )
-        undo_sighup: Callable[[], None] = lambda: None  # noqa: E731
-        await state.upstream.start()
-        await state.media.start()
-        try:
-            await state.pool.start()
-            app.state.gateway = state
-            if workers is not None:
-                await workers.start(state)
-            if state.reloader is not None:
-                undo_sighup = install_sighup(state, state.reloader)
-            # Everything built so far lives as long as the app: keep it out of the cyclic GC's sweeps. A full
-            # collection otherwise walks ~77k start-up objects, a 30-40 ms stop of every stream; undone at the end.
-            gc.collect()
-            gc.freeze()
+        async with serving(app, state, owning(state)):
             yield
-        finally:
-            gc.unfreeze()
-            undo_sighup()
-            state.in_flight.draining = True
-            if workers is not None:
-                await workers.stop()
-            await state.pool.stop()
-            await state.media.close()
-            await state.upstream.close()
-            gpu_probe.close()
 
     app = FastAPI(title="Inference gateway", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
 
     def engine_states() -> Iterable[Metric]:
-        state: GatewayState | None = getattr(app.state, "gateway", None)
+        state: OwnerState | None = getattr(app.state, "gateway", None)
         if state is not None:
             snaps = [(e.spec.name, r.snapshot()) for e in state.pool.entries() for r in e.replicas]
             yield engine_state_family((name, s.replica, s.state.value) for name, s in snaps)
@@ -109,14 +168,14 @@ def create_app(
     if workers is not None:
         metrics.add_collector(workers.families)
     metrics.registry.register(GpuCollector(lambda: gpu_probe.read().devices))
-    app.include_router(openai.router)
+    app.include_router(openai.build_router(endpoints))
     app.include_router(models.router)
     app.include_router(ops.router)
     app.include_router(gpu.router)
     app.include_router(admin.router)
     app.include_router(simple.router)
     app.include_router(generate.router)
-    app.add_middleware(GatewayMiddleware, keys=keys, metrics=metrics)
+    app.add_middleware(GatewayMiddleware, keys=keys, metrics=metrics, endpoints=endpoints)
     install_error_handlers(app)
     return app
 

@@ -45,7 +45,7 @@ def _is_loopback(host: str) -> bool:
 def serve(config: Config, *, config_path: str | None = None, overrides: dict[str, Any] | None = None) -> int:
     from gateway.app import create_app
     from gateway.http.server import uvicorn_config
-    from gateway.http.shutdown import DrainingServer
+    from gateway.http.shutdown import DrainingServer, Shutdown
     from gateway.observability.log_setup import configure_logging
 
     s = config.server
@@ -60,33 +60,23 @@ def serve(config: Config, *, config_path: str | None = None, overrides: dict[str
     fleet, where = None, {"host": s.host, "port": s.port}
     if s.workers > 1:
         from gateway.workers.fleet import Fleet, bind, make_run_dir, remove_run_dir
+        from gateway.workers.lease_server import Liveness
 
         try:
             listener = bind(s.host, s.port)
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", s.host, s.port, exc.strerror or exc)
             return 1
-        fleet = Fleet(s.workers, listener, make_run_dir())
+        liveness = Liveness(s.worker_ping_interval, s.worker_ping_timeout)
+        fleet = Fleet(s.workers, listener, make_run_dir(), liveness)
         where = {"uds": fleet.owner_socket}  # the owner answers only its workers; they answer clients
-    app = create_app(config, config_path=config_path, server_overrides=overrides, workers=fleet)  # the path: reloads
-
-    async def drain() -> None:
-        if (state := getattr(app.state, "gateway", None)) is not None:
-            state.in_flight.draining = True  # /ready says 503 from now on, the workers' drain included
-            state.pool.close_queues()
-            if fleet is not None:
-                await fleet.drain(s.drain_timeout)
-            await state.in_flight.drain(s.drain_timeout)
-
-    def abort() -> None:
-        if fleet is not None:
-            fleet.hurry()
-        if (state := getattr(app.state, "gateway", None)) is not None:
-            state.in_flight.abort_all()
-            state.pool.hurry()
-
+    # The stages a signal drives (gateway/http/shutdown.py); the app's lifespan attaches what it starts.
+    shutdown = Shutdown(s.drain_timeout)
+    app = create_app(
+        config, config_path=config_path, server_overrides=overrides, workers=fleet, shutdown=shutdown
+    )  # the path: reloads
     try:
-        DrainingServer(uvicorn_config(app, s, **where), drain, abort).run()
+        DrainingServer(uvicorn_config(app, s, **where), shutdown).run()
     finally:
         if fleet is not None:
             fleet.listener.close()

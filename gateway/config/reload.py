@@ -14,15 +14,26 @@ import logging
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from gateway.config.loader import ConfigError, load_config
-
-if TYPE_CHECKING:
-    from gateway.deps import GatewayState
+from engines import EnginePool
+from gateway.config.loader import Config, ConfigError, load_config
 
 log = logging.getLogger("gateway.config.reload")
 _RESTART_ONLY = ("server", "auth", "media")
+
+
+class ReloadTarget(Protocol):
+    """What a reload reads and changes: the owner's state (``gateway.deps.OwnerState``)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def pool(self) -> EnginePool: ...
+
+    def apply_config(self, config: Config) -> None:
+        """The new config becomes the running one, in this process and in its workers."""
 
 
 @dataclass
@@ -32,7 +43,7 @@ class Reloader:
     overrides: Mapping[str, Any] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    async def reload(self, state: GatewayState) -> dict[str, Any]:
+    async def reload(self, state: ReloadTarget) -> dict[str, Any]:
         """Apply the file; raises ConfigError (nothing changed) when it is not valid."""
         async with self._lock:  # one reload at a time: each diffs against the result of the last
             old = state.config
@@ -45,9 +56,7 @@ class Reloader:
                 report = await state.pool.reload(new.models, new.placement)
             except ValueError as exc:
                 raise ConfigError(f"invalid config: {exc}") from None
-            state.config = new.model_copy(update={name: getattr(old, name) for name in _RESTART_ONLY})
-            if state.workers is not None:
-                state.workers.publish(state.config)
+            state.apply_config(new.model_copy(update={name: getattr(old, name) for name in _RESTART_ONLY}))
         result: dict[str, Any] = {
             "object": "reload",
             "added": list(report.added),
@@ -72,7 +81,7 @@ class Reloader:
         return result
 
 
-def install_sighup(state: GatewayState, reloader: Reloader) -> Callable[[], None]:
+def install_sighup(state: ReloadTarget, reloader: Reloader) -> Callable[[], None]:
     """SIGHUP reloads (uvicorn handles only INT and TERM); returns the undo. A no-op off the main thread."""
     loop = asyncio.get_running_loop()
     running: set[asyncio.Task[None]] = set()

@@ -20,8 +20,9 @@ from starlette.types import Receive, Scope, Send
 
 from engines import LogRing, ModelEntry, ReplicaSnapshot, Supervisor
 from engines.process.log_ring import LogFollower
+from engines.spec import ModelSpec
 from gateway.config.loader import ConfigError
-from gateway.deps import GatewayState, StateDep
+from gateway.deps import OwnerState, OwnerStateDep
 from gateway.http.errors import BadRequest, EngineUnavailable, NotFound
 from gateway.proxy.admission import resolve
 
@@ -62,12 +63,12 @@ def engine_row(entry: ModelEntry, snap: ReplicaSnapshot) -> dict[str, Any]:
     }
 
 
-def _replica_gpus(spec: Any, replica: int) -> tuple[int, ...]:
+def _replica_gpus(spec: ModelSpec, replica: int) -> tuple[int, ...]:
     return spec.replica_gpus[replica] if replica < len(spec.replica_gpus) else spec.gpus
 
 
 @router.get("/engines")
-async def list_engines(state: StateDep) -> Response:
+async def list_engines(state: OwnerStateDep) -> Response:
     rows = [engine_row(e, r.snapshot()) for e in state.pool.entries() for r in e.replicas]
     return _json({"object": "list", "data": rows})
 
@@ -81,7 +82,7 @@ def _replicas(entry: ModelEntry, replica: int | None) -> list[Supervisor]:
     return chosen
 
 
-async def _command(state: GatewayState, model: str, replica: int | None, action: Action) -> Response:
+async def _command(state: OwnerState, model: str, replica: int | None, action: Action) -> Response:
     entry = resolve(state.pool, model)
     sups = _replicas(entry, replica)
     if state.draining:
@@ -98,22 +99,22 @@ async def _command(state: GatewayState, model: str, replica: int | None, action:
 
 
 @router.post("/engines/{model:path}/start")
-async def start(model: str, state: StateDep, replica: ReplicaQuery = None) -> Response:
+async def start(model: str, state: OwnerStateDep, replica: ReplicaQuery = None) -> Response:
     return await _command(state, model, replica, "start")
 
 
 @router.post("/engines/{model:path}/stop")
-async def stop(model: str, state: StateDep, replica: ReplicaQuery = None) -> Response:
+async def stop(model: str, state: OwnerStateDep, replica: ReplicaQuery = None) -> Response:
     return await _command(state, model, replica, "stop")
 
 
 @router.post("/engines/{model:path}/restart")
-async def restart(model: str, state: StateDep, replica: ReplicaQuery = None) -> Response:
+async def restart(model: str, state: OwnerStateDep, replica: ReplicaQuery = None) -> Response:
     return await _command(state, model, replica, "restart")
 
 
 @router.post("/reload")
-async def reload(state: StateDep) -> Response:
+async def reload(state: OwnerStateDep) -> Response:
     """Re-read the config file: models added, removed and changed are applied; see gateway/config/reload.py."""
     if state.reloader is None:
         raise BadRequest(
@@ -130,7 +131,7 @@ async def reload(state: StateDep) -> Response:
 @router.get("/engines/{model:path}/logs")
 async def logs(
     model: str,
-    state: StateDep,
+    state: OwnerStateDep,
     replica: ReplicaQuery = None,
     tail: Annotated[int | None, Query(ge=0, le=100_000)] = None,
     follow: bool = False,
@@ -152,7 +153,7 @@ async def logs(
 
 
 @router.get("/engines/{model:path}")
-async def get_engine(model: str, state: StateDep) -> Response:
+async def get_engine(model: str, state: OwnerStateDep) -> Response:
     entry = resolve(state.pool, model)
     return _json({"object": "list", "data": [engine_row(entry, r.snapshot()) for r in entry.replicas]})
 

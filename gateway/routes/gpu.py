@@ -18,7 +18,7 @@ from fastapi import APIRouter, Response
 
 from engines import EngineState, ReplicaSnapshot
 from engines.process import procfs
-from gateway.deps import StateDep
+from gateway.deps import OwnerStateDep
 from gateway.observability.gpu_probe import GpuInfo, GpuReport
 
 router = APIRouter()
@@ -136,7 +136,7 @@ def status_body(report: GpuReport, holders: Sequence[Holder], owners: dict[int, 
 
 
 @router.get("/gpu/status")
-async def gpu_status(state: StateDep) -> Response:
+async def gpu_status(state: OwnerStateDep) -> Response:
     report = await state.gpus.report()
     holders = [Holder(e.spec.name, r.spec.gpus, r.snapshot()) for e in state.pool.entries() for r in e.replicas]
     pids = {p.pid for gpu in report.devices for p in gpu.processes}

@@ -8,7 +8,7 @@ import orjson
 from fastapi import APIRouter, Response
 
 from engines import EnginePool, ModelEntry
-from gateway.deps import GatewayState, StateDep
+from gateway.deps import OwnerState, OwnerStateDep
 from gateway.proxy.admission import resolve
 from gateway.routes.ops import model_state
 
@@ -35,11 +35,11 @@ def _cards(pool: EnginePool, entry: ModelEntry, created: int) -> list[dict[str, 
     ]
 
 
-def _created(state: GatewayState) -> int:
+def _created(state: OwnerState) -> int:
     return int(state.started_at)
 
 
-def _skipped(state: GatewayState) -> dict[str, Any]:
+def _skipped(state: OwnerState) -> dict[str, Any]:
     """Folders of ``models_dir`` that are not served, with why: beside ``data`` (not model cards, which
     clients would try to call), and only when a models_dir is configured, so the plain list stays plain."""
     found = state.config.discovered
@@ -49,14 +49,14 @@ def _skipped(state: GatewayState) -> dict[str, Any]:
 
 
 @router.get("/v1/models")
-async def list_models(state: StateDep) -> Response:
+async def list_models(state: OwnerStateDep) -> Response:
     data = [card for e in state.pool.entries() for card in _cards(state.pool, e, _created(state))]
     body = {"object": "list", "data": data, **_skipped(state)}
     return Response(orjson.dumps(body), media_type="application/json")
 
 
 @router.get("/v1/models/{model_id:path}")
-async def get_model(model_id: str, state: StateDep) -> Response:
+async def get_model(model_id: str, state: OwnerStateDep) -> Response:
     entry = resolve(state.pool, model_id)
     card = next(c for c in _cards(state.pool, entry, _created(state)) if c["id"] == model_id)
     return Response(orjson.dumps(card), media_type="application/json")

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request, Response
 
 from engines import EnginePool, ModelEntry
 from engines.scheduling.scheduler import Phase
-from gateway.deps import GatewayState, StateDep
+from gateway.deps import OwnerState, OwnerStateDep
 from gateway.observability.metrics import merge_expositions
 
 router = APIRouter()
@@ -69,7 +69,7 @@ def _replica_summary(entry: ModelEntry, ejected: tuple[int, ...]) -> list[dict[s
     return rows
 
 
-def not_ready(state: GatewayState) -> list[str]:
+def not_ready(state: OwnerState) -> list[str]:
     """Eager models that cannot serve. A model the scheduler stopped on purpose (idle, swapped out for
     another) comes back on its next request, and one a config reload added or changed loads while the
     gateway keeps serving the others: neither makes the gateway unready."""
@@ -83,7 +83,7 @@ def not_ready(state: GatewayState) -> list[str]:
     return waiting
 
 
-def detailed(state: GatewayState, request: Request) -> bool:
+def detailed(state: OwnerState, request: Request) -> bool:
     """An open gateway, or a caller whose key has the ``admin`` permission."""
     keys = state.keys
     if keys.open:
@@ -94,7 +94,7 @@ def detailed(state: GatewayState, request: Request) -> bool:
 
 @router.get("/health")
 @router.get("/v1/health")
-async def health(request: Request, state: StateDep) -> Response:
+async def health(request: Request, state: OwnerStateDep) -> Response:
     status = "draining" if state.draining else "ok"
     if not detailed(state, request):
         entries = state.pool.entries()
@@ -129,7 +129,7 @@ async def health(request: Request, state: StateDep) -> Response:
 
 
 @router.get("/ready")
-async def ready(request: Request, state: StateDep) -> Response:
+async def ready(request: Request, state: OwnerStateDep) -> Response:
     if state.draining:
         return _json({"status": "draining"}, 503)
     waiting = not_ready(state)
@@ -141,7 +141,7 @@ async def ready(request: Request, state: StateDep) -> Response:
 
 
 @router.get("/metrics")
-async def metrics(state: StateDep) -> Response:
+async def metrics(state: OwnerStateDep) -> Response:
     body = state.metrics.render()
     if state.workers is not None:  # the request path's series live in the workers: added up with the owner's
         body = merge_expositions([body.decode(), *await state.workers.scrape()])

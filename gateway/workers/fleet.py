@@ -5,6 +5,8 @@ descriptor, in a session of its own (a terminal's Ctrl-C reaches the owner only,
 everyone in order). Its lifeline is the control line: when the owner dies, even by SIGKILL, the kernel
 closes that socket and the worker exits. A worker that dies while the gateway serves is started again,
 after a pause that doubles while they keep dying young (1 s up to 30 s), so a crash loop costs little.
+One that stops answering the hub's pings (a stopped process, a blocked event loop) is killed, and so
+replaced the same way. For the shutdown the fleet is the owner's ``Peers`` (gateway/http/shutdown.py).
 """
 
 from __future__ import annotations
@@ -19,17 +21,15 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from prometheus_client.core import Metric
 
+from engines import EnginePool
 from gateway.config.loader import Config
 from gateway.observability.metrics import worker_families
-from gateway.workers.lease_server import LeaseHub
-
-if TYPE_CHECKING:
-    from gateway.deps import GatewayState
+from gateway.workers.lease_server import DEFAULT_LIVENESS, LeaseHub, Liveness
 
 log = logging.getLogger("gateway.workers")
 
@@ -40,10 +40,13 @@ _BACKOFF_FIRST, _BACKOFF_MAX, _HEALTHY_AFTER = 1.0, 30.0, 60.0
 
 
 class Fleet:
-    def __init__(self, count: int, listener: socket.socket, run_dir: Path) -> None:
+    def __init__(
+        self, count: int, listener: socket.socket, run_dir: Path, liveness: Liveness = DEFAULT_LIVENESS
+    ) -> None:
         self.count = count
         self.listener = listener
         self.run_dir = run_dir
+        self.liveness = liveness
         self.hub: LeaseHub | None = None
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._watchers: set[asyncio.Task[None]] = set()
@@ -66,10 +69,14 @@ class Fleet:
     def families(self) -> list[Metric]:
         return worker_families(self.connected, self.restarts)
 
-    async def start(self, state: GatewayState) -> None:
-        self.hub = LeaseHub(state.pool, str(self.run_dir / CONTROL_SOCKET), lambda: state.config)  # type: ignore[arg-type]
+    async def start(self, pool: EnginePool, config: Callable[[], Config]) -> None:
+        """Serve ``pool``'s leases to the workers, and start them; ``config``: the running config, read anew
+        for each worker that connects (it may have been reloaded since)."""
+        self.hub = LeaseHub(
+            pool, str(self.run_dir / CONTROL_SOCKET), config, liveness=self.liveness, on_hung=self._hung
+        )
         await self.hub.start()
-        self._write_config(state.config)
+        self._write_config(config())
         for worker in range(1, self.count + 1):
             await self._spawn(worker)
             task = asyncio.ensure_future(self._watch(worker))
@@ -124,6 +131,14 @@ class Fleet:
             await self.hub.close()
 
     # -- plumbing -----------------------------------------------------------------------------------
+
+    def _hung(self, worker: int, pid: int) -> None:
+        # Killed, not asked: a stopped process keeps a SIGTERM pending until it is continued. Its watcher sees
+        # the exit and starts another, as for a crash.
+        proc = self._procs.get(worker)
+        if proc is not None and proc.pid == pid and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
 
     def _write_config(self, config: Config) -> None:
         # What a new worker builds its app from (keys, limits, models) before its line to the owner is up. It

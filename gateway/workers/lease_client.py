@@ -1,8 +1,8 @@
 """A worker's side of the control line: the owner's models to route by, and leases taken from its hub.
 
-``RemotePool`` offers the request path what ``EnginePool`` offers it (``resolve``, ``entries``, ``admit``,
-``reroute``), so the routes and the relay do not know which process owns the engines. Each lease is one
-round trip on a Unix socket; its release is one message, carrying the outcome the relay reported.
+``RemotePool`` is a ``LeaseSource`` (engines/scheduling/contract.py) as ``EnginePool`` is, so the routes
+and the relay do not know which process owns the engines. Each lease is one round trip on a Unix
+socket; its release is one message, carrying the outcome the request path reported on the lease.
 """
 
 from __future__ import annotations
@@ -15,26 +15,50 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from engines.adapters import adapter_for
+from engines.scheduling.contract import ReplicaLease
 from engines.scheduling.lease import Abandoned
 from engines.scheduling.pool import ModelEntry
 from engines.scheduling.scheduler import Refused
 from engines.spec import ModelSpec
+from gateway.workers.messages import (
+    Acquire,
+    Answer,
+    Cancel,
+    ConfigUpdate,
+    Denied,
+    Drain,
+    Failover,
+    Granted,
+    Hello,
+    Hurry,
+    Message,
+    Ping,
+    Pong,
+    Queued,
+    Release,
+    Scrape,
+    Stop,
+    ToOwner,
+    Wait,
+)
 from gateway.workers.wire import Channel
 
 log = logging.getLogger("gateway.workers")
+Order = ConfigUpdate | Scrape | Drain | Hurry | Stop  # what the owner tells a worker besides answers and pings
 
 
 class RemoteReplica:
-    """The replica a lease points at, as the relay sees it: where to send, and what to report."""
+    """The replica a lease points at, as the request path sees it: which one, and where to send."""
 
     __slots__ = ("base_url", "inflight", "outcome", "replica")
 
     def __init__(self, replica: int, base_url: str) -> None:
         self.replica = replica
         self.base_url = base_url
-        self.inflight = 0
         self.outcome: bool | None = None  # the last report; travels with the release
+        self.inflight = 0  # read by nobody: written by a relay that counts on the replica (see report_failure)
 
+    # For a relay that reports on the replica rather than on the lease (the single-process path's old shape).
     def report_failure(self) -> None:
         self.outcome = False
 
@@ -43,26 +67,32 @@ class RemoteReplica:
 
 
 class RemoteLease:
+    """A lease the owner's hub granted: the hub holds the owner's lease until this one's release arrives."""
+
     __slots__ = ("_link", "_released", "lid", "replica")
 
     def __init__(self, link: OwnerLink, lid: int, replica: RemoteReplica) -> None:
         self._link, self.lid, self.replica = link, lid, replica
         self._released = False
 
+    def report(self, ok: bool) -> None:
+        self.replica.outcome = ok
+
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._link.channel.send(("rel", self.lid, self.replica.outcome))
+            self._link.channel.send(Release(self.lid, self.replica.outcome))
 
 
 class RemoteWaiting:
-    """A place in the owner's queue for a model; ``wait`` as ``engines.scheduling.lease.Waiting.wait``."""
+    """A place in the owner's queue for a model (a ``QueuePlace``)."""
 
     def __init__(self, link: OwnerLink, lid: int, model: str) -> None:
         self._link, self._lid, self.model = link, lid, model
 
     async def wait(self, timeout: float, abandon: asyncio.Future[Any] | None = None) -> RemoteLease:  # noqa: ASYNC109
-        answer = self._link.ask(self._lid, ("wait", self._lid, timeout))
+        """The lease once granted; raises ``Refused`` (``"timeout"`` after ``timeout`` s) or ``Abandoned``."""
+        answer = self._link.ask(Wait(self._lid, timeout))
         try:
             await asyncio.wait({answer} if abandon is None else {answer, abandon}, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
@@ -71,36 +101,43 @@ class RemoteWaiting:
         if not answer.done():
             self._give_up(answer)
             raise Abandoned(self.model)
-        return self._link.lease(self._lid, answer.result(), self.model)
+        return self._link.lease(answer.result(), self.model)
 
-    def _give_up(self, answer: asyncio.Future[Any]) -> None:
+    def _give_up(self, answer: asyncio.Future[Answer]) -> None:
         answer.cancel()
         self._link.forget(self._lid)
-        self._link.channel.send(("cancel", self._lid))  # a grant already on its way is given back by the hub
+        self._link.channel.send(Cancel(self._lid))  # a grant already on its way is given back by the hub
 
 
 class OwnerLink:
-    """The connection to the owner's hub: requests and their answers, matched by lease id."""
+    """The connection to the owner's hub: requests and their answers, matched by lease id. Pings are
+    answered here; every other message from the owner goes to ``on_order``, and ``on_lost`` runs once
+    if the line drops."""
 
-    def __init__(self, on_message: Callable[[tuple[Any, ...]], None]) -> None:
-        self.channel = Channel(self._arrived, self._lost)
-        self._unhandled = on_message
-        self._answers: dict[int, asyncio.Future[tuple[Any, ...]]] = {}
+    def __init__(self, on_order: Callable[[Order], None], on_lost: Callable[[], None] = lambda: None) -> None:
+        self.channel: Channel[ToOwner] = Channel(self._arrived, self._lost)
+        self._on_order = on_order
+        self._on_lost = on_lost
+        self._answers: dict[int, asyncio.Future[Answer]] = {}
         self._ids = itertools.count(1)
         self.lost = False
 
     @classmethod
-    async def connect(cls, path: str, worker: int, on_message: Callable[[tuple[Any, ...]], None]) -> OwnerLink:
-        link = cls(on_message)
+    async def connect(
+        cls, path: str, worker: int, on_order: Callable[[Order], None], on_lost: Callable[[], None] = lambda: None
+    ) -> OwnerLink:
+        link = cls(on_order, on_lost)
         await asyncio.get_running_loop().create_unix_connection(lambda: link.channel, path)
-        link.channel.send(("hello", worker, os.getpid()))
+        link.channel.send(Hello(worker, os.getpid()))
         return link
 
     def next_id(self) -> int:
         return next(self._ids)
 
-    def ask(self, lid: int, message: tuple[Any, ...]) -> asyncio.Future[tuple[Any, ...]]:
-        future: asyncio.Future[tuple[Any, ...]] = asyncio.get_running_loop().create_future()
+    def ask(self, message: Acquire | Wait | Failover) -> asyncio.Future[Answer]:
+        """Send a request for a lease; its answer comes under the message's lease id."""
+        lid = message.new_lid if isinstance(message, Failover) else message.lid
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         if self.lost:
             future.set_exception(Refused("shutdown", "?"))
             return future
@@ -111,20 +148,29 @@ class OwnerLink:
     def forget(self, lid: int) -> None:
         self._answers.pop(lid, None)
 
-    def lease(self, lid: int, answer: tuple[Any, ...], model: str) -> RemoteLease:
-        """The lease an ``ok`` answer grants; a ``no`` raises its Refused."""
-        if answer[0] == "ok":
-            return RemoteLease(self, lid, RemoteReplica(answer[2], answer[3]))
-        raise Refused(answer[2], model)
+    def lease(self, answer: Answer, model: str) -> RemoteLease:
+        """The lease a ``Granted`` answer grants; a ``Denied`` raises its Refused."""
+        match answer:
+            case Granted(lid, replica, base_url):
+                return RemoteLease(self, lid, RemoteReplica(replica, base_url))
+            case Denied(_, reason):
+                raise Refused(reason, model)
+            case Queued():
+                raise RuntimeError("a queue place where a lease was expected")
 
-    def _arrived(self, message: tuple[Any, ...]) -> None:
-        if message[0] in ("ok", "q", "no"):
-            # No asker: it gave up and said so, and the hub gives back what it granted when the cancel arrives.
-            future = self._answers.pop(message[1], None)
-            if future is not None and not future.done():
-                future.set_result(message)
-            return
-        self._unhandled(message)
+    def _arrived(self, message: Message) -> None:
+        match message:
+            case Granted(lid) | Queued(lid) | Denied(lid):
+                # No asker: it gave up and said so, and the hub gives back what it granted when the cancel arrives.
+                future = self._answers.pop(lid, None)
+                if future is not None and not future.done():
+                    future.set_result(message)
+            case Ping(seq):
+                self.channel.send(Pong(seq))
+            case ConfigUpdate() | Scrape() | Drain() | Hurry() | Stop():
+                self._on_order(message)
+            case _:
+                log.warning("control line: unexpected %s from the owner", type(message).__name__)
 
     def _lost(self) -> None:
         self.lost = True
@@ -132,7 +178,7 @@ class OwnerLink:
         for future in answers.values():
             if not future.done():
                 future.set_exception(Refused("shutdown", "?"))
-        self._unhandled(("lost",))
+        self._on_lost()
 
 
 class RemotePool:
@@ -169,14 +215,15 @@ class RemotePool:
     async def admit(self, entry: ModelEntry) -> RemoteLease | RemoteWaiting:
         link = self._link
         lid = link.next_id()
-        answer = await link.ask(lid, ("acq", lid, entry.name))
-        if answer[0] == "q":
+        answer = await link.ask(Acquire(lid, entry.name))
+        if isinstance(answer, Queued):
             return RemoteWaiting(link, lid, entry.name)
-        return link.lease(lid, answer, entry.name)
+        return link.lease(answer, entry.name)
 
-    async def reroute(self, entry: ModelEntry, failed: RemoteLease) -> RemoteLease | None:
+    async def reroute(self, entry: ModelEntry, failed: ReplicaLease) -> RemoteLease | None:
         """A lease on another ready replica for a request whose ``failed`` lease's replica refused the connection."""
+        if not isinstance(failed, RemoteLease):
+            raise TypeError("a worker fails over only from a lease its owner granted")
         link = self._link
-        lid = link.next_id()
-        answer = await link.ask(lid, ("fo", failed.lid, lid))
-        return link.lease(lid, answer, entry.name) if answer[0] == "ok" else None
+        answer = await link.ask(Failover(failed.lid, link.next_id()))
+        return link.lease(answer, entry.name) if isinstance(answer, Granted) else None

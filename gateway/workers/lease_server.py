@@ -1,33 +1,68 @@
 """The owner's side of the control line: the one scheduler, lent to every worker a lease at a time.
 
-Workers do not schedule. For each request a worker asks for a lease on a model (``acq``) and the hub
+Workers do not schedule. For each request a worker asks for a lease on a model (``Acquire``) and the hub
 answers from the owner's ``EnginePool`` exactly as a request in the owner would be answered: a replica
 at once, a place in the model's FIFO queue, or a refusal. So ``max_concurrency``, queue limits, on-demand
-starts, least-busy choice, idle stops and outlier ejection stay exact across workers. The release
-carries the request's outcome (the passive health signal). A worker that disconnects — it crashed, or
-was killed — gives back every lease and queue place it held, at once.
+starts, least-busy choice, idle stops and outlier ejection stay exact across workers. The hub holds the
+owner's lease for the worker; the release carries the request's outcome (the passive health signal),
+which the hub reports on that lease before releasing it. A worker that disconnects — it crashed, was
+killed, or stopped answering pings — gives back every lease and queue place it held, at once.
 
-Messages (tuples), worker → hub: ``hello(worker, pid)``, ``acq(lid, model)``, ``wait(lid, timeout)``,
-``fo(lid, new_lid)`` (failover of a refused connection), ``rel(lid, outcome)``, ``cancel(lid)``,
-``metrics(seq, text)``, ``drained()``. Hub → worker: ``config(config)``, ``ok(lid, replica, base_url)``,
-``q(lid)``, ``no(lid, reason)``, ``metrics(seq)``, ``drain(grace)``, ``stop()``, ``hurry()``.
+Liveness: every ``ping_interval`` the hub pings each worker; one that has said nothing for
+``ping_timeout`` (a stopped process, a blocked event loop) is reported to ``on_hung``, which ends it, and
+its line is cut. The messages are in ``messages.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import logging
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 
 from engines import EnginePool, ModelEntry
 from engines.scheduling.lease import Abandoned, Lease, Waiting
 from engines.scheduling.scheduler import Refused
 from gateway.config.loader import Config
+from gateway.workers.messages import (
+    Acquire,
+    Cancel,
+    ConfigUpdate,
+    Denied,
+    Drain,
+    Drained,
+    Failover,
+    Granted,
+    Hello,
+    Hurry,
+    Message,
+    MetricsText,
+    Ping,
+    Pong,
+    Queued,
+    Release,
+    Scrape,
+    Stop,
+    ToWorker,
+    Wait,
+)
 from gateway.workers.wire import Channel
 
 log = logging.getLogger("gateway.workers")
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """How often the hub pings each worker, and how long a silent one is given before it counts as hung."""
+
+    interval: float = 5.0
+    timeout: float = 20.0
+
+
+DEFAULT_LIVENESS = Liveness()  # as server.worker_ping_interval and worker_ping_timeout default
 
 
 class _Link:
@@ -35,82 +70,77 @@ class _Link:
 
     def __init__(self, hub: LeaseHub) -> None:
         self.hub = hub
-        self.channel = Channel(self.on_message, self.on_close, same_user_only=True)
+        self.channel: Channel[ToWorker] = Channel(self.on_message, self.on_close, same_user_only=True)
         self.worker = -1
         self.pid = 0
         self.drained = False  # its requests in flight are over; it still answers (503s) until told to stop
+        self.heard = asyncio.get_running_loop().time()  # the last message from it (any message says it lives)
         self.leases: dict[int, tuple[ModelEntry, Lease]] = {}
         self.queued: dict[int, tuple[ModelEntry, Waiting]] = {}
         self.waits: dict[int, asyncio.Future[None]] = {}  # set: the worker gave up on that place in the queue
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def on_message(self, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "acq":
-            self._acquire(message[1], message[2])
-        elif kind == "rel":
-            self._release(message[1], message[2])
-        elif kind == "wait":
-            self._wait(message[1], message[2])
-        elif kind == "cancel":
-            self._cancel(message[1])
-        elif kind == "fo":
-            self._failover(message[1], message[2])
-        elif kind == "metrics":
-            self.hub.metrics_arrived(message[1], message[2])
-        elif kind == "drained":
-            self.drained = True
-            self.hub.changed()
-        elif kind == "hello":
-            self.worker, self.pid = message[1], message[2]
-            self.hub.joined(self)
-        else:
-            log.warning("control line: unknown message %r from worker %d", kind, self.worker)
+    def on_message(self, message: Message) -> None:
+        self.heard = asyncio.get_running_loop().time()
+        match message:
+            case Acquire(lid, model):
+                self._acquire(lid, model)
+            case Release(lid, ok):
+                self._release(lid, ok)
+            case Wait(lid, timeout):
+                self._wait(lid, timeout)
+            case Cancel(lid):
+                self._cancel(lid)
+            case Failover(lid, new_lid):
+                self._failover(lid, new_lid)
+            case Pong():
+                pass  # heard: that is all a pong is for
+            case MetricsText(seq, text):
+                self.hub.metrics_arrived(seq, text)
+            case Drained():
+                self.drained = True
+                self.hub.changed()
+            case Hello(worker, pid):
+                self.worker, self.pid = worker, pid
+                self.hub.joined(self)
+            case _:
+                log.warning("control line: unexpected %s from worker %d", type(message).__name__, self.worker)
 
     # -- leases ---------------------------------------------------------------------------------------
 
     def _acquire(self, lid: int, model: str) -> None:
         entry = self.hub.pool.resolve(model)
         if entry is None:
-            self.channel.send(("no", lid, "removed"))
+            self.channel.send(Denied(lid, "removed"))
             return
         try:
             got = self.hub.pool.request(entry)
         except Refused as refused:
-            self.channel.send(("no", lid, refused.reason))
+            self.channel.send(Denied(lid, refused.reason))
             return
         if isinstance(got, Lease):
             self._grant(lid, entry, got)
         else:
             self.queued[lid] = (entry, got)
-            self.channel.send(("q", lid))
+            self.channel.send(Queued(lid))
 
     def _grant(self, lid: int, entry: ModelEntry, lease: Lease) -> None:
-        url = lease.replica.base_url
-        if url is None:  # it left READY between the scheduler's choice and now: the queue's rules apply again
-            lease.release()
-            self.channel.send(("no", lid, "not_ready"))
-            return
-        lease.replica.inflight += 1
-        self.leases[lid] = (entry, lease)
-        self.channel.send(("ok", lid, lease.replica.replica, url))
+        self.leases[lid] = (entry, lease)  # on a replica that was READY when granted (the pool's rule)
+        self.channel.send(Granted(lid, lease.replica.replica, lease.replica.base_url))
 
-    def _release(self, lid: int, outcome: bool | None) -> None:
+    def _release(self, lid: int, ok: bool | None) -> None:
         held = self.leases.pop(lid, None)
         if held is None:
             return
         lease = held[1]
-        lease.replica.inflight -= 1
-        if outcome is True:
-            lease.replica.report_success()
-        elif outcome is False:
-            lease.replica.report_failure()
+        if ok is not None:
+            lease.report(ok)
         lease.release()
 
     def _wait(self, lid: int, timeout: float) -> None:
         queued = self.queued.pop(lid, None)
         if queued is None:
-            self.channel.send(("no", lid, "timeout"))
+            self.channel.send(Denied(lid, "timeout"))
             return
         gave_up = self.waits[lid] = asyncio.get_running_loop().create_future()
         task = asyncio.ensure_future(self._queued(lid, *queued, timeout, gave_up))
@@ -123,7 +153,7 @@ class _Link:
         try:
             lease = await waiting.wait(seconds, abandon=gave_up)
         except Refused as refused:
-            self.channel.send(("no", lid, refused.reason))
+            self.channel.send(Denied(lid, refused.reason))
             return
         except Abandoned:
             return
@@ -147,7 +177,7 @@ class _Link:
         held = self.leases.get(lid)
         other = None if held is None else self.hub.pool.failover(held[0], held[1].replica)
         if held is None or other is None:
-            self.channel.send(("no", new_lid, "none"))
+            self.channel.send(Denied(new_lid, "unavailable"))
         else:
             self._grant(new_lid, held[0], other)
 
@@ -165,30 +195,45 @@ class _Link:
 
 
 class LeaseHub:
-    """Serves the control line on ``path`` (a Unix socket in the gateway's private run directory)."""
+    """Serves the control line on ``path`` (a Unix socket in the gateway's private run directory).
 
-    def __init__(self, pool: EnginePool, path: str, config: Callable[[], Config]) -> None:
+    ``on_hung(worker, pid)``: a worker stopped answering; the caller ends its process (the hub cuts its line
+    and gives back what it held)."""
+
+    def __init__(
+        self,
+        pool: EnginePool,
+        path: str,
+        config: Callable[[], Config],
+        *,
+        liveness: Liveness = DEFAULT_LIVENESS,
+        on_hung: Callable[[int, int], None] = lambda worker, pid: None,
+    ) -> None:
         self.pool = pool
         self.path = path
         self._config = config
+        self._liveness = liveness
+        self._on_hung = on_hung
         self._links: set[_Link] = set()
         self._server: asyncio.AbstractServer | None = None
-        self._seq = 0
+        self._pinger: asyncio.Task[None] | None = None
+        self._seq = itertools.count(1)
         self._scrapes: dict[int, asyncio.Future[str]] = {}
         self._changed = asyncio.Event()  # replaced at each change: waiters hold the one they saw
         self._drain_grace: float | None = None  # set once the owner drains: late joiners drain at once
 
     async def start(self) -> None:
         self._server = await asyncio.get_running_loop().create_unix_server(self._accept, self.path)
+        self._pinger = asyncio.create_task(self._ping(), name="worker pings")
 
-    def _accept(self) -> Channel:
+    def _accept(self) -> Channel[ToWorker]:
         return _Link(self).channel
 
     def joined(self, link: _Link) -> None:
         self._links.add(link)
-        link.channel.send(("config", self._config()))
+        link.channel.send(ConfigUpdate(self._config()))
         if self._drain_grace is not None:  # it started before the drain and connects only now
-            link.channel.send(("drain", self._drain_grace))
+            link.channel.send(Drain(self._drain_grace))
 
     def left(self, link: _Link, held: int) -> None:
         if link in self._links:
@@ -210,15 +255,17 @@ class LeaseHub:
     def workers(self) -> int:
         return len(self._links)
 
+    def _send_all(self, message: ToWorker) -> None:
+        for link in self._links:
+            link.channel.send(message)
+
     def publish(self, config: Config) -> None:
         """A reload applied: every worker routes by the new models from its next request on."""
-        for link in self._links:
-            link.channel.send(("config", config))
+        self._send_all(ConfigUpdate(config))
 
     def drain(self, grace: float) -> None:
         self._drain_grace = grace
-        for link in self._links:
-            link.channel.send(("drain", grace))
+        self._send_all(Drain(grace))
 
     async def wait_drained(self, seconds: float) -> bool:
         """Until every connected worker says its requests are over (True), or ``seconds`` pass."""
@@ -230,22 +277,20 @@ class LeaseHub:
 
     def stop(self) -> None:
         """Drained everywhere: the workers close the port together, and exit."""
-        for link in self._links:
-            link.channel.send(("stop",))
+        self._send_all(Stop())
 
     def hurry(self) -> None:
-        for link in self._links:
-            link.channel.send(("hurry",))
+        self._send_all(Hurry())
 
     async def scrape(self, seconds: float = 2.0) -> list[str]:
         """Every worker's metrics, as exposition text; a worker that does not answer in time is left out."""
         loop = asyncio.get_running_loop()
         asked: list[asyncio.Future[str]] = []
         for link in self._links:
-            self._seq += 1
-            future = self._scrapes[self._seq] = loop.create_future()
-            link.channel.send(("metrics", self._seq))
-            future.add_done_callback(lambda _, seq=self._seq: self._scrapes.pop(seq, None))
+            seq = next(self._seq)
+            future = self._scrapes[seq] = loop.create_future()
+            link.channel.send(Scrape(seq))
+            future.add_done_callback(functools.partial(self._forget_scrape, seq))
             asked.append(future)
         if not asked:
             return []
@@ -260,12 +305,40 @@ class LeaseHub:
             )
         return [f.result() for f in done]
 
+    def _forget_scrape(self, seq: int, _: asyncio.Future[str]) -> None:
+        self._scrapes.pop(seq, None)
+
     def metrics_arrived(self, seq: int, text: str) -> None:
         future = self._scrapes.get(seq)
         if future is not None and not future.done():
             future.set_result(text)
 
+    async def _ping(self) -> None:
+        # Judged after a sleep: what the workers sent meanwhile was read first (I/O callbacks run before the
+        # task that a timer wakes), so an owner that was itself busy for a while does not blame its workers.
+        loop = asyncio.get_running_loop()
+        every, silent_for = self._liveness.interval, self._liveness.timeout
+        while True:
+            await asyncio.sleep(every)
+            now = loop.time()
+            for link in list(self._links):
+                if now - link.heard > silent_for:
+                    self._hung(link, now - link.heard)
+                else:
+                    link.channel.send(Ping(next(self._seq)))
+
+    def _hung(self, link: _Link, silent: float) -> None:
+        log.error(
+            "worker %d (pid %d) has not answered for %.0f s (hung or stopped): ending it", link.worker, link.pid, silent
+        )
+        self._on_hung(link.worker, link.pid)
+        link.channel.abort()  # its leases and queue places are given back now, not when the kernel says so
+
     async def close(self) -> None:
+        if self._pinger is not None:
+            self._pinger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pinger
         for link in list(self._links):
             link.channel.close()
         if self._server is not None:

@@ -1,4 +1,4 @@
-"""The supervisor's control line to its workers: length-prefixed pickle frames on a Unix socket.
+"""The owner's control line to its workers: length-prefixed pickle frames on a Unix socket.
 
 Pickle, because the config travels over it whole (pydantic models and dataclasses, exactly as the
 owner validated them), and because a frame costs a microsecond either way. The trust boundary is the
@@ -6,7 +6,8 @@ socket: it lives in a directory only the gateway's user can enter (``mkdtemp``: 
 refuses a peer whose credentials say another uid. Both ends are this program.
 
 Writes are coalesced: messages sent in one turn of the event loop leave in one ``write`` (one syscall),
-which matters when hundreds of requests take and give back leases at once.
+which matters when hundreds of requests take and give back leases at once. What travels is one of
+the typed messages of ``messages.py``, each as a plain tuple.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import pickle
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Generic, TypeVar
+
+from gateway.workers.messages import Message, from_wire, to_wire
 
 log = logging.getLogger("gateway.workers")
 
@@ -26,8 +29,11 @@ _LEN = struct.Struct("!I")
 MAX_FRAME = 64 * 1024 * 1024  # a config with thousands of models fits; a corrupt length does not
 
 
-def frame(message: Any) -> bytes:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+Out = TypeVar("Out", bound=Message)
+
+
+def frame(message: Message) -> bytes:
+    data = pickle.dumps(to_wire(message), protocol=pickle.HIGHEST_PROTOCOL)
     return _LEN.pack(len(data)) + data
 
 
@@ -36,12 +42,13 @@ def peer_uid(sock: socket.socket) -> int:
     return int(struct.unpack("3i", creds)[1])
 
 
-class Channel(asyncio.Protocol):
-    """One end of the line. ``on_message`` gets each decoded message; ``on_close`` runs once when it ends."""
+class Channel(asyncio.Protocol, Generic[Out]):
+    """One end of the line, sending ``Out`` messages. ``on_message`` gets each decoded message (of either
+    direction: the receiver's ``match`` says what it does not expect); ``on_close`` runs once when it ends."""
 
     def __init__(
         self,
-        on_message: Callable[[Any], None],
+        on_message: Callable[[Message], None],
         on_close: Callable[[], None] = lambda: None,
         *,
         same_user_only: bool = False,
@@ -56,7 +63,7 @@ class Channel(asyncio.Protocol):
 
     # -- sending ------------------------------------------------------------------------------------
 
-    def send(self, message: Any) -> None:
+    def send(self, message: Out) -> None:
         if self._transport is None or self._transport.is_closing():
             return  # the other end is gone: what it would have done with this is undone by on_close
         if not self._out:
@@ -72,6 +79,12 @@ class Channel(asyncio.Protocol):
         self._flush()
         if self._transport is not None:
             self._transport.close()
+
+    def abort(self) -> None:
+        """Cut the line now, unsent messages dropped: ``close`` would first wait for a peer that reads nothing."""
+        self._out.clear()
+        if self._transport is not None:
+            self._transport.abort()
 
     @property
     def closed(self) -> asyncio.Future[None]:
@@ -98,12 +111,17 @@ class Channel(asyncio.Protocol):
                 return
             if len(buffer) - start - 4 < size:
                 break
-            message = pickle.loads(buffer[start + 4 : start + 4 + size])
+            payload = buffer[start + 4 : start + 4 + size]
             start += 4 + size
+            try:
+                message = from_wire(pickle.loads(payload))
+            except Exception:  # a frame from another version of this program: said, and skipped
+                log.exception("control line: a frame that is not a message; skipped")
+                continue
             try:
                 self._on_message(message)
             except Exception:  # one bad message must not end the line that every request needs
-                log.exception("control line: handling %r failed", message[:1] if isinstance(message, tuple) else "?")
+                log.exception("control line: handling %s failed", type(message).__name__)
         del buffer[:start]
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import pickle
 import socket
@@ -18,27 +17,26 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.app import install_error_handlers
+from gateway.app import install_error_handlers, serving
 from gateway.config.loader import Config
 from gateway.deps import GatewayState
 from gateway.http.keys import KeyRing
 from gateway.http.middleware import GatewayMiddleware
 from gateway.http.server import uvicorn_config
-from gateway.http.shutdown import DrainingServer
-from gateway.media import MediaNormalizer
+from gateway.http.shutdown import DrainingServer, Shutdown
 from gateway.observability.gpu_probe import GpuProbe
 from gateway.observability.log_setup import configure_logging
 from gateway.observability.metrics import Metrics
-from gateway.proxy.upstream.client import Clocks, Upstream
 from gateway.routes import generate, openai, simple
 from gateway.workers.fleet import CONFIG_FILE, CONTROL_SOCKET, OWNER_SOCKET
 from gateway.workers.forward import OwnerForward
-from gateway.workers.lease_client import OwnerLink, RemotePool
+from gateway.workers.lease_client import Order, OwnerLink, RemotePool
+from gateway.workers.messages import ConfigUpdate, Drain, Drained, Hurry, MetricsText, Scrape, Stop
 
 log = logging.getLogger("gateway.workers")
 LOCAL_ROUTERS = (openai.router, simple.router, generate.router)  # the request path; the rest is the owner's
@@ -57,103 +55,106 @@ class _Split:
             await self._local(scope, receive, send)
 
 
+class OwnerPeer:
+    """The worker's ``Peers`` for the shutdown: its owner, on the control line.
+
+    A drain the owner ordered ends with this worker saying so and waiting for the owner's word that every
+    worker is done (they close the port together); a drain of this worker alone (a signal sent to it) just
+    ends, and the owner starts another."""
+
+    def __init__(self, link: OwnerLink) -> None:
+        self.link = link
+        self.ordered = False  # the drain under way is the owner's
+        self.closing = False  # the line is closed on purpose: its end is not the owner's death
+        self._stop = asyncio.Event()  # the owner's word that every worker is drained
+
+    def stopped(self) -> None:
+        self._stop.set()
+
+    async def drain(self, grace: float) -> None:
+        if self.ordered and not self.link.lost:
+            self.link.channel.send(Drained())
+            await self._stop.wait()
+
+    def hurry(self) -> None:
+        self._stop.set()  # the drain, if one is waiting for the owner's word, is over too
+
+    async def stop(self) -> None:
+        self.closing = True
+        self.link.channel.close()
+
+
 class Worker:
     def __init__(self, config: Config, worker: int, run_dir: Path) -> None:
         self.config = config
         self.worker = worker
         self.run_dir = run_dir
         self.metrics = Metrics()
+        self.shutdown = Shutdown(config.server.drain_timeout)
         self.forward = OwnerForward(str(run_dir / OWNER_SOCKET), config.server.max_body_bytes)
         self.state: GatewayState | None = None
         self.server: DrainingServer | None = None
-        self._link: OwnerLink | None = None
-        self._closing = False
-        self._stop = asyncio.Event()  # the owner's word that every worker is drained
-        self._ordered = False  # this drain is the owner's (not a signal sent to this worker alone)
-        self.app = _Split(
-            self._local_app(),
-            self.forward,
-            frozenset(route.path for router in LOCAL_ROUTERS for route in router.routes),
-        )  # type: ignore[attr-defined]
+        self.owner: OwnerPeer | None = None
+        self.pool: RemotePool | None = None
+        local = frozenset(
+            route.path for router in LOCAL_ROUTERS for route in router.routes if isinstance(route, APIRoute)
+        )
+        self.app = _Split(self._local_app(), self.forward, local)
 
     def _local_app(self) -> FastAPI:
-        config = self.config
-
         @asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-            clocks = Clocks.from_settings(config.server)
-            link = self._link = await OwnerLink.connect(
-                str(self.run_dir / CONTROL_SOCKET), self.worker, self._on_message
+            link = await OwnerLink.connect(
+                str(self.run_dir / CONTROL_SOCKET), self.worker, self._on_order, self._on_lost
             )
-            state = self.state = GatewayState(
-                config=config,
-                pool=RemotePool(link, config.models),
-                upstream=Upstream(clocks, splice=config.server.raw_connections),
-                media=MediaNormalizer(config.media),
+            self.shutdown.peers = self.owner = OwnerPeer(link)
+            self.pool = RemotePool(link, self.config.models)
+            self.state = GatewayState(
+                config=self.config,
+                pool=self.pool,
                 metrics=self.metrics,
-                keys=KeyRing(config.auth),
-                clocks=clocks,
+                keys=KeyRing(self.config.auth),
                 gpus=GpuProbe(),
+                shutdown=self.shutdown,
             )
-            await state.upstream.start()
-            await state.media.start()
+            self.shutdown.close_with(self.forward.close)
             await self.forward.start()
-            app.state.gateway = state
-            gc.collect()
-            gc.freeze()  # as in the owner: start-up objects stay out of the cyclic GC's sweeps
-            try:
+            async with serving(app, self.state):
                 yield
-            finally:
-                gc.unfreeze()
-                state.in_flight.draining = True
-                self._closing = True
-                link.channel.close()
-                await self.forward.close()
-                await state.media.close()
-                await state.upstream.close()
 
         app = FastAPI(lifespan=lifespan, redirect_slashes=False, openapi_url=None)
         for router in LOCAL_ROUTERS:
             app.include_router(router)
-        app.add_middleware(GatewayMiddleware, keys=KeyRing(config.auth), metrics=self.metrics)
+        app.add_middleware(GatewayMiddleware, keys=KeyRing(self.config.auth), metrics=self.metrics)
         install_error_handlers(app)
         return app
 
-    def _on_message(self, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        state, server = self.state, self.server
-        if kind == "metrics" and self._link is not None:
-            self._link.channel.send(("metrics", message[1], self.metrics.render().decode()))
-        elif kind == "config" and state is not None:
-            state.config = message[1]
-            assert isinstance(state.pool, RemotePool)
-            state.pool.update(state.config.models)
-        elif kind in ("drain", "hurry") and server is not None:
-            self._ordered = True
-            server.escalate(f"the owner says {kind}")  # drain first; then end what is in flight now
-        elif kind == "stop":
-            self._stop.set()
-        elif kind == "lost" and not self._closing:
-            log.error("the line to the owner process dropped (it is gone, and its engines with it): exiting")
-            if state is not None:
-                state.in_flight.abort_all()
-            self._stop.set()
-            if server is not None:
-                server.should_exit = True
+    def _on_order(self, order: Order) -> None:
+        state, pool, server, owner = self.state, self.pool, self.server, self.owner
+        match order:
+            case Scrape(seq):
+                if owner is not None:
+                    owner.link.channel.send(MetricsText(seq, self.metrics.render().decode()))
+            case ConfigUpdate(config):
+                if state is not None and pool is not None:
+                    state.config = config
+                    pool.update(config.models)
+            case Drain() | Hurry():
+                if owner is not None:
+                    owner.ordered = True
+                if server is not None:
+                    server.escalate(f"the owner says {type(order).__name__.lower()}")  # drain, then hurry
+            case Stop():
+                if owner is not None:
+                    owner.stopped()
 
-    async def drain(self) -> None:
-        """The owner's drain: finish what is in flight, say so, keep answering until every worker is done."""
-        if self.state is not None:
-            await self.state.in_flight.drain(self.config.server.drain_timeout)
-        if self._ordered and self._link is not None and not self._link.lost:
-            self._link.channel.send(("drained",))
-            await self._stop.wait()
-        # A signal sent to this worker alone: it drains and exits, and the owner starts another.
-
-    def abort(self) -> None:
-        self._stop.set()  # the drain, if one is waiting for the owner's word, is over too
-        if self.state is not None:
-            self.state.in_flight.abort_all()
+    def _on_lost(self) -> None:
+        if self.owner is not None and self.owner.closing:
+            return
+        log.error("the line to the owner process dropped (it is gone, and its engines with it): exiting")
+        self.shutdown.hurry()
+        if self.server is not None:
+            self.server.should_exit = True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(s.log_level, s.log_format, worker=args.worker)
     listener = socket.socket(fileno=args.fd)
     worker = Worker(config, args.worker, args.run_dir)
-    server = worker.server = DrainingServer(uvicorn_config(worker.app, s), worker.drain, worker.abort)
+    server = worker.server = DrainingServer(uvicorn_config(worker.app, s), worker.shutdown)
     server.run(sockets=[listener])
     return 0 if server.started else 1
 

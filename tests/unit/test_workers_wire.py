@@ -9,17 +9,21 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from engines import EnginePool
+from gateway.config.loader import build_config
+
 from gateway.observability.metrics import Metrics, engine_state_family, merge_expositions
 from gateway.workers.lease_client import OwnerLink
 from gateway.workers.lease_server import LeaseHub
+from gateway.workers.messages import Acquire, ConfigUpdate, Drain, Drained, Hello, Message, Release
 from gateway.workers.wire import Channel, frame
 
 
-async def _pair() -> tuple[Channel, list[Any], socket.socket]:
+async def _pair() -> tuple[Channel[Message], list[Message], socket.socket]:
     loop = asyncio.get_running_loop()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    got: list[Any] = []
-    _, channel = await loop.create_unix_connection(lambda: Channel(got.append), sock=ours)
+    got: list[Message] = []
+    _, channel = await loop.create_unix_connection(lambda: Channel[Message](got.append), sock=ours)
     theirs.setblocking(False)
     return channel, got, theirs
 
@@ -28,12 +32,14 @@ def test_messages_cross_whole_however_the_bytes_are_cut() -> None:
     async def main() -> None:
         channel, got, theirs = await _pair()
         loop = asyncio.get_running_loop()
-        data = b"".join(frame(m) for m in [("acq", 1, "m"), ("config", {"big": "x" * 100_000}), ("rel", 1, True)])
+        config = build_config({"models": {f"m{i}": {"engine": "vllm", "model": "x" * 1000} for i in range(50)}})
+        sent: list[Message] = [Acquire(1, "m"), ConfigUpdate(config), Release(1, True)]
+        data = b"".join(frame(m) for m in sent)
         for i in range(0, len(data), 7_777):  # frames split across reads, several frames in one read
             await loop.sock_sendall(theirs, data[i : i + 7_777])
             await asyncio.sleep(0)
         await asyncio.sleep(0.05)
-        assert got == [("acq", 1, "m"), ("config", {"big": "x" * 100_000}), ("rel", 1, True)]
+        assert got == sent
         channel.close()
         theirs.close()
 
@@ -45,10 +51,10 @@ def test_sends_in_one_loop_turn_leave_in_one_write() -> None:
         channel, _, theirs = await _pair()
         loop = asyncio.get_running_loop()
         for i in range(50):
-            channel.send(("rel", i, None))
+            channel.send(Release(i, None))
         await asyncio.sleep(0.05)
         first = await loop.sock_recv(theirs, 1 << 20)
-        assert first == b"".join(frame(("rel", i, None)) for i in range(50))
+        assert first == b"".join(frame(Release(i, None)) for i in range(50))
         channel.close()
         theirs.close()
 
@@ -99,22 +105,23 @@ def test_a_worker_that_connects_during_the_drain_is_told_to_drain(tmp_path: Path
     for it until its grace runs out."""
 
     async def main() -> None:
-        hub = LeaseHub(pool=None, path=str(tmp_path / "control.sock"), config=lambda: "the config")  # type: ignore[arg-type]
+        config = build_config({})
+        hub = LeaseHub(EnginePool([]), str(tmp_path / "control.sock"), lambda: config)
         await hub.start()
         early_got: list[Any] = []
         late_got: list[Any] = []
         early = OwnerLink(early_got.append)
         await asyncio.get_running_loop().create_unix_connection(lambda: early.channel, hub.path)
-        early.channel.send(("hello", 1, 101))
+        early.channel.send(Hello(1, 101))
         await asyncio.sleep(0.05)
         hub.drain(7.0)
         late = await OwnerLink.connect(hub.path, 2, late_got.append)
         await asyncio.sleep(0.05)
-        assert early_got == [("config", "the config"), ("drain", 7.0)]
-        assert late_got == [("config", "the config"), ("drain", 7.0)]
+        assert early_got == [ConfigUpdate(config), Drain(7.0)]
+        assert late_got == [ConfigUpdate(config), Drain(7.0)]
         assert not await hub.wait_drained(0.1)
-        early.channel.send(("drained",))
-        late.channel.send(("drained",))
+        early.channel.send(Drained())
+        late.channel.send(Drained())
         assert await hub.wait_drained(5)
         await hub.close()
 
