@@ -36,7 +36,7 @@ def start_time(pid: int) -> str | None:
 def is_alive(pid: int) -> bool:
     """Running or sleeping; a zombie has finished, it only waits to be reaped."""
     fields = _stat_fields(pid)
-    return bool(fields) and fields[0] not in (b"Z", b"X")
+    return fields is not None and bool(fields) and fields[0] not in (b"Z", b"X")
 
 
 def children(pid: int) -> list[int]:

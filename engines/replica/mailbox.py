@@ -22,6 +22,7 @@ WaitKind = Literal["cmd", "exit", "work", "timeout"]
 class Command:
     kind: CommandKind
     done: asyncio.Future[None]
+    hurried: bool = False  # a stop in a hurry (a second signal): the owner shortens the grace from then on
 
     def finish(self, error: BaseException | None = None) -> None:
         if self.done.done():
@@ -39,12 +40,12 @@ class Mailbox:
         self._get: asyncio.Task[Command] | None = None
         self.closed = False
 
-    async def send(self, kind: CommandKind, owner: str) -> None:
+    async def send(self, kind: CommandKind, owner: str, *, hurried: bool = False) -> None:
         """Queue a command and wait until the owner has carried it out (or taken it up)."""
         if self.closed:
             raise RuntimeError(f"{owner} has shut down")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(Command(kind, done))
+        self._queue.put_nowait(Command(kind, done, hurried))
         # The command goes on if the sender gives up waiting: a half-done stop helps nobody.
         await asyncio.shield(done)
 

@@ -8,9 +8,12 @@
                       └─→ STARTING
     any state ─stop→ STOPPING (SIGTERM → stop_grace → SIGKILL, whole tree) → STOPPED
 
-``run()`` is the owner; ``start()``, ``stop()`` and ``restart()`` queue a command for it and wait for it
-to be taken up. "Connection refused while the child lives" is loading, not failure; the child's exit is
-the strongest signal. A remote engine (``adapter.spawns`` False) is only probed: READY while it answers,
+``run()`` is the owner, the one writer of the replica's state; ``start()``, ``stop()`` and ``restart()``
+queue a command for it and wait for it to be taken up. Each move goes to ``on_event`` (the pool, which
+tells the scheduler) synchronously and unguarded: a subscriber that raises ends this task loudly rather
+than leaving the scheduler's copy behind. Requests in flight are not counted here: ``inflight`` reads
+the pool's lease count. "Connection refused while the child lives" is loading, not failure; the child's
+exit is the strongest signal. A remote engine (``adapter.spawns`` False) is only probed: READY while it answers,
 STARTING while it does not, never FAILED.
 """
 
@@ -52,6 +55,7 @@ class Supervisor:
         session: aiohttp.ClientSession,
         on_event: Callable[[StateChanged], None] | None = None,
         on_report: Callable[[int, bool], None] | None = None,
+        inflight: Callable[[], int] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         log: LogRing | None = None,
@@ -61,7 +65,7 @@ class Supervisor:
         self.replica = replica
         self.model = spec.name
         self.log = log if log is not None else LogRing()
-        self.inflight = 0  # advisory, kept by the request path
+        self._inflight = inflight
         self._session = session
         self._on_event = on_event
         self._on_report = on_report
@@ -87,13 +91,23 @@ class Supervisor:
         self.health_failures = 0
         self.probe_failures = 0
         self.passive_failures = 0
-        self.hurried = False  # a second signal: the stop that follows gives the engine HURRIED_GRACE at most
+        self._hurried = False  # a second signal: every stop from then on gives the engine HURRIED_GRACE at most
 
     # -- reading (any task) -------------------------------------------------------------------------
 
     @property
     def state(self) -> EngineState:
         return self._state
+
+    @property
+    def inflight(self) -> int:
+        """Requests holding a lease on this replica now (advisory: the pool's count, read-only here)."""
+        return self._inflight() if self._inflight is not None else 0
+
+    @property
+    def hurried(self) -> bool:
+        """Whether a stop in a hurry was taken up: every stop since gives HURRIED_GRACE at most."""
+        return self._hurried
 
     @property
     def ready(self) -> asyncio.Event:
@@ -167,9 +181,10 @@ class Supervisor:
         """Launch if STOPPED or FAILED (a FAILED replica gets a fresh crash budget); skip a BACKOFF wait."""
         await self._mailbox.send("start", f"supervisor of {self.model}/{self.replica}")
 
-    async def stop(self) -> None:
-        """Until STOPPED: the tree got SIGTERM, ``stop_grace``, then SIGKILL."""
-        await self._mailbox.send("stop", f"supervisor of {self.model}/{self.replica}")
+    async def stop(self, *, hurried: bool = False) -> None:
+        """Until STOPPED: the tree got SIGTERM, ``stop_grace``, then SIGKILL. ``hurried`` (a second signal):
+        HURRIED_GRACE at most, for this stop and every one after it."""
+        await self._mailbox.send("stop", f"supervisor of {self.model}/{self.replica}", hurried=hurried)
 
     async def restart(self) -> None:
         """End the current launch (if any) and start a new one with a fresh crash budget."""
@@ -335,7 +350,7 @@ class Supervisor:
         self._port = None
         if proc is None:
             return
-        code = await proc.stop(min(self.spec.stop_grace, HURRIED_GRACE) if self.hurried else self.spec.stop_grace)
+        code = await proc.stop(min(self.spec.stop_grace, HURRIED_GRACE) if self._hurried else self.spec.stop_grace)
         if code is not None:
             self.last_exit_code = code
 
@@ -388,6 +403,7 @@ class Supervisor:
     async def _command(self, cmd: Command) -> None:
         try:
             if cmd.kind == "stop":
+                self._hurried = self._hurried or cmd.hurried
                 if self._state is not S.STOPPED:
                     self._enter(S.STOPPING, "stop requested")
                     await self._end_launch()
@@ -429,17 +445,22 @@ class Supervisor:
         changed.set()
         _log.info("%s/%d: %s → %s (%s)", self.model, self.replica, old, new, reason)
         if self._on_event is not None:
-            try:
-                self._on_event(StateChanged(self.model, self.replica, old, new, self._state_since, reason))
-            except Exception:
-                _log.exception("state-change subscriber failed")
+            self._on_event(StateChanged(self.model, self.replica, old, new, self._state_since, reason))
+
+    def _leave(self, new: EngineState, reason: str) -> None:
+        """``_enter`` on the way out: the engine is ended and the commands answered even if a subscriber
+        fails again (logged with its traceback; the first failure is what ends the task)."""
+        try:
+            self._enter(new, reason)
+        except Exception:
+            _log.exception("%s/%d: state-change subscriber failed while shutting down", self.model, self.replica)
 
     async def _shutdown(self) -> None:
         pending = self._mailbox.close()
         proc = self._proc
         try:
             if self._state not in (S.STOPPED, S.STOPPING):
-                self._enter(S.STOPPING, "supervisor shutting down")
+                self._leave(S.STOPPING, "supervisor shutting down")
             await self._end_launch()
         except asyncio.CancelledError:
             if proc is not None:
@@ -447,7 +468,7 @@ class Supervisor:
             raise
         finally:
             if self._state is S.STOPPING:
-                self._enter(S.STOPPED, "supervisor shut down")
+                self._leave(S.STOPPED, "supervisor shut down")
             for cmd in pending:
                 cmd.finish(RuntimeError("supervisor shut down"))
             self._changed.set()

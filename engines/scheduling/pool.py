@@ -6,6 +6,12 @@ owners), "grant"/"refuse" into the result of a waiting request's future, and fee
 state changes, the request path's releases and passive failures, and a clock tick back into it.
 Lookups by name or alias are one dict read. Everything it says about state is a snapshot for advisory
 choices; commands go to the supervisors.
+
+One writer each: a replica's state is its supervisor's; its requests in flight are the scheduler's lease
+count (``Supervisor.inflight`` and the snapshots read it); a hurried stop is a stop command's argument.
+A lease is granted only on a replica that is READY when the request gets it, on both paths (a worker's
+leases are the hub's, taken here): a queued request whose replica crashed before it woke is refused
+``not_ready``, a 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -15,40 +21,27 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiohttp
 
 from engines.adapters import adapter_for
-from engines.adapters.base import EngineAdapter
 from engines.process.launch import sweep_leftovers
 from engines.replica.state import EngineState, StateChanged
 from engines.replica.supervisor import Supervisor
-from engines.scheduling.lease import Lease, Waiting
-from engines.scheduling.placement import Placement, check_placement, plan_for
+from engines.scheduling.contract import LeaseSource, QueuePlace, ReplicaHandle, ReplicaLease
+from engines.scheduling.entry import ModelEntry
+from engines.scheduling.lease import Granted, Lease, Waiting
+from engines.scheduling.placement import ModelPlan, Placement, check_placement, plan_for
 from engines.scheduling.scheduler import ModelStatus, Phase, Refused, Scheduler, Ticket
 from engines.spec import ModelSpec
+
+__all__ = ["Action", "EnginePool", "ModelEntry", "ReloadReport"]
 
 _log = logging.getLogger(__name__)
 Action = Literal["start", "stop", "restart"]
 TICK_S = 0.5  # how often idle timeouts are checked
-
-
-@dataclass
-class ModelEntry:
-    spec: ModelSpec
-    adapter: EngineAdapter
-    replicas: list[Supervisor] = field(default_factory=list)
-    request_model: str = ""  # the ``model`` value the engine expects in a request body
-    key: int = -1  # the scheduler's handle: a reload that changes a model gives the new version a new key
-    # Whether /ready waits for it: the eager models the gateway started with. One a reload added or changed
-    # loads while the gateway keeps serving, rather than taking it out of rotation for minutes.
-    gates_ready: bool = True
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
 
 
 @dataclass(frozen=True)
@@ -87,6 +80,32 @@ class _Effects:
         self._pool._retired(key)
 
 
+class _Desk:
+    """What leases and waiters talk back to (engines/scheduling/lease.py's ``Desk``): the pool's scheduler."""
+
+    def __init__(self, pool: EnginePool) -> None:
+        self._pool = pool
+
+    def lease(self, key: int, index: int) -> Lease:
+        return self._pool._grant(key, index)
+
+    def release(self, key: int, index: int) -> None:
+        self._pool._scheduler.release(key, index, self._pool._clock())
+
+    def report(self, key: int, index: int, ok: bool) -> None:
+        entry = self._pool._by_key.get(key)
+        if entry is None or index >= len(entry.replicas):
+            return  # retired meanwhile: its record went with it
+        sup = entry.replicas[index]
+        if ok:
+            sup.report_success()
+        else:
+            sup.report_failure()
+
+    def withdraw(self, ticket: Ticket) -> None:
+        self._pool._scheduler.withdraw(ticket, self._pool._clock())
+
+
 class EnginePool:
     def __init__(
         self,
@@ -109,11 +128,14 @@ class EnginePool:
         self._sleep = sleep
         self._tick_s = tick
         self._scheduler = Scheduler(_Effects(self), max_loaded=self.placement.max_loaded)
+        self._desk = _Desk(self)
+        self._hurried = False
+        self.event_errors = 0  # times the on_event subscriber raised (each logged with its traceback)
         self._next_key = 0
         self._by_key: dict[int, ModelEntry] = {}  # current and retiring entries
         self._tasks: dict[int, list[asyncio.Task[None]]] = {}
         self._jobs: dict[tuple[int, str], asyncio.Task[None]] = {}
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
         self._entries, self._by_name = self._index([self._new_entry(spec) for spec in specs])
         for entry in self._entries.values():
             self._scheduler.add(entry.key, self._plan(entry), clock())
@@ -148,10 +170,10 @@ class EnginePool:
         self._scheduler.shutdown()
 
     def hurry(self) -> None:
-        """The stop to come is in a hurry (a second signal): SIGKILL after a second, whatever stop_grace says."""
-        for entry in self._by_key.values():
-            for sup in entry.replicas:
-                sup.hurried = True
+        """The stop to come is in a hurry (a second signal): SIGKILL after a second, whatever stop_grace says.
+        Every stop the pool sends from now on says so; the supervisors apply it (a stop under way keeps
+        the grace it began with)."""
+        self._hurried = True
 
     async def stop(self) -> None:
         """Refuse the waiters, stop every replica in parallel (each: SIGTERM → its stop_grace → SIGKILL),
@@ -164,7 +186,7 @@ class EnginePool:
         if self._ticker is not None:
             self._ticker.cancel()
         sups = [sup for entry in self._by_key.values() for sup in entry.replicas]
-        results = await asyncio.gather(*(sup.stop() for sup in sups), return_exceptions=True)
+        results = await asyncio.gather(*(sup.stop(hurried=self._hurried) for sup in sups), return_exceptions=True)
         for sup, result in zip(sups, results, strict=True):
             if isinstance(result, BaseException):
                 _log.error("stopping %s/%d failed: %r", sup.model, sup.replica, result)
@@ -204,7 +226,11 @@ class EnginePool:
     def pick(self, entry: ModelEntry) -> Supervisor | None:
         """A READY replica, the least busy one if several (advisory: it may change state right after)."""
         ready = [sup for sup in entry.replicas if sup.state is EngineState.READY]
-        return min(ready, key=lambda sup: sup.inflight) if ready else None
+        return min(ready, key=lambda sup: self.inflight(entry, sup.replica)) if ready else None
+
+    def inflight(self, entry: ModelEntry, replica: int) -> int:
+        """Leases held on the replica now: the one count of its requests in flight."""
+        return self._scheduler.inflight(entry.key, replica)
 
     def status(self, entry: ModelEntry) -> ModelStatus:
         """The model as a whole: phase, queue depth, in flight (advisory)."""
@@ -225,32 +251,46 @@ class EnginePool:
         now = self._clock()
         index = self._scheduler.admit_now(entry.key, now)
         if index is not None:
-            return Lease(self, entry.key, index, entry.replicas[index])
+            return self._grant(entry.key, index)
         ticket = Ticket(entry.key, now, asyncio.get_running_loop().create_future())
         index = self._scheduler.request(ticket, now)
         if index is not None:
-            return Lease(self, entry.key, index, entry.replicas[index])
-        return Waiting(self, ticket, entry.name)
+            return self._grant(entry.key, index)
+        return Waiting(self._desk, ticket, entry.name)
 
     async def admit(self, entry: ModelEntry) -> Lease | Waiting:
         """``request``, as the request path calls it: the same call on a worker's pool is a round trip."""
         return self.request(entry)
 
-    async def reroute(self, entry: ModelEntry, failed: Lease) -> Lease | None:
+    async def reroute(self, entry: ModelEntry, failed: ReplicaLease) -> Lease | None:
         """``failover`` away from ``failed``'s replica, as the request path calls it."""
         return self.failover(entry, failed.replica)
 
-    def failover(self, entry: ModelEntry, failed: Supervisor) -> Lease | None:
+    def failover(self, entry: ModelEntry, failed: ReplicaHandle) -> Lease | None:
         """A lease on another ready replica at once, or None: where a request goes whose connection
         ``failed`` refused (nothing was sent, so sending it elsewhere cannot run it twice)."""
         current = self._entries.get(entry.name)
         if current is None or current.key != entry.key:
             return None
         index = self._scheduler.admit_now(entry.key, self._clock(), exclude=failed.replica)
-        return None if index is None else Lease(self, entry.key, index, entry.replicas[index])
+        if index is None:
+            return None
+        try:
+            return self._grant(entry.key, index)
+        except Refused:
+            return None
 
-    def _lease(self, key: int, index: int) -> Lease:
-        return Lease(self, key, index, self._by_key[key].replicas[index])
+    def _grant(self, key: int, index: int) -> Lease:
+        """The Lease for a slot the scheduler granted, if its replica is READY now; else the slot goes back
+        and the request is refused ``not_ready`` (a queued one is woken a loop turn after its grant, and
+        the replica may have crashed in between)."""
+        entry = self._by_key.get(key)
+        sup = entry.replicas[index] if entry is not None and index < len(entry.replicas) else None
+        url = sup.base_url if sup is not None and sup.state is EngineState.READY else None
+        if url is None:
+            self._scheduler.release(key, index, self._clock())
+            raise Refused("not_ready", entry.name if entry is not None else "?")
+        return Lease(self._desk, key, index, Granted(index, url))
 
     # -- commands (admin, start-up) -----------------------------------------------------------------
 
@@ -265,8 +305,9 @@ class EnginePool:
         elif action != "stop" and (not up or (action == "start" and whole)):
             await self._command_model(entry, "start")  # a model that is down starts whole, by the rules
         else:
-            act = {"start": Supervisor.start, "stop": Supervisor.stop, "restart": Supervisor.restart}[action]
-            results = await asyncio.gather(*(act(sup) for sup in replicas or entry.replicas), return_exceptions=True)
+            results = await asyncio.gather(
+                *(self._order(sup, action) for sup in replicas or entry.replicas), return_exceptions=True
+            )
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
@@ -356,7 +397,12 @@ class EnginePool:
                 by_name[name] = entry
         return {entry.name: entry for entry in entries}, by_name
 
-    def _plan(self, entry: ModelEntry) -> Any:
+    def _order(self, sup: Supervisor, action: Action) -> Awaitable[None]:
+        if action == "stop":
+            return sup.stop(hurried=self._hurried)
+        return sup.start() if action == "start" else sup.restart()
+
+    def _plan(self, entry: ModelEntry) -> ModelPlan:
         return plan_for(entry.spec, self.placement, spawns=entry.adapter.spawns)
 
     def _supervise(self, entry: ModelEntry) -> None:
@@ -369,6 +415,7 @@ class EnginePool:
                 session=self._session,
                 on_event=functools.partial(self._replica_event, entry.key),
                 on_report=functools.partial(self._report, entry.key),
+                inflight=functools.partial(self._scheduler.inflight, entry.key, i),
                 clock=self._clock,
                 sleep=self._sleep,
             )
@@ -381,9 +428,16 @@ class EnginePool:
             tasks.append(task)
 
     def _replica_event(self, key: int, event: StateChanged) -> None:
+        # The owner tells the scheduler directly, unguarded: if this raises (a bug), the supervisor's task
+        # ends loudly rather than leaving the scheduler's copy of the state behind.
         self._scheduler.replica_changed(key, event.replica, event.new, self._clock())
         if self._on_event is not None:
-            self._on_event(event)
+            try:
+                self._on_event(event)
+            except Exception:
+                # The gateway's subscriber (metrics, logs): its bug must not take the replica down with it.
+                self.event_errors += 1
+                _log.exception("state-change subscriber failed on %s/%d → %s", event.model, event.replica, event.new)
 
     def _report(self, key: int, replica: int, ok: bool) -> None:
         ejected_for = self._scheduler.report(key, replica, ok, self._clock())
@@ -402,7 +456,9 @@ class EnginePool:
             return
 
         async def job() -> None:
-            results = await asyncio.gather(*(getattr(sup, action)() for sup in entry.replicas), return_exceptions=True)
+            results = await asyncio.gather(
+                *(self._order(sup, action) for sup in entry.replicas), return_exceptions=True
+            )
             for sup, result in zip(entry.replicas, results, strict=True):
                 if isinstance(result, BaseException):
                     _log.error("%s of %s/%d failed: %r", action, sup.model, sup.replica, result)
@@ -430,3 +486,11 @@ class EnginePool:
                 self._scheduler.tick(self._clock())
             except Exception:  # a bug, but idle stops must not end for good because of it
                 _log.exception("scheduler tick failed")
+
+
+# The request path's contract (engines/scheduling/contract.py), held by the type checker: a change here
+# that breaks it fails mypy, not a request.
+_source: type[LeaseSource] = EnginePool
+_lease: type[ReplicaLease] = Lease
+_place: type[QueuePlace] = Waiting
+_handle: type[ReplicaHandle] = Granted

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal, Protocol
 
-Refusal = Literal["queue_full", "failed", "stopped", "unavailable", "removed", "shutdown", "timeout"]
+# not_ready: a queued request's grant found its replica no longer READY when the request woke (it crashed
+# meanwhile): a 503 to retry, never a dead replica's address.
+Refusal = Literal["queue_full", "failed", "stopped", "unavailable", "removed", "shutdown", "timeout", "not_ready"]
 
 
 class Refused(Exception):

@@ -5,6 +5,9 @@ Most requests get their replica at once (no await, no task). The others wait in 
 while a watcher reads the client's side of the connection: a client that leaves is taken out of the
 queue and never reaches the engine (RELIABILITY.md D4). The body has been read by then, so the next
 ASGI message can only be ``http.disconnect``.
+
+Written against the request path's contract (engines/scheduling/contract.py) only: the owner's
+``EnginePool`` and a worker's ``RemotePool`` both meet it, and nothing here can tell them apart.
 """
 
 from __future__ import annotations
@@ -16,13 +19,13 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
-from engines import EnginePool, ModelEntry
-from engines.scheduling.lease import Abandoned, Lease, Waiting
-from engines.scheduling.scheduler import Refused
+from engines.scheduling.contract import LeaseSource, ReplicaLease, is_queued
+from engines.scheduling.entry import ModelEntry
+from engines.scheduling.lease import Abandoned
+from engines.scheduling.tickets import Refused
 from gateway.http.errors import EngineUnavailable, GatewayError, ModelNotFound, QueueFull, ShuttingDown
 from gateway.observability.metrics import Metrics
 from gateway.proxy.relay import STATUS_KEY
-from gateway.workers.lease_client import RemoteLease, RemotePool, RemoteWaiting
 
 T = TypeVar("T")
 
@@ -33,7 +36,7 @@ def shown(name: str) -> str:
     return clean + ("…" if len(name) > 80 else "")
 
 
-def resolve(pool: EnginePool | RemotePool, name: str) -> ModelEntry:
+def resolve(pool: LeaseSource, name: str) -> ModelEntry:
     entry = pool.resolve(name)
     if entry is None:
         raise ModelNotFound(f"The model '{shown(name)}' does not exist.", param="model")
@@ -41,19 +44,19 @@ def resolve(pool: EnginePool | RemotePool, name: str) -> ModelEntry:
 
 
 async def acquire(
-    pool: EnginePool | RemotePool,
+    pool: LeaseSource,
     entry: ModelEntry,
     request: Request,
     *,
     queue_timeout: float,
     retry_after: float,
     metrics: Metrics,
-) -> Lease | RemoteLease:
+) -> ReplicaLease:
     """A lease on a replica of ``entry``; the caller releases it (the relay does, when it is over)."""
     name = entry.spec.name
     try:
         got = await pool.admit(entry)
-        if not isinstance(got, Waiting | RemoteWaiting):
+        if not is_queued(got):
             return got
         timeout = entry.spec.queue_timeout if entry.spec.queue_timeout is not None else queue_timeout
         queued = metrics.queued_of(name)
@@ -102,6 +105,8 @@ async def _client_left(request: Request) -> None:
 
 
 def refusal_error(refused: Refused, name: str, retry_after: float) -> GatewayError:
+    """The error a refusal answers with; "unavailable" and "not_ready" (a replica that left READY before
+    the request got it) are both a 503 to retry shortly."""
     reason = refused.reason
     if reason == "queue_full":
         return QueueFull(

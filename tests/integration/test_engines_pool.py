@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 from engines_helpers import (  # noqa: F401 (the *_fixture names are fixtures)
@@ -17,8 +15,8 @@ from engines_helpers import (  # noqa: F401 (the *_fixture names are fixtures)
     tagged_pids,
 )
 
-from engines import EnginePool, EngineState, ModelEntry
-from engines.adapters import adapter_for
+from engines import EnginePool, EngineState
+from engines.scheduling.lease import Lease
 from engines.spec import ModelSpec
 
 S = EngineState
@@ -80,18 +78,26 @@ def test_a_name_served_twice_is_refused() -> None:
         EnginePool([first, second])
 
 
-def test_pick_prefers_the_least_busy_ready_replica() -> None:
-    spec = ModelSpec(name="a", engine="vllm", model="m")
+def test_pick_prefers_the_least_busy_ready_replica_by_its_lease_count(fake_engine: Path, name: str) -> None:
+    async def main() -> None:
+        async with EnginePool([fake_spec(name, fake_engine, replicas=2)]) as pool:
+            entry = pool.entries()[0]
+            for sup in entry.replicas:
+                assert await sup.wait_ready(10)
+            first = pool.request(entry)
+            assert isinstance(first, Lease)
+            busy, idle = entry.replicas[first.replica.replica], entry.replicas[1 - first.replica.replica]
+            assert (busy.inflight, idle.inflight) == (1, 0)  # a lease granted is one in flight, counted once
+            assert busy.snapshot().inflight == 1 and pool.pick(entry) is idle
+            second = pool.request(entry)
+            assert isinstance(second, Lease) and second.replica.replica == idle.replica
+            first.release()
+            first.release()  # idempotent: counted back once
+            assert (busy.inflight, idle.inflight) == (0, 1) and pool.pick(entry) is busy
+            second.release()
+            assert busy.inflight == idle.inflight == 0
 
-    def replica(state: EngineState, inflight: int) -> Any:
-        return SimpleNamespace(state=state, inflight=inflight)
-
-    pool = EnginePool([spec])
-    busy, idle, loading = replica(S.READY, 5), replica(S.READY, 1), replica(S.STARTING, 0)
-    entry = ModelEntry(spec, adapter_for("vllm"), [busy, loading, idle], "a")
-    assert pool.pick(entry) is idle
-    entry.replicas = [loading]
-    assert pool.pick(entry) is None
+    run(main())
 
 
 def test_stop_before_start_is_harmless() -> None:
