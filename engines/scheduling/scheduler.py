@@ -18,6 +18,10 @@ Per model:
   * a model that is crash-restarting (it was ready, it is not now) answers 503 at once, as before: only
     a cold start, a swap or a full model makes requests wait;
   * an ``on_demand`` model unused for ``idle_timeout`` is drained and stopped (``tick``).
+
+Each model is in one ``ModelPhase`` (engines/scheduling/phases.py), moved only along that table's moves
+(``checked``: an illegal one raises ``BadMove``). The replicas' lease counts here are the one count of requests in
+flight: a grant adds one, a release takes it back; nobody else writes it.
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ from dataclasses import dataclass, field
 
 from engines.replica.outlier import Outlier
 from engines.replica.state import EngineState
+from engines.scheduling.phases import PARKED_BY_OPERATOR, STOP_SENT, UP, ModelPhase, checked
 from engines.scheduling.placement import ModelPlan, must_stop_for
 from engines.scheduling.tickets import Effects, ModelStatus, Phase, Refusal, Refused, Ticket
 
 __all__ = ["Effects", "ModelStatus", "Phase", "Refused", "Scheduler", "Ticket"]
 
 S = EngineState
+P = ModelPhase
 _RUNNING = frozenset({S.STARTING, S.READY, S.UNHEALTHY, S.BACKOFF, S.STOPPING})  # a process exists or will
 _DOWN = frozenset({S.STOPPED, S.FAILED})
 
@@ -52,16 +58,33 @@ class _Model:
     plan: ModelPlan
     replicas: list[_Replica]
     queue: deque[Ticket] = field(default_factory=deque)
-    up: bool = False  # started by us and not yet asked to stop
-    cold: bool = False  # started and not READY since: requests wait for it instead of a 503
+    phase: ModelPhase = P.DOWN  # moved only by ``move``, along engines/scheduling/phases.py's table
     want: float | None = None  # a start asked for without a waiter (eager, operator, reload), and when
-    drain: str | None = None  # why it goes down once its requests are done (idle, swap:<model>, reload)
-    stop_sent: bool = False
-    parked: bool = False
-    retiring: bool = False
-    standby: bool = False
+    drain: str | None = None  # why it goes down once its requests are done (idle, swap:<model>, reload, operator)
+    retiring: bool = False  # a reload removed or replaced this version: once down it is RETIRED, never back
     last_used: float = 0.0
     turn: int = 0  # where the next tie between replicas starts
+
+    def move(self, new: ModelPhase) -> None:
+        self.phase = checked(self.plan.name, self.phase, new)
+
+    @property
+    def up(self) -> bool:
+        """Started by the scheduler and not asked to stop."""
+        return self.phase in UP
+
+    @property
+    def cold(self) -> bool:
+        """Started and not READY since: requests wait for it instead of a 503."""
+        return self.phase is P.STARTING
+
+    @property
+    def stop_sent(self) -> bool:
+        return self.phase in STOP_SENT
+
+    @property
+    def parked(self) -> bool:
+        return self.phase in PARKED_BY_OPERATOR
 
     @property
     def active(self) -> int:
@@ -139,7 +162,10 @@ class Scheduler:
     def start(self, key: int, now: float) -> None:
         """Start the model (an operator, or an eager model at start-up), stopping what stands in its way."""
         model = self._models[key]
-        model.parked = False
+        if model.phase is P.PARKED:
+            model.move(P.DOWN)
+        elif model.phase is P.PARKING:
+            model.move(P.STOPPING)
         if model.up and model.drain is None:
             self._effects.start(key)  # starts replicas that are STOPPED or FAILED; running ones ignore it
         else:
@@ -149,19 +175,29 @@ class Scheduler:
     def stop(self, key: int, now: float) -> None:
         """Stop now, without a drain (an operator's stop), and refuse requests until started again."""
         model = self._models[key]
-        model.parked = True
         model.want = None
         self._refuse_all(model, "stopped")
         if model.running():
-            model.up = model.cold = False
             model.drain = "operator"
-            model.stop_sent = True
+            model.move(P.PARKING)
             self._effects.stop(key)
+        else:
+            model.move(P.PARKED)
         self._advance(now)
 
     def is_up(self, key: int) -> bool:
         model = self._models.get(key)
         return model is not None and model.up
+
+    def phase(self, key: int) -> ModelPhase:
+        """Where the model is in its lifecycle (RETIRED once forgotten)."""
+        model = self._models.get(key)
+        return P.RETIRED if model is None else model.phase
+
+    def inflight(self, key: int, replica: int) -> int:
+        """Leases granted on the replica and not yet released: the one count of its requests in flight."""
+        model = self._models.get(key)
+        return 0 if model is None else model.replicas[replica].active
 
     # -- the request path ---------------------------------------------------------------------------
 
@@ -256,22 +292,23 @@ class Scheduler:
         rep = model.replicas[replica]
         old, rep.state = rep.state, state
         if state is S.READY:
-            model.cold = False
+            if model.phase is P.STARTING:
+                model.move(P.RUNNING)
             model.last_used = max(model.last_used, now)  # the idle clock starts when it can first serve
             if old is S.STARTING:
                 rep.outlier.reset()
         if state is S.BACKOFF and model.cold and not any(r.state in (S.READY, S.STARTING) for r in model.replicas):
             # It crashed before it ever served: its waiters get a 503 now, not a wait through the backoff.
-            model.cold = False
+            model.move(P.RUNNING)
             self._refuse_all(model, "unavailable")
         if all(r.state in _DOWN for r in model.replicas):
             if model.stop_sent:
                 self._stopped(model)
             elif state is S.FAILED and all(r.state is S.FAILED for r in model.replicas):
-                model.up = model.cold = False  # crash-looped: its GPUs are free; an operator must start it
+                self._went_down(model)  # crash-looped: its GPUs are free; an operator must start it
                 self._refuse_all(model, "failed")
             elif state is S.STOPPED and old is not S.STOPPED:
-                model.up = model.cold = False  # stopped behind our back (admin per replica, shutdown)
+                self._went_down(model)  # stopped behind our back (admin per replica, shutdown)
         self._advance(now)
 
     def tick(self, now: float) -> None:
@@ -281,8 +318,7 @@ class Scheduler:
             if (
                 plan.on_demand
                 and plan.idle_timeout > 0
-                and model.up
-                and not model.cold
+                and model.phase is P.RUNNING
                 and model.drain is None
                 and not model.queue
                 and model.active == 0
@@ -314,7 +350,7 @@ class Scheduler:
             len(model.queue),
             model.active,
             model.parked,
-            model.standby and not model.parked,
+            model.phase is P.STANDBY,
             model.drain,
             tuple(i for i, r in enumerate(model.replicas) if r.outlier.ejected(now)),
         )
@@ -427,9 +463,8 @@ class Scheduler:
         return sum(1 for m in self._running_others(model) if m.plan.spawns) < self.max_loaded
 
     def _launch(self, model: _Model, now: float) -> None:
-        model.up = model.cold = True
+        model.move(P.STARTING)
         model.want = None
-        model.standby = False
         model.last_used = now
         self._effects.start(model.key)
 
@@ -439,19 +474,25 @@ class Scheduler:
         if not model.running():
             self._stopped(model)  # nothing to stop (never started, or crashed down)
             return
-        model.up = model.cold = False
-        model.stop_sent = True
+        model.move(P.STOPPING)
         self._effects.stop(model.key)
+
+    def _went_down(self, model: _Model) -> None:
+        """Every replica is down and nobody asked for it: a model that was up is DOWN (a drain asked for is
+        then over: ``_maybe_stop`` finds nothing to stop)."""
+        if model.up:
+            model.move(P.DOWN)
 
     def _stopped(self, model: _Model) -> None:
         model.drain = None
-        model.stop_sent = False
-        model.up = model.cold = False
         if model.retiring:
+            model.move(P.RETIRED)
             del self._models[model.key]
             self._effects.retired(model.key)
+        elif model.parked:
+            model.move(P.PARKED)
         else:
-            model.standby = not model.parked
+            model.move(P.STANDBY)
 
     def _refuse_all(self, model: _Model, reason: Refusal) -> None:
         waiting, model.queue = model.queue, deque()

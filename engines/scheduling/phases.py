@@ -1,0 +1,66 @@
+"""A model's lifecycle as the scheduler drives it: the phases and the moves between them, checked on every move.
+
+The replica's own states (engines/replica/state.py) are what its supervisor sees; these are what the
+scheduler decided for the model as a whole. Two more facts travel beside the phase, as data: ``drain``
+(a stop asked for once the model's requests are over, and why: idle, swap:<model>, reload, operator)
+and ``want`` (a start asked for without a waiter, and when).
+
+    DOWN ──launch──▶ STARTING ──a replica READY──▶ RUNNING
+      ▲                 │ (crashed before it served: RUNNING, its waiters refused)  │
+      │                 └────────── every replica down behind our back ─────────────┤──▶ DOWN
+      │                 ╰──── drain over ────▶ STOPPING ──every replica down──▶ STANDBY ──launch──▶ STARTING
+      │                 ╰── operator stop ──▶ PARKING ───every replica down──▶ PARKED ──operator start──▶ DOWN
+    RETIRED: a version a reload removed or replaced, stopped and forgotten (from any phase that is down
+    or stopping).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ModelPhase(StrEnum):
+    DOWN = "down"  # not running; a request or a start asked for launches it
+    STANDBY = "standby"  # DOWN after the scheduler stopped it (idle, swapped out): back on its next request
+    PARKED = "parked"  # stopped by an operator: refused until started again
+    STARTING = "starting"  # launched, not READY since ("cold"): requests wait for it
+    RUNNING = "running"  # READY since its launch (a crash-restart now answers 503 at once, no waiting)
+    STOPPING = "stopping"  # a drain is over, the stop is sent: STANDBY (or RETIRED) once every replica is down
+    PARKING = "parking"  # an operator's stop is sent: PARKED (or RETIRED) once every replica is down
+    RETIRED = "retired"  # removed or replaced by a reload, and stopped: forgotten
+
+
+_P = ModelPhase
+UP = frozenset({_P.STARTING, _P.RUNNING})  # started by the scheduler and not asked to stop
+STOP_SENT = frozenset({_P.STOPPING, _P.PARKING})
+PARKED_BY_OPERATOR = frozenset({_P.PARKED, _P.PARKING})
+
+# Written out rather than derived so that a new move is a visible, reviewed change (and a test failure).
+TRANSITIONS: dict[ModelPhase, frozenset[ModelPhase]] = {
+    # DOWN → STANDBY: it went down behind our back while a drain was asked for; the drain is then over.
+    _P.DOWN: frozenset({_P.STARTING, _P.STANDBY, _P.PARKED, _P.RETIRED}),
+    _P.STANDBY: frozenset({_P.STARTING, _P.PARKED, _P.RETIRED}),
+    _P.PARKED: frozenset({_P.DOWN, _P.RETIRED}),
+    # STARTING → RUNNING also when it crashed before it ever served: its waiters got their 503.
+    _P.STARTING: frozenset({_P.RUNNING, _P.DOWN, _P.STOPPING, _P.PARKING}),
+    _P.RUNNING: frozenset({_P.DOWN, _P.STOPPING, _P.PARKING}),
+    # STOPPING ↔ PARKING: an operator's stop, or start, while the replicas are on their way down.
+    _P.STOPPING: frozenset({_P.STANDBY, _P.PARKING, _P.RETIRED}),
+    _P.PARKING: frozenset({_P.PARKED, _P.STOPPING, _P.RETIRED}),
+    _P.RETIRED: frozenset(),
+}
+
+
+def can_move(old: ModelPhase, new: ModelPhase) -> bool:
+    return new in TRANSITIONS[old]
+
+
+class BadMove(RuntimeError):
+    """A move the table does not allow: a scheduler bug, never a state to carry on from."""
+
+
+def checked(model: str, old: ModelPhase, new: ModelPhase) -> ModelPhase:
+    """``new``, if the table allows ``old`` → ``new`` (staying put is no move); raises BadMove otherwise."""
+    if new is not old and not can_move(old, new):
+        raise BadMove(f"{model}: no move {old} → {new}")
+    return new
