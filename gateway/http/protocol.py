@@ -11,19 +11,34 @@ Content-Lengths, CL with TE, bare CR) is answered in the OpenAI error shape too.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import MutableMapping
+from typing import Any, cast
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.http.cycle import CYCLE_KEY, usable
 from gateway.http.errors import error_body
-from gateway.proxy.upstream.raw import CYCLE_KEY
 
 HEADER_TIMEOUT = 10.0  # seconds from the first byte of a request to the end of its headers
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 32 * 1024
 
-_CYCLE_ATTRS = ("transport", "flow", "chunked_encoding", "disconnected")  # what gateway.proxy.upstream.raw uses
+# What this subclass uses of uvicorn's HttpToolsProtocol besides its public callbacks: internals, checked by
+# tests/integration/test_uvicorn_internals.py (pyproject.toml bounds uvicorn below its next minor).
+PROTOCOL_ATTRS = (
+    "parser",
+    "cycle",
+    "scope",
+    "transport",
+    "loop",
+    "logger",
+    "_unset_keepalive_if_required",
+    "_should_upgrade",
+    "handle_websocket_upgrade",
+    "_unsupported_upgrade_warning",
+    "send_400_response",
+)
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
@@ -43,6 +58,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._headers_too_large = False
 
+    # uvicorn's own connection_made narrows asyncio's BaseTransport to Transport (with the same ignore).
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_header_timer()  # a connection that never sends a byte is a slowloris too
@@ -86,10 +102,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm_header_timer()
         super().on_headers_complete()
         cycle = self.cycle
-        if cycle is not None and cycle.scope is self.scope and all(hasattr(cycle, a) for a in _CYCLE_ATTRS):
-            # The relay writes a stream's body to this cycle's transport itself (proxy/upstream/raw.py); a uvicorn
-            # whose cycle looks different gets the ASGI path instead.
-            self.scope[CYCLE_KEY] = cycle
+        if cycle is not None and cycle.scope is self.scope and usable(cycle):
+            # The relay writes a stream's body to this cycle's transport itself (gateway/http/cycle.py); a uvicorn
+            # whose cycle looks different gets the ASGI path instead. The scope is a TypedDict to uvicorn; the key
+            # is the gateway's own.
+            cast(MutableMapping[str, Any], self.scope)[CYCLE_KEY] = cycle
 
     def send_400_response(self, msg: str) -> None:
         self._reject(400, "invalid_http_request", "The HTTP request is malformed.")

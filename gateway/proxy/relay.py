@@ -1,14 +1,22 @@
 """One forwarded request: send it to the engine, relay the answer byte for byte, keep the four clocks.
 
-``Relay`` is an ASGI response. Everything upstream happens inside its ``__call__``, under a watcher
-of the client's connection: when the client leaves — during prefill, mid-stream or while a
-non-stream answer is generated — the upstream request is closed at once, which is what makes the
-engine abort the generation and free the GPU.
+``Relay`` is an ASGI response, written once against the ``Exchange`` interface
+(gateway/proxy/upstream/exchange.py) whatever carries the request (raw keep-alive connection or aiohttp).
+Everything upstream happens inside its ``__call__``, under a watcher of the client's connection: when the
+client leaves — during prefill, mid-stream or while a non-stream answer is generated — the exchange is
+closed at once, which is what makes the engine abort the generation and free the GPU.
+
+The four clocks: connect (the exchange's), first byte (until the status and headers), idle (a stream's
+silence, ``IdleClock``), total. A connection the engine refused fails over once to another replica
+(nothing was sent). A whole answer is read up to one cap (``Exchange.read_all``).
 
 Status and headers are decided before the first body byte. After it, a failure is reported as one
-SSE ``data: {"error": ...}`` event and the stream ends without ``[DONE]``, so a client can always
-tell a broken stream from a finished one. Events are forwarded whole: a half line cut by a crashing
-engine never reaches the client.
+SSE ``data: {"error": ...}`` event and the stream ends without ``[DONE]`` (``_end_with_error``), so a client
+can always tell a broken stream from a finished one. Events are forwarded whole: a half line cut by a
+crashing engine never reaches the client.
+
+The relay holds the request's lease (engines/scheduling/contract.py): it reports what the engine's answer
+said about the replica (``lease.report``) and releases the lease when it is over, whatever happened.
 """
 
 from __future__ import annotations
@@ -17,13 +25,15 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-import aiohttp
 import orjson
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
+from engines.scheduling.contract import ReplicaLease
+from gateway.http.cycle import CYCLE_KEY, CycleWriter
 from gateway.http.errors import (
     EngineUnavailable,
     GatewayError,
@@ -33,19 +43,12 @@ from gateway.http.errors import (
     reshape_upstream_error,
     sse_error_event,
 )
+from gateway.http.scope import T0_KEY
 from gateway.http.shutdown import InFlight
 from gateway.observability.metrics import Metrics
 from gateway.proxy.sse import DONE, EventCutter, Outcome, StreamEnded, count_usage
 from gateway.proxy.upstream.client import Clocks, Upstream
-from gateway.proxy.upstream.raw import (
-    CYCLE_KEY,
-    AnswerTooLarge,
-    ClientWriter,
-    EngineClosed,
-    EngineConnection,
-    request_bytes,
-    split_url,
-)
+from gateway.proxy.upstream.exchange import AnswerTooLarge, ConnectFailed, EngineClosed, Exchange
 
 log = logging.getLogger("gateway.proxy.relay")
 
@@ -63,10 +66,10 @@ BODY_SEND_KEY = "gateway.body_send"
 class Target:
     """Where one request goes and what the relay must know about the engine answering it."""
 
-    url: str
+    lease: ReplicaLease  # the request's claim on a replica; the relay reports on it and releases it
+    path: str  # appended to the replica's base_url
     model: str  # the client-facing served name (metrics label)
     headers: dict[str, str]
-    replica: Any  # engines.Supervisor or a worker's RemoteReplica: `inflight`, `report_failure()`, `report_success()`
     # How a complete stream ends: "done" with `data: [DONE]` (vLLM, LMDeploy); "finish" after the event that
     # carries a finish_reason (transformers serve, which sends no [DONE]: the gateway adds it); "eof" at
     # any clean end of the body (LightLLM's /generate_stream).
@@ -77,17 +80,62 @@ class Target:
     # the transform writes the names it wants. Raising KeyError/IndexError/TypeError/ValueError means the
     # answer had an unexpected shape: 502. Streams are never transformed.
     transform: Callable[[dict[str, Any]], Any] | None = None
-    # Called once when the relay is over, whatever happened: the pool's lease release (queue, idle clock).
-    on_done: Callable[[], None] | None = None
     # Another replica's Target, or None: asked once, when this one refused the connection (nothing was sent).
     failover: Callable[[], Awaitable[Target | None]] | None = None
-    # Reached over raw keep-alive connections (gateway.proxy.upstream.raw): any engine on plain HTTP. TLS (a remote
-    # https:// server) goes through aiohttp.
-    raw: bool = False
+
+    @property
+    def url(self) -> str:
+        return self.lease.replica.base_url + self.path
 
 
-class _ConnectFailed(Exception):
-    """The engine's port refused (or never answered) the connection: nothing was sent."""
+class IdleClock:
+    """A stream's idle clock: ``heard`` is when the engine last sent a byte (any byte, not a whole event).
+
+    The sink stamps ``heard``; ``wait`` wakes once per idle period, not per event, and raises TimeoutError
+    once the engine was silent for ``idle`` s (never sooner) or the total deadline passed.
+    """
+
+    __slots__ = ("deadline", "heard", "idle", "now")
+
+    def __init__(self, idle: float, deadline: float, now: Callable[[], float]) -> None:
+        self.idle, self.deadline, self.now = idle, deadline, now
+        self.heard = now()
+
+    async def wait(self, done: asyncio.Future[None]) -> None:
+        """Until ``done`` (its exception raised here), or the clock runs out."""
+        now = self.now
+        while not done.done():
+            wait = min(self.heard + self.idle, self.deadline) - now()
+            if wait <= 0:
+                raise TimeoutError
+            await asyncio.wait((done,), timeout=wait)
+        done.result()
+
+
+class _Writer(Protocol):
+    """Where a stream's events go: the client's transport in callbacks (``CycleWriter``), or the ASGI send."""
+
+    @property
+    def gone(self) -> bool: ...
+
+    def write(self, data: bytes) -> Awaitable[None] | None: ...
+
+    def close(self) -> None: ...
+
+
+class _SendWriter:
+    """A stream's events through the ASGI ``send``: one awaited send per piece, waited for by the exchange."""
+
+    gone = False  # the watcher cancels the relay when the client leaves; uvicorn drops what is sent after
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+
+    def write(self, data: bytes) -> Awaitable[None]:
+        return self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    def close(self) -> None:
+        pass
 
 
 class Relay(Response):
@@ -107,72 +155,61 @@ class Relay(Response):
         metrics: Metrics,
         in_flight: InFlight,
     ) -> None:
-        self.session = upstream.session
-        self.connections = upstream.connections
+        self.upstream = upstream
         self.target = target
-        self.body = body
+        self.payload = body
         self.stream = stream
         self.clocks = clocks
         self.request_id = request_id
         self.metrics = metrics
         self.in_flight = in_flight
         self._task: asyncio.Task[Any] | None = None
+        self._exchange: Exchange | None = None
         self._shutdown = False
         self._disconnected = False
         self._started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
-        t0 = scope.get("gateway.t0", loop.time())
+        t0 = scope.get(T0_KEY, loop.time())
         task = self._task = asyncio.current_task()
         assert task is not None
         self.in_flight.add(self)
         watcher = loop.create_task(self._watch(receive, task))
-        self.target.replica.inflight += 1
         in_flight = self.metrics.in_flight_of(self.target.model)
         in_flight.inc()
         outcome = Outcome()
-        response: aiohttp.ClientResponse | None = None
         total_deadline = t0 + self.clocks.total
-        # Raw engine connections (upstream/raw.py) for every plain-HTTP engine; a stream needs uvicorn's cycle too.
+        # A stream over a raw connection is written to the client in callbacks: it needs uvicorn's cycle.
         cycle = scope.get(CYCLE_KEY)
-        raw = self.target.raw and self.connections is not None and (cycle is not None or not self.stream)
+        reuse = False
         try:
             async with asyncio.timeout_at(min(loop.time() + self.clocks.first_byte, total_deadline)) as clock:
                 try:
-                    if raw:
-                        await self._relay_raw(cycle, send, clock, total_deadline, t0, outcome)
-                        return
-                    response = await self._connect()
-                    if self.stream and response.status == 200 and response.content_type == "text/event-stream":
-                        await self._relay_stream(
-                            response, send, scope.get(BODY_SEND_KEY, send), clock, total_deadline, t0, outcome
-                        )
+                    exchange = await self._start(raw=cycle is not None or not self.stream)
+                    clock.reschedule(total_deadline)
+                    if self.stream and exchange.status == 200 and exchange.event_stream:
+                        body_send = scope.get(BODY_SEND_KEY, send)
+                        await self._relay_stream(exchange, send, body_send, cycle, total_deadline, t0, outcome)
                     else:
-                        clock.reschedule(total_deadline)
-                        await self._relay_whole(response, send, outcome)
-                except (aiohttp.ClientConnectorError, _ConnectFailed):
+                        await self._relay_whole(exchange, send, outcome)
+                    reuse = True
+                except ConnectFailed:
                     outcome.error_kind = "connect"
-                    self.target.replica.report_failure()
+                    self.target.lease.report(False)
                     raise EngineUnavailable(
                         "The engine for this model is not accepting connections; it may be restarting.",
                         retry_after=self.target.retry_after,
                     ) from None
-                except (
-                    aiohttp.ClientPayloadError,
-                    aiohttp.ServerDisconnectedError,
-                    aiohttp.ClientOSError,
-                    aiohttp.ClientResponseError,
-                    EngineClosed,
-                ):
+                except EngineClosed:
                     outcome.error_kind = "disconnected"
-                    self.target.replica.report_failure()
+                    self.target.lease.report(False)
                     raise UpstreamError(
                         "The engine closed the connection before the answer was complete.", code="upstream_disconnected"
                     ) from None
         except TimeoutError:
             outcome.error_kind = outcome.error_kind or ("timeout_stream" if self._started else "timeout")
-            self.target.replica.report_failure()
+            self.target.lease.report(False)
             await self._fail(
                 send, UpstreamTimeout(self._timeout_message(loop.time() >= total_deadline), code="upstream_timeout")
             )
@@ -191,33 +228,27 @@ class Relay(Response):
                 raise
         finally:
             watcher.cancel()
-            if response is not None:
-                response.close()  # a no-op after a clean read; otherwise it drops the socket, aborting the engine
-            self._let_go(self.target)
+            if self._exchange is not None:
+                self._exchange.close(reuse=reuse)  # not reused: the connection is dropped, the engine aborts
+            self.target.lease.release()
             in_flight.dec()
             self._record(outcome)
             self.in_flight.discard(self)
 
-    async def _connect(self) -> aiohttp.ClientResponse:
-        """POST the request through aiohttp; a refused connection fails over once (``_failover``)."""
-        try:
-            return await self.session.post(self.target.url, data=self.body, headers=self.target.headers)
-        except aiohttp.ClientConnectorError:
-            if not await self._failover():
-                raise
-        return await self.session.post(self.target.url, data=self.body, headers=self.target.headers)
-
-    async def _open(self) -> tuple[EngineConnection, str, int, str]:
-        """A raw connection to the engine, and where to (host, port, path): refused, it fails over once."""
-        assert self.connections is not None
+    async def _start(self, *, raw: bool) -> Exchange:
+        """The request sent and the answer's status and headers in; a refused connection fails over once."""
         while True:
-            host, port, path = split_url(self.target.url)
+            target = self.target
+            exchange = self._exchange = self.upstream.exchange(target.url, raw=raw)
             try:
-                async with asyncio.timeout(self.clocks.connect):
-                    return await self.connections.get(host, port), host, port, path
-            except (OSError, TimeoutError):
+                await exchange.start(target.url, target.headers, self.payload)
+            except ConnectFailed:
+                exchange.close(reuse=False)
+                self._exchange = None
                 if not await self._failover():
-                    raise _ConnectFailed from None
+                    raise
+            else:
+                return exchange
 
     async def _failover(self) -> bool:
         """Move this request to another ready replica of its model (True) when the chosen one refused the
@@ -226,23 +257,16 @@ class Relay(Response):
         other = await target.failover() if target.failover is not None else None
         if other is None:
             return False
-        target.replica.report_failure()
-        self._let_go(target)
-        other.replica.inflight += 1
+        target.lease.report(False)
+        target.lease.release()
         self.target = other
         log.info(
             "replica %s of %s refused the connection; sent to replica %s",
-            target.replica.replica,
+            target.lease.replica.replica,
             target.model,
-            other.replica.replica,
+            other.lease.replica.replica,
         )
         return True
-
-    @staticmethod
-    def _let_go(target: Target) -> None:
-        target.replica.inflight -= 1
-        if target.on_done is not None:
-            target.on_done()
 
     def _timeout_message(self, total_spent: bool) -> str:
         """Which clock ran out, so an operator knows which limit to look at."""
@@ -266,31 +290,26 @@ class Relay(Response):
                 task.cancel()
                 return
 
-    def _headers(self, content_type: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> _Headers:
+    def _response_headers(self, content_type: bytes, extra: _Headers | None = None) -> _Headers:
         headers = [(b"content-type", content_type), (b"x-request-id", self.request_id.encode())]
         if extra:
             headers += extra
         return headers
 
-    async def _relay_whole(self, response: aiohttp.ClientResponse, send: Send, outcome: Outcome) -> None:
-        if response.content_length is not None and response.content_length > _MAX_BODY_BYTES:
+    async def _relay_whole(self, exchange: Exchange, send: Send, outcome: Outcome) -> None:
+        try:
+            body = await exchange.read_all(_MAX_BODY_BYTES)
+        except AnswerTooLarge:
             outcome.error_kind = "too_large"
-            raise UpstreamError("The engine's answer was too large.", code="bad_upstream_response")
-        parts: list[bytes] = []
-        size = 0
-        async for part in response.content.iter_any():
-            size += len(part)
-            if size > _MAX_BODY_BYTES:
-                outcome.error_kind = "too_large"
-                raise UpstreamError("The engine's answer was too large.", code="bad_upstream_response")
-            parts.append(part)
-        await self._answer_whole(response.status, response.headers.get("retry-after"), b"".join(parts), send, outcome)
+            raise UpstreamError("The engine's answer was too large.", code="bad_upstream_response") from None
+        await self._answer_whole(exchange.status, exchange.header("retry-after"), body, send, outcome)
 
     async def _answer_whole(
         self, status: int, retry_after: str | None, body: bytes, send: Send, outcome: Outcome
     ) -> None:
         """A whole answer from the engine, as the client gets it: errors reshaped, model names rewritten."""
-        extra: list[tuple[bytes, bytes]] = []
+        extra: _Headers = []
+        lease = self.target.lease
         if status >= 400:
             body = reshape_upstream_error(status, body)
             if retry_after is not None and retry_after.isdigit():
@@ -299,18 +318,17 @@ class Relay(Response):
                 extra.append((b"retry-after", str(round(self.target.retry_after)).encode()))
             if status >= 500:
                 outcome.error_kind = f"status_{status}"
-                self.target.replica.report_failure()
-            content_type = b"application/json"
+                lease.report(False)
         else:
             try:
                 data = orjson.loads(body)
             except orjson.JSONDecodeError:
                 outcome.error_kind = "bad_response"
-                self.target.replica.report_failure()
+                lease.report(False)
                 raise UpstreamError(
                     "The engine sent an answer that is not valid JSON.", code="bad_upstream_response"
                 ) from None
-            self.target.replica.report_success()
+            lease.report(True)
             if isinstance(data, dict):
                 count_usage(data.get("usage"), outcome)
             if self.target.transform is not None and status < 300:
@@ -318,159 +336,80 @@ class Relay(Response):
             else:
                 for old, new in self.target.model_rewrite:
                     body = body.replace(old, new)
-            content_type = b"application/json"
-        await send({"type": "http.response.start", "status": status, "headers": self._headers(content_type, extra)})
+        headers = self._response_headers(b"application/json", extra)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         self._started = True
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
-    async def _start_stream(self, send: Send) -> None:
+    async def _relay_stream(
+        self,
+        exchange: Exchange,
+        send: Send,
+        body_send: Send,
+        cycle: RequestResponseCycle | None,
+        total_deadline: float,
+        t0: float,
+        outcome: Outcome,
+    ) -> None:
+        """The stream: each chunk the engine sends is cut into whole events by the sink and written on at once.
+
+        Over a raw connection the sink runs in the connection's callbacks and writes to the client's transport,
+        so the events never pass through a coroutine; through aiohttp, the exchange's reading task awaits each
+        write. Either way this coroutine only keeps the idle clock until the exchange is done.
+        """
         await send(
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": self._headers(b"text/event-stream; charset=utf-8", _STREAM_HEADERS),
+                "headers": self._response_headers(b"text/event-stream; charset=utf-8", _STREAM_HEADERS),
             }
         )
         self._started = True
-
-    async def _relay_stream(
-        self,
-        response: aiohttp.ClientResponse,
-        send: Send,
-        body_send: Send,
-        clock: asyncio.Timeout,
-        total_deadline: float,
-        t0: float,
-        outcome: Outcome,
-    ) -> None:
-        """The stream through aiohttp: one read and one ``send`` per piece (the path when splicing is off)."""
-        await self._start_stream(send)
+        writer: _Writer
+        if exchange.in_callbacks:
+            # After the response start: uvicorn decided there whether the body is chunked.
+            assert cycle is not None  # a stream goes raw only with the cycle (``raw=`` in __call__)
+            writer = CycleWriter(cycle, exchange)
+        else:
+            writer = _SendWriter(body_send)
         now = asyncio.get_running_loop().time
-        read = response.content.readany
-        idle = self.clocks.idle
-        # The idle clock moves only once less than ``idle`` is left, and then to ``idle + slack`` from now: a
-        # stalled stream still ends ``idle`` to ``idle + slack`` after its last event (never sooner), and a busy
-        # one changes its timer every ``slack`` seconds rather than at every event (a timer cancel + create).
-        slack = idle / 8
-        deadline = min(now() + idle + slack, total_deadline)
-        clock.reschedule(deadline)
         cutter = EventCutter(self.target.model_rewrite, outcome, t0)
-        while True:
-            if deadline < total_deadline and deadline - now() < idle:
-                deadline = min(now() + idle + slack, total_deadline)
-                clock.reschedule(deadline)
-            chunk = await read()
-            if not chunk:
-                break
-            try:
-                events = cutter.feed(chunk, now())
-            except StreamEnded as end:
-                await self._end_with_error(send, end)
-                return
-            if events:
-                await body_send({"type": "http.response.body", "body": events, "more_body": True})
-        await self._end_stream(send, cutter)
+        feed, write = cutter.feed, writer.write
+        clock = IdleClock(self.clocks.idle, total_deadline, now)
 
-    async def _relay_raw(
-        self,
-        cycle: Any,
-        send: Send,
-        clock: asyncio.Timeout,
-        total_deadline: float,
-        t0: float,
-        outcome: Outcome,
-    ) -> None:
-        """The request over a raw keep-alive connection (``gateway.proxy.upstream.raw``), cheaper than aiohttp's client:
-        a whole answer is read and answered in one; a stream's body is written to the client from the
-        connection's callbacks while this coroutine keeps the clocks."""
-        conn, host, port, path = await self._open()
-        target = self.target
-        request = request_bytes("POST", host, port, path, target.headers, self.body)
-        conn.send(request)
-        kept = False
+        def sink(chunk: bytes) -> Awaitable[None] | None:
+            t = clock.heard = now()
+            if writer.gone:
+                # The watcher is cancelling this request (and then drops the connection): read no more.
+                exchange.pause_reading()
+                return None
+            try:
+                events = feed(chunk, t)
+            except (StreamEnded, UpstreamError) as end:
+                exchange.finish(end)  # raised where the clock waits; nothing more is read
+                return None
+            return write(events) if events else None
+
+        done = exchange.receive(sink)
         try:
-            try:
-                await conn.headers_done
-            except EngineClosed:
-                if not conn.lost_when_reused:
-                    raise
-                assert self.connections is not None
-                try:
-                    conn = await self.connections.connect(host, port)
-                except OSError:
-                    raise _ConnectFailed from None
-                conn.send(request)
-                await conn.headers_done
-            if (
-                not self.stream
-                or conn.status != 200
-                or not conn.headers.get(b"content-type", b"").startswith(b"text/event-stream")
-            ):
-                clock.reschedule(total_deadline)
-                try:
-                    body = await conn.read_body(_MAX_BODY_BYTES)
-                except AnswerTooLarge:
-                    outcome.error_kind = "too_large"
-                    raise UpstreamError("The engine's answer was too large.", code="bad_upstream_response") from None
-                retry_after = conn.headers.get(b"retry-after")
-                await self._answer_whole(
-                    conn.status, retry_after.decode("latin-1") if retry_after else None, body, send, outcome
-                )
-                kept = True
-                return
-            await self._start_stream(send)
-            clock.reschedule(total_deadline)
-            loop = asyncio.get_running_loop()
-            now = loop.time
-            cutter = EventCutter(target.model_rewrite, outcome, t0)
-            heard = [now()]  # the last byte from the engine: any byte, not a whole event, holds the idle clock
-            writer = ClientWriter(cycle, conn)
-
-            def sink(chunk: bytes) -> None:
-                t = heard[0] = now()
-                if writer.gone:
-                    # The watcher is cancelling this request (and then drops the connection): read no more.
-                    conn.pause_reading()
-                    return
-                try:
-                    events = cutter.feed(chunk, t)
-                except (StreamEnded, UpstreamError) as end:
-                    conn.finish(error=end)  # raised where the relay awaits the end; nothing more is read
-                    return
-                if events:
-                    writer.write(events)
-
-            conn.stream_to(sink)
-            idle = self.clocks.idle
-            try:
-                # Wakes once per idle period, not per event: the events never pass through here.
-                while not conn.done.done():
-                    wait = min(heard[0] + idle, total_deadline) - now()
-                    if wait <= 0:
-                        raise TimeoutError
-                    await asyncio.wait((conn.done,), timeout=wait)
-                await conn.done
-            except StreamEnded as end:
-                await self._end_with_error(send, end)
-                return
-            finally:
-                writer.close()
-            await self._end_stream(send, cutter)
-            kept = True
+            await clock.wait(done)
+        except StreamEnded as end:
+            await self._end_with_error(send, end.final, end.before)
+            return
         finally:
-            if kept and self.connections is not None:
-                self.connections.put(host, port, conn)
-            else:
-                conn.abort()
+            writer.close()
+            if not done.done():
+                exchange.finish()  # a clock ran out or the request was cancelled: no event may follow the error
+        await self._end_stream(send, cutter)
 
     async def _end_stream(self, send: Send, cutter: EventCutter) -> None:
         """After the engine's last byte: a complete answer ends as the client expects, a cut one with an error."""
         outcome = cutter.outcome
         if not cutter.complete(self.target.stream_end):
             outcome.error_kind = "disconnected"
-            self.target.replica.report_failure()
+            self.target.lease.report(False)
             raise UpstreamError("The engine ended the stream before it was complete.", code="upstream_disconnected")
-        self.target.replica.report_success()
+        self.target.lease.report(True)
         if self.target.stream_end == "finish":
             await send({"type": "http.response.body", "body": DONE, "more_body": True})
         if outcome.events > 1:
@@ -478,27 +417,28 @@ class Relay(Response):
             self.metrics.chunk_gap_of(self.target.model).observe(gap)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _end_with_error(self, send: Send, end: StreamEnded) -> None:
-        """The engine's in-band error event ends the stream here, in our shape, without its ``[DONE]``."""
-        if end.before:
-            await send({"type": "http.response.body", "body": end.before, "more_body": True})
-        await send({"type": "http.response.body", "body": end.final, "more_body": False})
+    async def _end_with_error(self, send: Send, error_event: bytes, before: bytes = b"") -> None:
+        """The one way a started stream ends broken: the whole events still owed (``before``), then the error
+        event, and no ``[DONE]``."""
+        if before:
+            await send({"type": "http.response.body", "body": before, "more_body": True})
+        await send({"type": "http.response.body", "body": error_event, "more_body": False})
 
     async def _fail(self, send: Send, exc: GatewayError) -> None:
         if self._disconnected:
             return
         if not self._started:
-            headers = self._headers(b"application/json", [(k.encode(), v.encode()) for k, v in exc.headers().items()])
-            await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-            await send({"type": "http.response.body", "body": exc.body(), "more_body": False})
-        else:
+            extra = [(k.encode(), v.encode()) for k, v in exc.headers().items()]
             await send(
                 {
-                    "type": "http.response.body",
-                    "body": sse_error_event(exc.message, exc.type, exc.code),
-                    "more_body": False,
+                    "type": "http.response.start",
+                    "status": exc.status,
+                    "headers": self._response_headers(b"application/json", extra),
                 }
             )
+            await send({"type": "http.response.body", "body": exc.body(), "more_body": False})
+        else:
+            await self._end_with_error(send, sse_error_event(exc.message, exc.type, exc.code))
         self._started = True
 
     def _record(self, outcome: Outcome) -> None:

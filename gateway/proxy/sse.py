@@ -3,8 +3,9 @@
 Bytes arrive in arbitrary pieces; only whole events (up to a blank line) are forwarded, so a half line cut
 by a crashing engine never reaches the client. On the way: the engine's model name is replaced by the one
 the client asked for (a byte replacement, not a parse), usage is read from the events that carry it, and an
-in-band error event ends the stream in the gateway's error shape. Synchronous, so that the same cutter
-serves the aiohttp path (one ``await send`` per piece) and the callback path (``gateway.proxy.upstream.raw``).
+in-band error event ends the stream in the gateway's error shape. Synchronous, so that the relay's one sink
+serves both exchanges: the aiohttp one (one ``await send`` per piece) and the raw one, whose chunks arrive in
+protocol callbacks (gateway/proxy/upstream/raw.py).
 """
 
 from __future__ import annotations
@@ -115,13 +116,15 @@ def _raise_at_error_event(chunk: bytes, outcome: Outcome) -> None:
         else:
             continue
         before = b"\n\n".join(events[:i])
-        message = error.get("message") if isinstance(error.get("message"), str) else "The engine failed."
-        type_ = error.get("type") if isinstance(error.get("type"), str) else "upstream_error"
-        code = error.get("code")
+        message, type_, code = error.get("message"), error.get("type"), error.get("code")
         outcome.error_kind = "stream_error"
         raise StreamEnded(
             before + b"\n\n" if before else b"",
-            sse_error_event(message, type_, code if isinstance(code, str) else "upstream_error"),
+            sse_error_event(
+                message if isinstance(message, str) else "The engine failed.",
+                type_ if isinstance(type_, str) else "upstream_error",
+                code if isinstance(code, str) else "upstream_error",
+            ),
         )
 
 

@@ -6,11 +6,14 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import aiohttp
 import pytest
 
 from gateway.http.errors import UpstreamError
 from gateway.proxy.sse import DONE, EventCutter, Outcome, StreamEnded
-from gateway.proxy.upstream.raw import EngineClosed, EngineConnections, request_bytes, split_url
+from gateway.proxy.upstream.exchange import AnswerTooLarge, ConnectFailed, Exchange
+from gateway.proxy.upstream.raw import EngineClosed, EngineConnections, RawExchange, request_bytes, split_url
+from gateway.proxy.upstream.session import SessionExchange
 
 pytestmark = pytest.mark.anyio
 
@@ -116,16 +119,16 @@ async def test_an_answer_cut_short_or_not_http_is_an_engine_closed_error(engine:
 async def test_a_whole_answer_is_read_with_a_cap(engine: Engine) -> None:
     engine.answer = lambda _: [b"HTTP/1.1 400 Bad Request\r\ncontent-length: 5\r\n\r\n", b"no!!!"]
     pool = EngineConnections()
-    conn = await pool.get("127.0.0.1", engine.port)
-    conn.send(request_bytes("POST", "127.0.0.1", engine.port, "/x", {}, b""))
-    await conn.headers_done
-    assert conn.status == 400 and await conn.read_body(100) == b"no!!!"
+    exchange = RawExchange(pool, connect_timeout=5)
+    await exchange.start(f"http://127.0.0.1:{engine.port}/x", {}, b"")
+    assert exchange.status == 400 and await exchange.read_all(100) == b"no!!!"
+    exchange.close(reuse=True)
     engine.answer = lambda _: [b"HTTP/1.1 200 OK\r\ncontent-length: 500\r\n\r\n", b"x" * 500]
-    conn = await pool.get("127.0.0.1", engine.port)
-    conn.send(request_bytes("POST", "127.0.0.1", engine.port, "/x", {}, b""))
+    exchange = RawExchange(pool, connect_timeout=5)
     with pytest.raises(EngineClosed):
-        await conn.headers_done
-        await conn.read_body(100)
+        await exchange.start(f"http://127.0.0.1:{engine.port}/x", {}, b"")
+        await exchange.read_all(100)
+    exchange.close(reuse=False)
     pool.close()
 
 
@@ -196,7 +199,10 @@ async def test_an_answer_without_length_ends_where_the_connection_does(engine: E
     conn = await pool.get("127.0.0.1", engine.port)
     conn.send(request_bytes("POST", "127.0.0.1", engine.port, "/x", {}, b""))
     await conn.headers_done
-    assert await conn.read_body(100) == b'{"ok":true}' and not conn.reusable
+    got: list[bytes] = []
+    conn.stream_to(got.append)
+    await conn.done
+    assert b"".join(got) == b'{"ok":true}' and not conn.reusable
     pool.close()
 
 
@@ -219,3 +225,90 @@ def test_engine_urls_split_into_where_to_connect_and_what_to_ask(url: str, expec
 def test_only_plain_http_is_split() -> None:
     with pytest.raises(ValueError):
         split_url("https://api.example/v1/chat/completions")
+
+
+# ---- the two exchanges behind one interface ----------------------------------------------------------------
+
+
+@pytest.fixture(params=["raw", "aiohttp"])
+async def exchanges(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[], Exchange]]:
+    """Makes exchanges of one kind: the raw connections or the aiohttp session (as gateway.proxy.upstream.client)."""
+    pool = EngineConnections()
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield (
+            (lambda: RawExchange(pool, connect_timeout=5))
+            if request.param == "raw"
+            else (lambda: SessionExchange(session))
+        )
+    pool.close()
+
+
+async def test_both_exchanges_hand_a_stream_to_the_sink_chunk_by_chunk(
+    engine: Engine, exchanges: Callable[[], Exchange]
+) -> None:
+    engine.answer = lambda _: chunked(b"data: 1\n\n", b"data: 2\n\n", DONE)
+    exchange = exchanges()
+    await exchange.start(f"http://127.0.0.1:{engine.port}/v1/chat/completions", {"X-A": "b"}, b"{}")
+    assert exchange.status == 200 and exchange.event_stream and exchange.header("transfer-encoding") == "chunked"
+    got: list[bytes] = []
+    await exchange.receive(got.append)
+    exchange.close(reuse=True)
+    assert b"".join(got) == b"data: 1\n\ndata: 2\n\n" + DONE
+    assert b"X-A: b" in engine.requests[0] or b"x-a: b" in engine.requests[0].lower()
+
+
+@pytest.mark.parametrize("length", [True, False])
+async def test_both_exchanges_read_a_whole_answer_up_to_one_cap(
+    engine: Engine, exchanges: Callable[[], Exchange], length: bool
+) -> None:
+    """With a Content-Length past the cap the answer is refused before it is read; without one, as it arrives."""
+    head = b"HTTP/1.1 200 OK\r\nconnection: close\r\n" + (b"content-length: 500\r\n\r\n" if length else b"\r\n")
+    engine.answer = lambda _: [head, b"x" * 500]
+    engine.close_after = True
+    exchange = exchanges()
+    await exchange.start(f"http://127.0.0.1:{engine.port}/x", {}, b"{}")
+    with pytest.raises(AnswerTooLarge):
+        await exchange.read_all(100)
+    exchange.close(reuse=False)
+    exchange = exchanges()
+    await exchange.start(f"http://127.0.0.1:{engine.port}/x", {}, b"{}")
+    assert await exchange.read_all(500) == b"x" * 500
+    exchange.close(reuse=True)
+
+
+async def test_both_exchanges_say_a_refused_connection_and_a_cut_answer_alike(
+    engine: Engine, exchanges: Callable[[], Exchange]
+) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        exchange = exchanges()
+        with pytest.raises(ConnectFailed):
+            await exchange.start(f"http://127.0.0.1:{s.getsockname()[1]}/x", {}, b"{}")
+        exchange.close(reuse=False)
+    engine.answer = lambda _: [
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    ]
+    engine.close_after = True
+    exchange = exchanges()
+    await exchange.start(f"http://127.0.0.1:{engine.port}/x", {}, b"{}")
+    with pytest.raises(EngineClosed):
+        await exchange.receive(lambda _: None)
+    exchange.close(reuse=False)
+
+
+async def test_a_sink_ends_either_exchange_with_its_error(engine: Engine, exchanges: Callable[[], Exchange]) -> None:
+    engine.answer = lambda _: chunked(b"data: 1\n\n", b"data: 2\n\n", DONE)
+    exchange = exchanges()
+    await exchange.start(f"http://127.0.0.1:{engine.port}/x", {}, b"{}")
+    seen: list[bytes] = []
+
+    def sink(chunk: bytes) -> None:
+        seen.append(chunk)
+        exchange.finish(UpstreamError("enough", code="x"))
+
+    with pytest.raises(UpstreamError):
+        await exchange.receive(sink)
+    exchange.close(reuse=False)
+    assert len(seen) == 1

@@ -1,4 +1,8 @@
-"""The shared upstream client: one aiohttp session for every engine, built and closed by the lifespan.
+"""The shared upstream: one aiohttp session and the raw engine connections, built and closed by the lifespan.
+
+``Upstream.exchange`` picks what carries one request (gateway/proxy/upstream/exchange.py): a raw keep-alive
+connection for an engine on plain HTTP, the aiohttp session for the rest (https:// remotes) and for
+everything when raw connections are off.
 
 Why aiohttp and not httpx here: the request path is the product's hot path, and httpx's connection
 pool re-checks every pooled connection (a ``poll()`` each) on every request — ~30 % of a minimal
@@ -15,7 +19,9 @@ from dataclasses import dataclass
 import aiohttp
 
 from gateway.config.server import ServerSettings
-from gateway.proxy.upstream.raw import EngineConnections
+from gateway.proxy.upstream.exchange import Exchange
+from gateway.proxy.upstream.raw import EngineConnections, RawExchange
+from gateway.proxy.upstream.session import SessionExchange
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,13 @@ class Upstream:
         if self._session is None:
             raise RuntimeError("Upstream.start() was not awaited")
         return self._session
+
+    def exchange(self, url: str, *, raw: bool = True) -> Exchange:
+        """What carries one request to ``url``; ``raw=False`` asks for aiohttp (a stream whose client's
+        response cycle is not reachable: raw connections deliver in callbacks, which need it)."""
+        if raw and self.connections is not None and url.startswith("http://"):
+            return RawExchange(self.connections, self.clocks.connect)
+        return SessionExchange(self.session)
 
     async def close(self) -> None:
         if self.connections is not None:

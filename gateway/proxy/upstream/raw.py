@@ -1,36 +1,36 @@
-"""Token streams relayed in protocol callbacks: an engine's SSE bytes reach the client's socket without an await.
+"""Raw keep-alive engine connections: an engine's answer parsed in protocol callbacks, with no task in between.
 
 A gateway's hot path is the token stream: tens of thousands of small events a second, each read from one
 socket and written to another. Through aiohttp's stream reader and the ASGI ``send``, every event costs a
 future, a task wake-up, a buffer and a chain of coroutine calls (~28 µs of CPU on the 2-core bench VM). Here
-the engine connection is a plain asyncio ``Protocol`` whose response httptools parses; each body chunk is cut
-into whole SSE events by ``SseSink`` and written straight to the client's transport, framed exactly as
-uvicorn frames a chunked body. uvicorn still owns the response: its status line and headers, and its end,
-go through ``send``. The relay's coroutine only waits for the end, keeping the idle and total clocks.
+the engine connection is a plain asyncio ``Protocol`` whose response httptools parses; each body chunk goes to
+the exchange's sink from ``data_received``, and a stream's sink (the relay's) cuts it into whole SSE events
+and writes them straight to the client's transport (``gateway.http.cycle.CycleWriter``). uvicorn still owns
+the response: its status line and headers, and its end, go through ``send``. The relay's coroutine only waits
+for the end, keeping the idle and total clocks.
 
-The relay uses this for streams when the request came through the gateway's httptools protocol (which puts
-uvicorn's response cycle in the scope, ``CYCLE_KEY``) and the engine speaks plain HTTP; otherwise it streams
-through aiohttp, as it does every non-stream request.
+``RawExchange`` is the relay's ``Exchange`` over these connections: every request to an engine on plain HTTP,
+streams when the request came through the gateway's httptools protocol (which puts uvicorn's response cycle
+in the scope); otherwise streams go through aiohttp (gateway/proxy/upstream/session.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
 
-CYCLE_KEY = "gateway.cycle"  # scope key: uvicorn's RequestResponseCycle of this request (transport, flow)
+from gateway.proxy.upstream.exchange import AnswerTooLarge, ConnectFailed, EngineClosed, Exchange, Sink, retrieve
+
 KEEP_IDLE = 2.0  # seconds an idle engine connection is kept: under uvicorn's 5 s keep-alive, so the engine
 #                  never closes one just as it is reused (which would lose a request that may have arrived)
 _MAX_IDLE_PER_ENGINE = 1024
 _MAX_HEADER_BYTES = 64 * 1024
 
-
-class EngineClosed(ConnectionError):
-    """The engine's connection ended before its answer did."""
+__all__ = ["AnswerTooLarge", "EngineClosed", "EngineConnection", "EngineConnections", "RawExchange"]
 
 
 class EngineConnection(asyncio.Protocol):
@@ -52,15 +52,14 @@ class EngineConnection(asyncio.Protocol):
         self._header_bytes = 0
         self.keep_alive = False
         self.complete = False
-        self.sink: Callable[[bytes], None] | None = None
-        self.buffered: list[bytes] = []  # body before a sink is set (or without one: a whole answer)
-        self.buffered_size = 0
-        self.limit = 0
+        self.sink: Sink | None = None
+        self.finished = False  # ended early by ``finish``: no chunk goes to the sink after
+        self.buffered: list[bytes] = []  # body that came before a sink was set (with the headers, say)
         loop = asyncio.get_running_loop()
         self.headers_done: asyncio.Future[None] = loop.create_future()
         self.done: asyncio.Future[None] = loop.create_future()  # the answer is complete (or broke)
         for future in (self.headers_done, self.done):
-            future.add_done_callback(_retrieve)
+            future.add_done_callback(retrieve)
 
     # -- asyncio.Protocol -----------------------------------------------------------------------------
 
@@ -111,12 +110,11 @@ class EngineConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self.sink is not None:
-            self.sink(body)
+            # Not once a sink ended the exchange (``finish``): the rest of this read is still parsed.
+            if not self.finished:
+                self.sink(body)  # returns None: see ``Sink`` (the relay pairs callbacks with a writer that never waits)
             return
         self.buffered.append(body)
-        self.buffered_size += len(body)
-        if self.limit and self.buffered_size > self.limit:
-            raise AnswerTooLarge("the engine's answer is too large")
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -131,22 +129,18 @@ class EngineConnection(asyncio.Protocol):
         self.exchanges += 1
         self.transport.write(request)
 
-    def stream_to(self, sink: Callable[[bytes], None]) -> None:
+    def stream_to(self, sink: Sink) -> None:
         """From now on body chunks go to ``sink`` as they arrive; what came with the headers goes first."""
         self.sink = sink
         buffered, self.buffered = self.buffered, []
         for chunk in buffered:
+            if self.finished:
+                break
             sink(chunk)
-
-    async def read_body(self, limit: int) -> bytes:
-        self.limit = limit
-        if self.buffered_size > limit:
-            raise AnswerTooLarge("the engine's answer is too large")
-        await self.done
-        return b"".join(self.buffered)
 
     def finish(self, *, error: BaseException | None = None) -> None:
         """End the exchange early (the sink saw an error event, the client left): the answer is not read on."""
+        self.finished = True
         if not self.done.done():
             if error is None:
                 self.done.set_result(None)
@@ -197,17 +191,8 @@ class EngineConnection(asyncio.Protocol):
         self.abort()
 
 
-class AnswerTooLarge(EngineClosed):
-    """The engine's headers or whole answer went past the cap: not an engine talking; the connection is dropped."""
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()  # read by whoever awaits it; retrieved here too, for the exchanges nobody awaited
-
-
 class EngineConnections:
-    """Idle keep-alive connections to engines, by (host, port), for the streams."""
+    """Idle keep-alive connections to engines, by (host, port)."""
 
     def __init__(self, keep_idle: float = KEEP_IDLE) -> None:
         self.keep_idle = keep_idle
@@ -258,6 +243,93 @@ class EngineConnections:
         self._idle.clear()
 
 
+class RawExchange(Exchange):
+    """An ``Exchange`` over a raw keep-alive connection: body chunks reach the sink in protocol callbacks."""
+
+    in_callbacks = True
+
+    def __init__(self, connections: EngineConnections, connect_timeout: float) -> None:
+        self._connections = connections
+        self._connect_timeout = connect_timeout
+        self._conn: EngineConnection | None = None
+        self._where = ("", 0)
+        # The exchange's own end, not the connection's: a sink may end it with an error in chunks that came
+        # with the headers, when the connection's answer is already complete.
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._done.add_done_callback(retrieve)
+
+    async def start(self, url: str, headers: dict[str, str], body: bytes) -> None:
+        host, port, path = split_url(url)
+        self._where = (host, port)
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                conn = self._conn = await self._connections.get(host, port)
+        except (OSError, TimeoutError):
+            raise ConnectFailed from None
+        request = request_bytes("POST", host, port, path, headers, body)
+        conn.send(request)
+        try:
+            await conn.headers_done
+        except EngineClosed:
+            if not conn.lost_when_reused:
+                raise
+            try:
+                conn = self._conn = await self._connections.connect(host, port)
+            except OSError:
+                raise ConnectFailed from None
+            conn.send(request)
+            await conn.headers_done
+        self.status = conn.status
+
+    def header(self, name: str) -> str | None:
+        assert self._conn is not None
+        value = self._conn.headers.get(name.encode("latin-1"))
+        return None if value is None else value.decode("latin-1")
+
+    def receive(self, sink: Sink) -> asyncio.Future[None]:
+        assert self._conn is not None
+        self._conn.stream_to(sink)
+        self._conn.done.add_done_callback(self._settle)
+        return self._done
+
+    def _settle(self, answer: asyncio.Future[None]) -> None:
+        done = self._done
+        if done.done():
+            return
+        if answer.cancelled():
+            done.cancel()
+        elif (exc := answer.exception()) is not None:
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if not self._done.done():
+            if error is None:
+                self._done.set_result(None)
+            else:
+                self._done.set_exception(error)
+        if self._conn is not None:
+            self._conn.finish(error=error)
+
+    def pause_reading(self) -> None:
+        if self._conn is not None:
+            self._conn.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._conn is not None:
+            self._conn.resume_reading()
+
+    def close(self, *, reuse: bool) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if reuse:
+            self._connections.put(*self._where, conn)  # kept only when complete and kept alive
+        else:
+            conn.abort()
+
+
 def split_url(url: str) -> tuple[str, int, str]:
     """``http://host[:port]/path?query`` → (host, port, "/path?query"); an IPv6 host without its brackets."""
     parts = urlsplit(url)
@@ -272,40 +344,3 @@ def request_bytes(method: str, host: str, port: int, path: str, headers: dict[st
     lines = [f"{method} {path} HTTP/1.1", f"Host: {authority}", f"Content-Length: {len(body)}"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-class ClientWriter:
-    """Writes body bytes to the client as uvicorn's ``send`` would, minus the await: chunk framing when the
-    response is chunked, and a pause of the engine's connection while the client's socket is full."""
-
-    def __init__(self, cycle: Any, conn: EngineConnection) -> None:
-        self.cycle = cycle
-        self.transport: asyncio.Transport = cycle.transport
-        self.flow = cycle.flow
-        self.chunked = bool(cycle.chunked_encoding)
-        self.conn = conn
-        self._resume: asyncio.Task[None] | None = None
-
-    @property
-    def gone(self) -> bool:
-        return bool(self.cycle.disconnected)
-
-    def write(self, data: bytes) -> None:
-        self.transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
-        if self.flow.write_paused and self._resume is None:
-            # The client reads slower than the engine writes: stop reading the engine (its socket fills,
-            # and it slows down too) until the client's buffer drains.
-            self.conn.pause_reading()
-            self._resume = asyncio.get_running_loop().create_task(self._resume_when_drained())
-
-    async def _resume_when_drained(self) -> None:
-        try:
-            await self.flow.drain()
-        finally:
-            self._resume = None
-        self.conn.resume_reading()
-
-    def close(self) -> None:
-        if self._resume is not None:
-            self._resume.cancel()
-            self._resume = None
