@@ -32,6 +32,8 @@ OTHER: Final = "other"  # the metrics label of a path that is in no row
 
 @dataclass(frozen=True)
 class Endpoint:
+    """One row: a path (or a tree of paths) the gateway answers, and what the edge and the pipeline need."""
+
     path: str
     label: str  # the ``endpoint`` label of the request metrics
     permission: Access

@@ -1,4 +1,5 @@
-"""The one middleware: request id, API keys, request metrics, and a last-resort error in our shape.
+"""The one middleware: request id, API keys, request metrics, a last-resort error in our shape, and the fast
+path (a passthrough row of the endpoint table answered by the pipeline without FastAPI's router).
 
 Pure ASGI on purpose: Starlette's ``BaseHTTPMiddleware`` hides ``http.disconnect`` from the app, and
 the relay must see a client leave (RELIABILITY.md §1b).
