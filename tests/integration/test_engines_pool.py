@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 from engines_helpers import (  # noqa: F401 (the *_fixture names are fixtures)
     Events,
@@ -15,7 +17,8 @@ from engines_helpers import (  # noqa: F401 (the *_fixture names are fixtures)
     tagged_pids,
 )
 
-from engines import EnginePool, EngineState
+from engines import EnginePool, EngineState, StateChanged, Supervisor
+from engines.adapters import adapter_for
 from engines.scheduling.lease import Lease
 from engines.spec import ModelSpec
 
@@ -102,3 +105,62 @@ def test_pick_prefers_the_least_busy_ready_replica_by_its_lease_count(fake_engin
 
 def test_stop_before_start_is_harmless() -> None:
     run(EnginePool([ModelSpec(name="a", engine="vllm", model="m")]).stop())
+
+
+def test_a_failing_state_subscriber_is_logged_and_counted_and_the_scheduler_still_follows(
+    fake_engine: Path, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(event: object) -> None:
+        raise ValueError("metrics bug")
+
+    async def main() -> None:
+        async with EnginePool([fake_spec(name, fake_engine)], on_event=broken) as pool:
+            entry = pool.entries()[0]
+            assert await entry.replicas[0].wait_ready(10)
+            assert pool.status(entry).phase == "ready"  # the scheduler was told before the subscriber failed
+            assert pool.event_errors == 2  # STOPPED → STARTING → READY: both moves, both counted
+
+    with caplog.at_level("ERROR", logger="engines.scheduling.pool"):
+        run(main())
+    failures = [r for r in caplog.records if "state-change subscriber failed" in r.getMessage()]
+    assert len(failures) >= 2 and all(r.exc_info and r.exc_info[0] is ValueError for r in failures)
+
+
+def test_a_supervisor_whose_owner_line_fails_ends_loudly_and_leaves_no_engine(fake_engine: Path, name: str) -> None:
+    """The supervisor tells its pool (the scheduler) unguarded: a failure there is not swallowed."""
+
+    async def main() -> None:
+        def failing(event: StateChanged) -> None:
+            if event.new is S.READY:
+                raise RuntimeError("scheduler bug")
+
+        async with aiohttp.ClientSession() as session:
+            spec = fake_spec(name, fake_engine)
+            sup = Supervisor(spec, adapter_for(spec.engine), session=session, on_event=failing)
+            task = asyncio.create_task(sup.run())
+            await sup.start()
+            with pytest.raises(RuntimeError, match="scheduler bug"):
+                await asyncio.wait_for(task, 15)
+            assert sup.state is S.STOPPED  # its engine was ended on the way out
+        assert tagged_pids(name) == []
+
+    run(main())
+
+
+def test_hurry_makes_every_stop_after_it_kill_after_the_hurried_grace(fake_engine: Path, name: str) -> None:
+    async def main() -> None:
+        spec = fake_spec(name, fake_engine, {"FAKE_IGNORE_SIGTERM": "1"}, stop_grace=60.0)
+        pool = EnginePool([spec])
+        await pool.start()
+        sup = pool.entries()[0].replicas[0]
+        try:
+            assert await sup.wait_ready(10)
+            assert not sup.hurried
+            pool.hurry()  # a command for the stops to come, applied by each supervisor when it takes one up
+        finally:
+            await pool.stop()
+        assert sup.hurried and sup.state is S.STOPPED
+        assert sup.snapshot().last_exit_code is not None  # SIGKILLed after HURRIED_GRACE, not stop_grace
+        assert tagged_pids(name) == []
+
+    run(main(), limit=25)
