@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import REPO, free_port, run_gateway, standin_command, tagged_pids, wait_until
 
@@ -60,6 +61,20 @@ def test_killed_engine_is_restarted_and_served_again(tmp_path: Path) -> None:
         assert health["restarts"] == 1 and health["last_exit_code"] == 137 and health["pid"] != first
         # The killed API server's orphaned EngineCore and TP workers were cleaned up too.
         assert wait_until(lambda: len(gw.engine_pids()) <= 5, 5), gw.engine_pids()
+
+
+def test_engine_startup_time_is_observed_and_exported(tmp_path: Path) -> None:
+    """``gateway_engine_startup_seconds``: from a replica's STARTING to its READY, one sample per start."""
+    with run_gateway(_config("startup-delay=0.5"), tmp_path) as gw:
+        text = httpx.get(gw.url + "/metrics", timeout=5).text
+        samples = {
+            s.name: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name.startswith("gateway_engine_startup_seconds") and s.labels.get("model") == "chat"
+        }
+        assert samples["gateway_engine_startup_seconds_count"] == 1
+        assert samples["gateway_engine_startup_seconds_sum"] >= 0.5  # the stand-in's own loading time, at least
 
 
 def test_crash_loop_ends_failed_and_visible(tmp_path: Path) -> None:

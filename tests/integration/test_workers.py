@@ -64,6 +64,11 @@ def replica(gw: Any, model: str = "m") -> dict[str, Any]:
     return httpx.get(gw.url + "/health", timeout=5).json()["models"][model]["replicas"][0]
 
 
+def connected(gw: Any) -> int:
+    """Workers the owner has heard from: each has its app and its signal handlers in place."""
+    return int(httpx.get(gw.url + "/health", timeout=5).json()["workers"]["connected"])
+
+
 def config(**server: Any) -> dict[str, Any]:
     return {
         "server": {"workers": 2, "drain_timeout": 20, **server},
@@ -144,6 +149,9 @@ def test_a_killed_worker_is_replaced_and_its_leases_given_back(tmp_path: Path) -
         assert chat(gw.url, "m").status_code == 200
         assert "exited with SIGKILL; starting a new one" in gw.log()
         # A SIGTERM sent to one worker alone: it drains, exits cleanly and is replaced (no owner's order to wait for).
+        # Sent once both new workers are serving (connected to the owner: their handlers are in place by then);
+        # a signal during a worker's imports would end it by the default action, not by its drain.
+        assert wait_until(lambda: connected(gw) == 2, 15)
         one = worker_pids(gw.proc.pid)[0]
         os.kill(one, signal.SIGTERM)
         assert wait_until(lambda: "exited with status 0; starting a new one" in gw.log(), 10), gw.log()[-2000:]
@@ -156,6 +164,28 @@ def test_a_killed_worker_is_replaced_and_its_leases_given_back(tmp_path: Path) -
             ),
             10,
         )
+
+
+def test_a_hung_worker_is_killed_and_replaced_and_the_port_still_served(tmp_path: Path) -> None:
+    with run_gateway(config(worker_ping_interval=0.2, worker_ping_timeout=2), tmp_path) as gw:
+        assert wait_until(lambda: connected(gw) == 2, 15)
+        workers = worker_pids(gw.proc.pid)
+        stopped = workers[0]
+        os.kill(stopped, signal.SIGSTOP)  # alive, but it answers nothing: exit-only liveness would never see it
+        try:
+            # The other worker takes every new connection meanwhile (a stopped process accepts none).
+            assert all(chat(gw.url, "m").status_code == 200 for _ in range(4))
+            assert wait_until(lambda: not alive(stopped), 20), gw.log()[-2000:]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGCONT)
+        assert "has not answered for" in gw.log()
+        assert wait_until(lambda: len(worker_pids(gw.proc.pid)) == 2 and stopped not in worker_pids(gw.proc.pid), 15)
+        assert wait_until(lambda: connected(gw) == 2, 15)
+        assert all(chat(gw.url, "m").status_code == 200 for _ in range(4))
+        assert replica(gw)["in_flight"] == 0
+        health = httpx.get(gw.url + "/health", timeout=5).json()
+        assert health["workers"] == {"configured": 2, "connected": 2, "restarts": 1}
 
 
 def test_sigterm_drains_the_workers_first_and_leaves_no_process(tmp_path: Path) -> None:

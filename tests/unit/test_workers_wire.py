@@ -11,7 +11,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engines import EnginePool
 from gateway.config.loader import build_config
-
 from gateway.observability.metrics import Metrics, engine_state_family, merge_expositions
 from gateway.workers.lease_client import OwnerLink
 from gateway.workers.lease_server import LeaseHub
