@@ -50,38 +50,31 @@ Order = ConfigUpdate | Scrape | Drain | Hurry | Stop  # what the owner tells a w
 class RemoteReplica:
     """The replica a lease points at, as the request path sees it: which one, and where to send."""
 
-    __slots__ = ("base_url", "inflight", "outcome", "replica")
+    __slots__ = ("base_url", "replica")
 
     def __init__(self, replica: int, base_url: str) -> None:
         self.replica = replica
         self.base_url = base_url
-        self.outcome: bool | None = None  # the last report; travels with the release
-        self.inflight = 0  # read by nobody: written by a relay that counts on the replica (see report_failure)
-
-    # For a relay that reports on the replica rather than on the lease (the single-process path's old shape).
-    def report_failure(self) -> None:
-        self.outcome = False
-
-    def report_success(self) -> None:
-        self.outcome = True
 
 
 class RemoteLease:
     """A lease the owner's hub granted: the hub holds the owner's lease until this one's release arrives."""
 
-    __slots__ = ("_link", "_released", "lid", "replica")
+    __slots__ = ("_link", "_outcome", "_released", "lid", "replica")
 
     def __init__(self, link: OwnerLink, lid: int, replica: RemoteReplica) -> None:
         self._link, self.lid, self.replica = link, lid, replica
+        self._outcome: bool | None = None
         self._released = False
 
     def report(self, ok: bool) -> None:
-        self.replica.outcome = ok
+        """Kept until the release, which carries the last report to the hub (one message, not two)."""
+        self._outcome = ok
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._link.channel.send(Release(self.lid, self.replica.outcome))
+            self._link.channel.send(Release(self.lid, self._outcome))
 
 
 class RemoteWaiting:

@@ -9,9 +9,9 @@ import json
 import re
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -61,7 +61,7 @@ def post(gw: Gateway, path: str, **kw: Any) -> httpx.Response:
 
 
 def engine(gw: Gateway) -> dict[str, Any]:
-    rows = get(gw, "/admin/engines").json()["data"]
+    rows: list[dict[str, Any]] = get(gw, "/admin/engines").json()["data"]
     assert len(rows) == 1
     return rows[0]
 
@@ -159,7 +159,7 @@ def test_logs_follow_streams_new_lines_and_ends_on_disconnect(gateway: Gateway) 
         assert stream.status_code == 200
         assert stream.headers["content-type"].startswith("text/event-stream")
         assert httpx.post(gateway.url + "/v1/chat/completions", json=CHAT, headers=APP, timeout=5).status_code == 200
-        lines = stream.iter_lines()
+        lines = cast(Generator[str, None, None], stream.iter_lines())  # a generator: it can be closed
         for line in lines:
             if line.startswith("data: "):
                 seen.append(json.loads(line[len("data: ") :]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
@@ -15,20 +16,20 @@ class Client:
     """Plays the server side of ASGI: records what the app sends; ``leave()`` is the client disconnecting."""
 
     def __init__(self, *, fail_after: int | None = None) -> None:
-        self.sent: list[dict[str, Any]] = []
+        self.sent: list[MutableMapping[str, Any]] = []
         self.got = asyncio.Event()
         self._left = asyncio.Event()
         self._requested = False
         self._fail_after = fail_after
 
-    async def receive(self) -> dict[str, Any]:
+    async def receive(self) -> MutableMapping[str, Any]:
         if not self._requested:
             self._requested = True
             return {"type": "http.request", "body": b"", "more_body": False}
         await self._left.wait()
         return {"type": "http.disconnect"}
 
-    async def send(self, message: dict[str, Any]) -> None:
+    async def send(self, message: MutableMapping[str, Any]) -> None:
         if self._fail_after is not None and len(self.sent) >= self._fail_after:
             raise OSError("client gone")  # what uvicorn's ClientDisconnected is
         self.sent.append(message)
@@ -37,7 +38,7 @@ class Client:
     def leave(self) -> None:
         self._left.set()
 
-    def events(self) -> list[dict[str, Any]]:
+    def events(self) -> list[MutableMapping[str, Any]]:
         bodies = b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body")
         return [orjson.loads(chunk[len(b"data: ") :]) for chunk in bodies.split(b"\n\n") if chunk.startswith(b"data: ")]
 

@@ -14,8 +14,9 @@ import os
 import signal
 import tempfile
 import threading
+from collections.abc import Generator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
@@ -61,7 +62,8 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 
 def replica(gw: Any, model: str = "m") -> dict[str, Any]:
-    return httpx.get(gw.url + "/health", timeout=5).json()["models"][model]["replicas"][0]
+    row: dict[str, Any] = httpx.get(gw.url + "/health", timeout=5).json()["models"][model]["replicas"][0]
+    return row
 
 
 def connected(gw: Any) -> int:
@@ -314,7 +316,7 @@ def test_keys_hold_in_the_workers_and_in_the_owner(tmp_path: Path) -> None:
             timeout=10,
         ) as follow:
             assert follow.headers["content-type"].startswith("text/event-stream")
-            lines = follow.iter_lines()
+            lines = cast(Generator[str, None, None], follow.iter_lines())  # a generator: it can be closed
             assert any(line.startswith("data: ") for line in itertools.islice(lines, 4))
             lines.close()
         assert wait_until(lambda: admin_done() == before + 1, 5)

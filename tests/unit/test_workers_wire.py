@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import pickle
 import socket
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,17 @@ from gateway.config.loader import build_config
 from gateway.observability.metrics import Metrics, engine_state_family, merge_expositions
 from gateway.workers.lease_client import OwnerLink
 from gateway.workers.lease_server import LeaseHub
-from gateway.workers.messages import Acquire, ConfigUpdate, Drain, Drained, Hello, Message, Release
+from gateway.workers.messages import (
+    Acquire,
+    ConfigUpdate,
+    Drain,
+    Drained,
+    Hello,
+    Message,
+    Release,
+    from_wire,
+    to_wire,
+)
 from gateway.workers.wire import Channel, frame
 
 
@@ -58,6 +70,27 @@ def test_sends_in_one_loop_turn_leave_in_one_write() -> None:
         theirs.close()
 
     asyncio.run(main())
+
+
+def test_a_frame_that_is_not_a_message_is_skipped_and_the_line_goes_on() -> None:
+    async def main() -> None:
+        channel, got, theirs = await _pair()
+        loop = asyncio.get_running_loop()
+        junk = pickle.dumps(("rel", 1, True))  # the old tuple shape: its kind is not a code
+        await loop.sock_sendall(theirs, struct.pack("!I", len(junk)) + junk + frame(Release(2, None)))
+        await asyncio.sleep(0.05)
+        assert got == [Release(2, None)] and not channel.closed.done()
+        channel.close()
+        theirs.close()
+
+    asyncio.run(main())
+
+
+def test_every_message_crosses_the_wire_as_itself() -> None:
+    config = build_config({})
+    messages: list[Message] = [Hello(1, 2), Acquire(3, "m"), Release(4, False), Drained(), ConfigUpdate(config)]
+    for message in messages:
+        assert from_wire(pickle.loads(pickle.dumps(to_wire(message)))) == message
 
 
 def test_a_corrupt_length_closes_the_line() -> None:
