@@ -42,6 +42,10 @@ class ServerSettings(BaseSettings):
     # process started stays the engines' only owner and N workers share the port, each ~35,000 streamed
     # events/s on its own core; size it as min(cores - 1, expected events/s / 30,000 + 1).
     workers: int = Field(1, ge=1, le=64)
+    # The owner pings each worker this often; one silent for worker_ping_timeout (stopped, its loop blocked)
+    # is killed and replaced, its leases given back.
+    worker_ping_interval: float = Field(5.0, gt=0)
+    worker_ping_timeout: float = Field(20.0, gt=0)
 
     @classmethod
     def settings_customise_sources(
