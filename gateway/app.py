@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any
 
@@ -70,7 +70,7 @@ async def serving(
         await shutdown.close()
 
 
-def _sync(close: Callable[[], None]) -> Callable[[], Any]:
+def _sync(close: Callable[[], None]) -> Callable[[], Awaitable[None]]:
     async def closed() -> None:
         close()
 
