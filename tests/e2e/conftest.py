@@ -76,3 +76,29 @@ def _free_port() -> int:
 def free_port() -> Callable[[], int]:
     """Call it for a loopback port that was free a moment ago (an engine binds it seconds later)."""
     return _free_port
+
+
+# ---- real vLLM (tests/e2e/test_vllm_real.py) --------------------------------------------------------------------
+
+VLLM_ENV = {
+    "VLLM_TARGET_DEVICE": "cpu",
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB
+    "VLLM_CPU_OMP_THREADS_BIND": "auto",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+}
+
+
+@pytest.fixture(scope="session")
+def vllm_venv() -> Path:
+    """Real vLLM's CPU build, installed once per machine by ``scripts/install-vllm.sh`` (skip with its reason)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "install-vllm.sh"
+    done = subprocess.run([str(script)], capture_output=True, text=True, timeout=1800)
+    if done.returncode == 3:
+        pytest.skip(f"real vLLM cannot be installed here: {done.stderr.strip()}")
+    if done.returncode != 0:
+        raise AssertionError(f"{script} exited {done.returncode}:\n{done.stderr}")
+    return Path(done.stdout.strip().splitlines()[-1])
