@@ -5,13 +5,13 @@ scheduler decided for the model as a whole. Two more facts travel beside the pha
 (a stop asked for once the model's requests are over, and why: idle, swap:<model>, reload, operator)
 and ``want`` (a start asked for without a waiter, and when).
 
-    DOWN ──launch──▶ STARTING ──a replica READY──▶ RUNNING
-      ▲                 │ (crashed before it served: RUNNING, its waiters refused)  │
-      │                 └────────── every replica down behind our back ─────────────┤──▶ DOWN
-      │                 ╰──── drain over ────▶ STOPPING ──every replica down──▶ STANDBY ──launch──▶ STARTING
-      │                 ╰── operator stop ──▶ PARKING ───every replica down──▶ PARKED ──operator start──▶ DOWN
-    RETIRED: a version a reload removed or replaced, stopped and forgotten (from any phase that is down
-    or stopping).
+    DOWN, STANDBY ──launch──▶ STARTING ──a replica READY (or it crashed before it served)──▶ RUNNING
+    STARTING, RUNNING ──every replica down, nobody asked──▶ DOWN (──▶ STANDBY if a drain was asked for)
+    STARTING, RUNNING ──drain over: stop sent──▶ STOPPING ──every replica down──▶ STANDBY
+    STARTING, RUNNING, STOPPING ──operator stop──▶ PARKING ──every replica down──▶ PARKED
+    DOWN, STANDBY ──operator stop (nothing runs)──▶ PARKED ──operator start──▶ DOWN
+    PARKING ──operator start──▶ STOPPING
+    DOWN, STANDBY, PARKED, STOPPING, PARKING ──a retiring version, once down──▶ RETIRED (forgotten)
 """
 
 from __future__ import annotations
