@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine:
 #   make run    the gateway in front of its default CPU engine (a tiny local model, no GPU, no network)
-#   make test   the test suite (what CI runs)
+#   make test   ruff, ruff format --check, mypy --strict, the test suite, real vLLM (what CI runs: scripts/test.sh)
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -21,8 +21,7 @@ run: $(BIN)/.installed $(DEMO_MODEL)/config.json
 	$(BIN)/gateway serve --config deploy/examples/cpu.yaml
 
 test: $(BIN)/.installed
-	$(BIN)/ruff check .
-	$(BIN)/pytest
+	BIN=$(BIN) scripts/test.sh
 
 bench: $(BIN)/.installed
 	$(BIN)/python tests/bench/run.py

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# What `make test` (and so CI) runs: lint, format, types, the fast suite, then the real-vLLM suite.
+#
+# Real vLLM's environment installs (the first time on a machine, ~2-4 minutes, cached outside the clone by
+# scripts/install-vllm.sh) in the background while the checks and the fast suite run; its tests wait for it
+# (the script holds a lock) and skip, saying why, where it cannot be installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN="${BIN:-.venv/bin}"
+mkdir -p .cache
+start=$SECONDS
+scripts/install-vllm.sh >.cache/vllm-install.out 2>&1 &
+install_pid=$!
+trap 'kill $install_pid 2>/dev/null || true' EXIT
+
+step() {  # step NAME COMMAND...: run it, say how long it took
+    local t0=$SECONDS
+    "${@:2}"
+    echo "== $1: $((SECONDS - t0)) s"
+}
+step "ruff check" "$BIN/ruff" check .
+step "ruff format --check" "$BIN/ruff" format --check .
+step "mypy --strict" "$BIN/mypy"
+step "fast suite" "$BIN/pytest" -m "not vllm"
+t0=$SECONDS
+wait "$install_pid" || true  # a failed install is reported by the tests' skip reason
+trap - EXIT
+echo "== real vLLM install (waited after the fast suite): $((SECONDS - t0)) s; $(tail -1 .cache/vllm-install.out)"
+step "real-vLLM suite" "$BIN/pytest" -m vllm
+echo "== make test: $((SECONDS - start)) s"
