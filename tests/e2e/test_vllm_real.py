@@ -366,6 +366,7 @@ def _pgid(pid: int) -> int:
 def test_sigterm_while_loading_escalates_and_leaves_nothing(gateway: Gateway) -> None:
     """vLLM swallows a SIGTERM late in its load (README); the stop escalates to SIGKILL after ``stop_grace``."""
     assert httpx.post(f"{gateway.url}/admin/engines/{CHAT}/restart", timeout=60).status_code == 200
+    assert wait_until(lambda: _engine(gateway, CHAT)["engine_pid"] is not None, 30, 0.1)
     api_pid = _engine(gateway, CHAT)["engine_pid"]
     group = os.getpgid(api_pid)
     # Late in the load: EngineCore and its Worker are up, the API server is not listening yet.
