@@ -1,4 +1,4 @@
-"""Streams under chaos (RELIABILITY.md J1, J2): many concurrent streams through a real gateway while its
+"""Streams under chaos (docs/RELIABILITY.md J1, J2): many concurrent streams through a real gateway while its
 engines are SIGKILLed at random, then the books are checked.
 
 Every request must end, within its deadline, in one of two ways: a complete answer (a stream that ends

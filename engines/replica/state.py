@@ -1,4 +1,4 @@
-"""The states of one engine replica and the moves between them (DESIGN.md, "The supervision loop")."""
+"""The states of one engine replica and the moves between them (docs/DESIGN.md, "The supervision loop")."""
 
 from __future__ import annotations
 

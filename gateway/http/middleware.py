@@ -2,7 +2,7 @@
 path (a passthrough row of the endpoint table answered by the pipeline without FastAPI's router).
 
 Pure ASGI on purpose: Starlette's ``BaseHTTPMiddleware`` hides ``http.disconnect`` from the app, and
-the relay must see a client leave (RELIABILITY.md §1b).
+the relay must see a client leave (docs/RELIABILITY.md §1b).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Most requests get their replica at once (no await, no task). The others wait in the model's FIFO queue
 (the pool's scheduler: a cold start, a swap, a model at max_concurrency) for at most its queue timeout,
 while a watcher reads the client's side of the connection: a client that leaves is taken out of the
-queue and never reaches the engine (RELIABILITY.md D4). The body has been read by then, so the next
+queue and never reaches the engine (docs/RELIABILITY.md D4). The body has been read by then, so the next
 ASGI message can only be ``http.disconnect``.
 
 Written against the request path's contract (engines/scheduling/contract.py) only: the owner's

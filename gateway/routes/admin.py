@@ -4,7 +4,7 @@ reload the config.
 Commands go through the pool (a whole model's start follows the GPU rules: it may first drain the model
 that holds its GPUs) to the replicas' supervisors, and return once carried out (a stop: the tree is
 gone; a start or restart: the new launch is under way, readiness follows). This module never writes an
-engine's state (DESIGN.md rule 2).
+engine's state (docs/DESIGN.md rule 2).
 """
 
 from __future__ import annotations

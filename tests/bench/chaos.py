@@ -1,4 +1,4 @@
-"""Soak under chaos (RELIABILITY.md J1 + J2, B4): hundreds of concurrent streams through the gateway for a
+"""Soak under chaos (docs/RELIABILITY.md J1 + J2, B4): hundreds of concurrent streams through the gateway for a
 bounded time while a random engine is SIGKILLed every few seconds.
 
     .venv/bin/python tests/bench/chaos.py                        # 200 streams x 1,000 tokens at 100/s, 60 s

@@ -1,4 +1,4 @@
-"""A LightLLM stand-in for the gateway's ``/generate`` tests (ENGINES.md §10), run as a ``lightllm`` engine.
+"""A LightLLM stand-in for the gateway's ``/generate`` tests (docs/ENGINES.md §10), run as a ``lightllm`` engine.
 
 It takes the command line the adapter builds (``--model_dir --model_name --host --port --tp``, anything
 else ignored), serves ``/health``, ``/generate`` and ``/generate_stream`` in LightLLM's shapes and errors

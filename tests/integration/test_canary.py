@@ -1,4 +1,4 @@
-"""Canary scan (RELIABILITY.md §6 H1/H2): secrets and request content never show where they must not.
+"""Canary scan (docs/RELIABILITY.md §6 H1/H2): secrets and request content never show where they must not.
 
 One real gateway in front of the vLLM and LMDeploy stand-ins (and a remote OpenAI-style server that needs
 a key) gets a representative set of requests carrying canaries: API keys ``sk-CANARY-KEY-…`` (valid,

@@ -1,4 +1,4 @@
-"""Engine faults seen through a real gateway process (RELIABILITY.md §6: A1, A10, A11, C6, C10).
+"""Engine faults seen through a real gateway process (docs/RELIABILITY.md §6: A1, A10, A11, C6, C10).
 
 Each case drives the stand-in engines (tests/standin/README.md) behind ``python -m gateway serve`` and
 asserts what a client sees, what the gateway's process tree looks like in /proc, and what the engine

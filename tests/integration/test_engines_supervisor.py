@@ -1,4 +1,4 @@
-"""The supervision loop against real processes and sockets (RELIABILITY.md §6 A and B)."""
+"""The supervision loop against real processes and sockets (docs/RELIABILITY.md §6 A and B)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Image fetching against real sockets on 127.0.0.1 (RELIABILITY.md §6 F1-F11, D5).
+"""Image fetching against real sockets on 127.0.0.1 (docs/RELIABILITY.md §6 F1-F11, D5).
 
 Servers: an aiohttp image server (valid images with wrong Content-Types, redirects, oversized,
 drip-fed and gzip bodies; it records requests and disconnects), a raw server for a body without a

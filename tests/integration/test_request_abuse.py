@@ -1,4 +1,4 @@
-"""Hostile requests against a real gateway process (RELIABILITY.md §6: G1 huge bodies and many images, G2 JSON
+"""Hostile requests against a real gateway process (docs/RELIABILITY.md §6: G1 huge bodies and many images, G2 JSON
 bombs and hostile parameters).
 
 What reached the engine is read from the stand-in's STANDIN_RECORD file: a request the gateway refuses must

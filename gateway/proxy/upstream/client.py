@@ -7,7 +7,7 @@ everything when raw connections are off.
 Why aiohttp and not httpx here: the request path is the product's hot path, and httpx's connection
 pool re-checks every pooled connection (a ``poll()`` each) on every request — ~30 % of a minimal
 httpx proxy's CPU at 32 concurrent requests, and a 66 % throughput loss at 256 streams reported by
-GPUStack, which moved to aiohttp (PERFORMANCE.md, gpustack/gpustack#1842). The four clocks of an
+GPUStack, which moved to aiohttp (docs/PERFORMANCE.md, gpustack/gpustack#1842). The four clocks of an
 upstream call (connect, first byte, idle between chunks, total) are kept by the relay, not here:
 aiohttp's own ``sock_read`` cannot tell a long prefill from a stalled stream.
 """
