@@ -1,6 +1,6 @@
 """The real ``transformers serve`` on CPU, without the gateway, with the tiny demo models.
 
-These pin what the gateway relies on (ENGINES.md §13): the command line and environment, ``/health``
+These pin what the gateway relies on (docs/ENGINES.md §13): the command line and environment, ``/health``
 as readiness, the model path as the request's ``model``, the stream's shape and usage, and that a
 ``data:`` URL image reaches a vision-language model. The weights are random, so answers are noise:
 only shape, determinism (greedy decoding) and token counts are checked.
