@@ -50,6 +50,8 @@ class EngineConfig:
     shutdown_timeout: float = 0.0
     metrics: bool = True
     tool_parser: str | None = None
+    auto_tool_choice: bool = False  # vLLM --enable-auto-tool-choice
+    log_requests: bool = False  # vLLM --enable-log-requests: "Request ... aborted." lines
     non_default: dict[str, Any] = field(default_factory=dict)
 
 
@@ -328,6 +330,8 @@ def parse_vllm(argv: list[str]) -> EngineConfig:
         sse_keep_alive=ns.sse_keep_alive_interval,
         shutdown_timeout=float(ns.shutdown_timeout),
         tool_parser=ns.tool_call_parser,
+        auto_tool_choice=ns.enable_auto_tool_choice,
+        log_requests=ns.enable_log_requests,
         non_default={"model_tag": model, **_non_default(serve, ns, ())},
     )
 

@@ -21,6 +21,7 @@ from _openai import (
     COMPLETION_FIELDS,
     ApiError,
     Invalid,
+    Plan,
     Prompt,
     chat_prompt,
     check_fields,
@@ -33,13 +34,26 @@ from _openai import (
     new_id,
     plan,
     rerank_body,
+    too_long_message,
 )
-from _shapes import DONE, FIRST, TOKEN, Event, chat_body, completion_body, error_event, garbage_body, stream_events
+from _shapes import (
+    DONE,
+    FIRST,
+    TOKEN,
+    Event,
+    abort_tail,
+    chat_body,
+    completion_body,
+    error_event,
+    garbage_body,
+    stream_events,
+)
 
 VLLM_AUTH_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
 LMDEPLOY_AUTH_FREE = ("/health", "/docs", "/redoc", "/nodes")
 INFERENCE = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/rerank", "/v2/rerank"}
 ENGINE_500 = "The server had an error while processing your request."
+ENGINE_DEAD_500 = "EngineCore encountered an issue. See stack trace (above) for the root cause."  # EngineDeadError
 
 
 class Aborted(Exception):
@@ -61,6 +75,7 @@ class State:
     generation_tokens: int = 0
     successes: int = 0
     stop_listening: Callable[[], None] | None = None  # the HTTP server's, for the refuse-connections fault
+    dead_request: Callable[[], None] | None = None  # vLLM: a request met the dead engine (the server exits at once)
 
 
 def sse(payload: Any) -> bytes:
@@ -158,8 +173,11 @@ class App:
         self.s.record("disconnect", method=req.method, path=req.path, events_sent=sent, elapsed=elapsed)
         if faults.get("record-disconnects"):
             emit(2, f"standin: client disconnected: {req.method} {req.path} after {sent} events, {elapsed}s")
-        if self.vllm and rid:
-            emit(1, f"(APIServer pid={os.getpid()}) INFO {time.strftime('%m-%d %H:%M:%S')} Aborted request {rid}.")
+        if self.vllm and rid and self.cfg.log_requests:
+            # vLLM 0.32 logs these only with --enable-log-requests; its internal id has a suffix of 8 hex digits.
+            head = f"(APIServer pid={os.getpid()}) INFO {time.strftime('%m-%d %H:%M:%S')}"
+            emit(1, f"{head} [async_llm.py:922] Aborted request(s) {rid}-{os.urandom(4).hex()}.")
+            emit(1, f"{head} [async_llm.py:783] Request {rid} aborted.")
 
     # ---- entry ---------------------------------------------------------------------------------------------
     async def __call__(self, req: Request, resp: Response) -> None:
@@ -176,7 +194,8 @@ class App:
         if methods is None:
             await self._send_json(resp, 404, {"detail": "Not Found"})
             return
-        allowed = methods + (("HEAD",) if "GET" in methods else ())
+        # vLLM 0.32 answers HEAD /health with 405 (allow: GET); LMDeploy's routes take HEAD with GET.
+        allowed = methods + (("HEAD",) if "GET" in methods and not self.vllm else ())
         if req.method not in allowed:
             await self._send_json(resp, 405, {"detail": "Method Not Allowed"}, (("allow", ", ".join(methods)),))
             return
@@ -239,7 +258,11 @@ class App:
                 cards.append({**card, "permission": [perm]})
             await self._send_json(resp, 200, {"object": "list", "data": cards})
         elif path == "/metrics":
-            await resp.send(200, self._metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
+            # prometheus_client >= 0.22 (vLLM 0.32's) says version=1.0.0 for the text format.
+            ctype = (
+                "text/plain; version=1.0.0; charset=utf-8" if self.vllm else "text/plain; version=0.0.4; charset=utf-8"
+            )
+            await resp.send(200, self._metrics().encode(), ctype)
         elif path in ("/tokenize", "/detokenize"):
             body = self._body(req)
             if path == "/tokenize":
@@ -302,7 +325,12 @@ class App:
         ctype = (req.header("content-type") or "").split(";")[0].strip().lower()
         if ctype != "application/json" and (self.vllm or ctype):
             if self.vllm:
-                raise ApiError(400, "Unsupported Media Type: Only 'application/json' is allowed", None, "Bad Request")
+                raise ApiError(
+                    400,
+                    "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed",
+                    None,
+                    "Bad Request",
+                )
             raise ApiError(400, "Content-Type must be application/json")
         try:
             return json.loads(req.body or b"null")
@@ -352,7 +380,11 @@ class App:
             if await self._canned(req, resp, faults):
                 return
             if self.s.engine_dead:
-                raise ApiError(500, ENGINE_500) if self.vllm else ApiError(503, "The engine is not available.")
+                if not self.vllm:
+                    raise ApiError(503, "The engine is not available.")
+                if self.s.dead_request is not None:
+                    self.s.dead_request()  # vLLM: the API server exits ~0.1 s after a request meets a dead engine
+                raise ApiError(500, ENGINE_DEAD_500)
             if broken == "ok-but-broken":
                 raise ApiError(500, ENGINE_500 if self.vllm else "Internal server error.")
             body = self._body(req)
@@ -407,10 +439,7 @@ class App:
         if status == 400:
             n = cfg.max_model_len + 1
             return (
-                (
-                    f"This model's maximum context length is {cfg.max_model_len} tokens. However, your prompt contains "
-                    f"{n} input tokens. Please reduce the length of the input messages."
-                )
+                too_long_message(cfg.max_model_len)
                 if self.vllm
                 else f"Input length ({n}) must be smaller than the model context length ({cfg.max_model_len})."
             )
@@ -510,12 +539,18 @@ class App:
             await self._drip(req, resp, faults, itertools.repeat(b" "))
             return
         steps = max((len(p.tokens) for p in plans), default=1)
-        delay = float(faults.get("first-token-delay", 0)) + float(faults.get("token-interval", 0)) * (steps - 1)
+        first, interval = float(faults.get("first-token-delay", 0)), float(faults.get("token-interval", 0))
+        began = time.monotonic()
         try:
-            await self.pause(resp, delay)
+            await self.pause(resp, first + interval * (steps - 1))
         except ClientGone:
             self._gone(req, faults, 0, rid)
             raise
+        except Aborted:
+            # vLLM 0.32: 200 with the text made so far and finish_reason "abort".
+            elapsed = time.monotonic() - began
+            made = 0 if elapsed < first else 1 + int((elapsed - first) / interval) if interval > 0 else steps
+            plans = [Plan(p.tokens[:made], "abort") for p in plans]
         out = (chat_body if kind == "chat" else completion_body)(self.cfg.engine, rid, model, plans, prompt_tokens)
         if echo:
             out["standin_echo"] = echo
@@ -569,6 +604,6 @@ class App:
             self._gone(req, faults, sent, rid)
             raise
         except Aborted:
-            err = error_event(self.cfg.engine, 500, ENGINE_500, error_type(self.cfg.engine, 500))
+            # vLLM 0.32: an aborted stream ends like a finished one, with finish_reason "abort" (no error event).
             with contextlib.suppress(ClientGone):
-                await resp.write(sse(err) + sse(DONE))
+                await resp.write(b"".join(sse(p) for p in abort_tail(events, sent)))

@@ -45,6 +45,7 @@ KEYS: dict[str, Callable[[Any], Any]] = {
     "engine-dead-after": float,
     "watchdog": float,
     "ignore-sigterm": _str,
+    "sigterm-swallowed-after": float,
     "fork-workers": int,
     "setsid": _bool,
     "hold-port-in-child": _bool,

@@ -23,6 +23,9 @@ from _http import HttpServer, Request
 from _procs import engine_process, fork_child, port_holder, reap, stop_children
 
 LMDEPLOY_GRACE_CAP = 30.0  # the real one waits for open streams without any limit
+# vLLM 0.32 dies at once on a SIGTERM in the first seconds of its load; later (seen at 25 s and 40 s) the first
+# one is swallowed and the load goes on to serving. The fault key sigterm-swallowed-after moves the boundary.
+VLLM_SIGTERM_SWALLOWED_AFTER = 5.0
 
 
 class Runner:
@@ -35,6 +38,9 @@ class Runner:
         self.engine_pid: int | None = None
         self.holder_pid: int | None = None
         self.phase = "loading"
+        self.started = time.monotonic()
+        self.swallowed = False  # vLLM: a late SIGTERM during the load was already ignored
+        self.dying = False  # vLLM: a request met the dead engine; the exit is scheduled
         self.exit_code: int | None = None
         self.done = asyncio.Event()
         self.force = asyncio.Event()
@@ -82,7 +88,9 @@ class Runner:
             prefix = os.environ.get("VLLM_PROCESS_NAME_PREFIX", "VLLM")
             title = f"{prefix}::EngineCore"
             world = cfg.tp * cfg.pp
-            if world > 1 and cfg.executor in (None, "mp"):
+            if world == 1 and cfg.executor in (None, "mp", "uni"):
+                workers = [f"{prefix}::Worker"]  # 0.32 runs one Worker process under EngineCore even at TP=1
+            elif world > 1 and cfg.executor in (None, "mp"):
                 workers = [
                     f"{prefix}::Worker_TP{t}" if cfg.pp == 1 else f"{prefix}::Worker_PP{p}_TP{t}"
                     for p in range(cfg.pp)
@@ -127,6 +135,12 @@ class Runner:
         if sig == signal.SIGTERM and faults.get("ignore-sigterm"):
             emit(2, "standin: ignoring SIGTERM (fault ignore-sigterm)")
             return
+        if self.phase == "loading" and self.vllm and sig == signal.SIGTERM and not self.swallowed:
+            after = float(faults.get("sigterm-swallowed-after", VLLM_SIGTERM_SWALLOWED_AFTER))
+            if time.monotonic() - self.started >= after:
+                self.swallowed = True  # the second signal stops it (below)
+                emit(2, "standin: SIGTERM late in the load swallowed, as vLLM 0.32 does (sigterm-swallowed-after)")
+                return
         if self.phase == "loading":
             self.exit_code = 1  # vLLM: KeyboardInterrupt during load, cleaned up by its context managers
             self.done.set()
@@ -205,6 +219,19 @@ class Runner:
             self.phase = "stopping"
             await self.shutdown()
 
+    def dead_request(self) -> None:
+        """A request met the dead engine: vLLM answers it 500 and its server exits within ~0.1 s."""
+        if self.dying or os.environ.get("VLLM_KEEP_ALIVE_ON_ENGINE_DEATH", "0").lower() in ("1", "true"):
+            return
+        self.dying = True
+
+        def stop() -> None:
+            if self.phase == "serving":
+                self.phase = "stopping"
+                self.shutdown_task = asyncio.ensure_future(self.shutdown())
+
+        asyncio.get_running_loop().call_later(0.1, stop)
+
     def engine_dies(self) -> None:
         if self.engine_pid:
             with contextlib.suppress(ProcessLookupError):
@@ -252,6 +279,8 @@ class Runner:
         keep_alive = float(os.environ.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "5")) if self.vllm else 5.0
         self.server = HttpServer(App(self.state), self.access, keep_alive)
         self.state.stop_listening = self.server.stop_listening
+        if self.vllm:
+            self.state.dead_request = self.dead_request
         loop.add_signal_handler(signal.SIGCHLD, self.child_exit.set)
         tasks.append(asyncio.create_task(self.watch_engine()))
         sock = self.bind() if self.vllm else None

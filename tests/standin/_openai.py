@@ -141,6 +141,12 @@ COMPLETION_FIELDS = {
 def check_sampling(body: dict, cfg: EngineConfig) -> None:
     engine = cfg.engine
     if body.get("stream_options") is not None and not body.get("stream"):
+        if engine == "vllm":  # 0.32: its own check, not pydantic's
+            raise ApiError(
+                400,
+                "Stream options can only be defined when `stream=True`. (parameter=stream_options)",
+                "stream_options",
+            )
         raise Invalid(
             [
                 {
@@ -154,12 +160,30 @@ def check_sampling(body: dict, cfg: EngineConfig) -> None:
         )
     mt = body.get("max_completion_tokens") if body.get("max_completion_tokens") is not None else body.get("max_tokens")
     if mt is not None and mt < 1:
+        if engine == "vllm":
+            raise ApiError(
+                400, f"max_tokens must be at least 1, got {mt}. (parameter=max_tokens, value={mt})", "max_tokens"
+            )
+        raise ApiError(400, f"The max_tokens `{mt}` must be a positive integer.")
+    if engine == "vllm" and mt is not None and mt > cfg.max_model_len:
+        # 0.32: max_tokens alone above the context is a 400; prompt + max_tokens above it is clamped (plan()).
         raise ApiError(
             400,
-            f"max_tokens must be at least 1, got {mt}."
-            if engine == "vllm"
-            else f"The max_tokens `{mt}` must be a positive integer.",
+            f"max_tokens={mt} cannot be greater than max_model_len={cfg.max_model_len}. Please request fewer output "
+            f"tokens. (parameter=max_tokens, value={mt})",
+            "max_tokens",
         )
+    if engine == "vllm" and body.get("tools"):
+        choice = body.get("tool_choice", "auto")
+        if choice == "auto" and not (cfg.tool_parser and cfg.auto_tool_choice):
+            raise ApiError(
+                400, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
+            )
+        if choice == "required" and not cfg.tool_parser:
+            raise ApiError(400, 'tool_choice="required" requires --tool-call-parser to be set')
+        if isinstance(choice, dict) and not cfg.tool_parser:
+            name = (choice.get("function") or {}).get("name")
+            raise ApiError(400, f'tool_choice=function "{name}" requires --tool-call-parser to be set')
     if engine == "lmdeploy":
         top_p, temp, n = body.get("top_p"), body.get("temperature"), body.get("n")
         if top_p is not None and not 0 < top_p <= 1:
@@ -401,15 +425,19 @@ def completion_prompts(body: dict, engine: str) -> list[Prompt]:
     return out
 
 
+def too_long_message(max_model_len: int) -> str:
+    """vLLM 0.32's words for a prompt over the context (it tokenizes one token past the limit, no further)."""
+    n = max_model_len + 1
+    return (
+        f"This model's maximum context length is {max_model_len} tokens. However, your prompt contains at least "
+        f"{n} input tokens, which exceeds this limit even without any output tokens. Please reduce the length of "
+        f"the input prompt. (parameter=input_tokens, value={n})"
+    )
+
+
 def check_length(prompt: Prompt, cfg: EngineConfig) -> None:
     if cfg.engine == "vllm" and prompt.tokens > cfg.max_model_len:
-        raise ApiError(
-            400,
-            f"This model's maximum context length is {cfg.max_model_len} tokens. However, your "
-            f"prompt contains {prompt.tokens} input tokens. Please reduce the length of the input "
-            "messages.",
-            "input_tokens",
-        )
+        raise ApiError(400, too_long_message(cfg.max_model_len), "input_tokens")
     if cfg.engine == "lmdeploy" and prompt.tokens >= cfg.max_model_len:
         raise ApiError(
             400, f"Input length ({prompt.tokens}) must be smaller than the model context length ({cfg.max_model_len})."
@@ -443,7 +471,7 @@ def plan(prompt: Prompt, body: dict, cfg: EngineConfig) -> Plan:
 
 
 def new_id(prefix: str, request_id: str | None = None) -> str:
-    return f"{prefix}-{request_id or os.urandom(16).hex()}"
+    return f"{prefix}-{request_id or os.urandom(8).hex()}"  # vLLM 0.32: 16 hex digits
 
 
 def usage(prompt_tokens: int, completion: int, vllm_full: bool = False) -> dict[str, Any]:

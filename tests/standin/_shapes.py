@@ -7,13 +7,16 @@ opens with a role-only chunk whose content is ``""``. LMDeploy dumps with ``excl
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
 
+from _cli import VLLM_VERSION
 from _openai import Plan, usage
 
 DONE = "[DONE]"
+FINGERPRINT = f"vllm-{VLLM_VERSION}-{os.urandom(4).hex()}"  # vLLM 0.32: version and 8 hex digits, per server
 # Before an event: wait the first-token delay, the inter-token interval, or nothing.
 FIRST, TOKEN = "first", "token"
 Event = tuple[str | None, Any]
@@ -54,7 +57,7 @@ def chat_body(engine: str, rid: str, model: str, plans: list[Plan], prompt_token
             "model": model,
             "choices": choices,
             "service_tier": None,
-            "system_fingerprint": None,
+            "system_fingerprint": FINGERPRINT,
             "usage": use,
             "prompt_logprobs": None,
             "prompt_token_ids": None,
@@ -106,7 +109,7 @@ def completion_body(engine: str, rid: str, model: str, plans: list[Plan], prompt
             "model": model,
             "choices": choices,
             "service_tier": None,
-            "system_fingerprint": None,
+            "system_fingerprint": FINGERPRINT,
             "usage": use,
             "kv_transfer_params": None,
         }
@@ -226,3 +229,34 @@ def garbage_body(kind: str, stream: bool) -> tuple[str, list[bytes]]:
             b"data: {not json}\n\n",
         ]
     return "text/event-stream; charset=utf-8", [*parts, b"data: [DONE]\n\n"]
+
+
+def abort_tail(events: list[Event], sent: int) -> list[Any]:
+    """What vLLM 0.32 sends when its shutdown aborts a stream after ``sent`` events: a chunk whose
+    ``finish_reason`` is ``"abort"`` (no error event), the usage chunk if one was asked for, and ``[DONE]``."""
+    template = next(
+        (p for _, p in events[sent:] if isinstance(p, dict) and p.get("choices")),
+        next(p for _, p in events if isinstance(p, dict)),
+    )
+    choices = []
+    for choice in template.get("choices") or [{"index": 0}]:
+        out = {k: v for k, v in choice.items() if k not in ("finish_reason", "stop_reason", "token_ids")}
+        if "delta" in out:
+            out["delta"] = {"content": ""}
+        elif "text" in out:
+            out["text"] = ""
+        out.update(logprobs=None, finish_reason="abort", stop_reason=None)
+        choices.append(out)
+    head = {k: template[k] for k in ("id", "object", "created", "model")}
+    tail: list[Any] = [{**head, "choices": choices, "system_fingerprint": FINGERPRINT}]
+    use = next((p for _, p in events if isinstance(p, dict) and p.get("choices") == [] and p.get("usage")), None)
+    if use is not None:
+        tokens = sum(
+            1
+            for _, p in events[:sent]
+            if isinstance(p, dict)
+            and any((c.get("delta") or {}).get("content") or c.get("text") for c in p.get("choices") or [])
+        )
+        prompt = use["usage"]["prompt_tokens"]
+        tail.append({**use, "usage": usage(prompt, tokens)})
+    return [*tail, DONE]

@@ -344,12 +344,117 @@ def test_sigterm_vllm_aborts_in_flight_stream(start: Start) -> None:
         while chunk := sock.recv(65536):
             rest += chunk
     tail = events(rest)
-    assert tail[-1] == "[DONE]" and "error" in tail[-2]  # cut short: 100 tokens would take 20 s
+    # vLLM 0.32 (docs/real-vllm/transcripts/sigterm-inflight): no error event; the usage chunk, then [DONE].
+    assert tail[-1] == "[DONE]" and not any("error" in e for e in tail if isinstance(e, dict))
+    assert tail[-3]["choices"][0]["finish_reason"] == "abort" and tail[-3]["choices"][0]["stop_reason"] is None
+    assert tail[-2]["choices"] == [] and tail[-2]["usage"]["completion_tokens"] < 100  # cut short
     assert p.wait(5) == 0
     deadline = time.monotonic() + 3
     while h.group_pids(p.pid) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not h.group_pids(p.pid)  # the EngineCore went with it
+
+
+def test_sigterm_vllm_answers_in_flight_non_stream_200_abort(start: Start) -> None:
+    p = start("vllm", faults="token-interval=0.2")
+    body = {**CHAT, "max_tokens": 100, "ignore_eos": True}
+    sock = h.raw_request(p.port, "POST", "/v1/chat/completions", body, read=False)
+    with sock:
+        time.sleep(0.5)
+        os.kill(p.pid, signal.SIGTERM)
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    out = json.loads(payload)
+    assert out["choices"][0]["finish_reason"] == "abort"
+    assert 0 < out["usage"]["completion_tokens"] < 100  # the text made so far
+    assert p.wait(5) == 0
+
+
+def test_vllm_late_sigterm_while_loading_is_swallowed(start: Start) -> None:
+    p = start("vllm", faults="startup-delay=1.5,sigterm-swallowed-after=0.5", ready=False)
+    time.sleep(0.8)
+    os.kill(p.pid, signal.SIGTERM)  # swallowed: the load goes on and the server serves
+    p.wait_http(p.port, timeout=10)
+    assert h.get(p.port, "/health")[0] == 200
+    os.kill(p.pid, signal.SIGTERM)  # once serving, a SIGTERM stops it as usual
+    assert p.wait(5) == 0
+
+
+def test_vllm_early_sigterm_while_loading_stops_it(start: Start) -> None:
+    p = start("vllm", faults="startup-delay=5", ready=False)
+    time.sleep(0.3)
+    os.kill(p.pid, signal.SIGTERM)
+    assert p.wait(5) == 1
+
+
+def test_vllm_request_on_dead_engine_is_500_then_the_server_exits(start: Start) -> None:
+    p = start("vllm", faults="engine-dead-after=0.2,watchdog=30")
+    assert eventually(lambda: h.get(p.port, "/health")[0] == 503)
+    with h.post(p.port, "/v1/chat/completions", json.dumps(CHAT).encode()) as r:
+        assert r.status == 500
+        assert json.loads(r.read())["error"]["message"].startswith("EngineCore encountered an issue")
+    assert p.wait(5) == 0  # well before the 30 s watchdog
+
+
+def test_vllm_real_errors_head_ids_and_metrics(start: Start) -> None:
+    """Shapes seen on vLLM 0.32 (docs/real-vllm/transcripts/): texts, params, ids, HEAD, metrics type."""
+    p = start("vllm", "--max-model-len", "512")
+
+    def chat(**extra: Any) -> tuple[int, Any]:
+        with h.post(p.port, "/v1/chat/completions", json.dumps({**CHAT, **extra}).encode()) as r:
+            return r.status, json.loads(r.read())
+
+    status, out = chat(max_tokens=5000)
+    assert status == 400 and out["error"]["param"] == "max_tokens" and out["error"]["type"] == "BadRequestError"
+    assert out["error"]["message"].startswith("max_tokens=5000 cannot be greater than max_model_len=512.")
+    status, out = chat(max_tokens=-1)
+    assert status == 400 and out["error"]["param"] == "max_tokens"
+    status, out = chat(max_tokens=510, ignore_eos=True)  # prompt + max_tokens over the limit: clamped
+    assert status == 200 and out["usage"]["total_tokens"] == 512
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    status, out = chat(tools=tools)
+    assert status == 400 and "--enable-auto-tool-choice and --tool-call-parser" in out["error"]["message"]
+    status, out = chat(tools=tools, tool_choice="required")
+    assert status == 400 and out["error"]["message"] == 'tool_choice="required" requires --tool-call-parser to be set'
+    assert chat(tools=tools, tool_choice="none")[0] == 200
+    status, out = chat(stream_options={"include_usage": True})
+    assert status == 400 and out["error"]["param"] == "stream_options"
+    status, out = chat(messages=[{"role": "user", "content": "w " * 600}])
+    assert status == 400 and out["error"]["param"] == "input_tokens" and "at least 513" in out["error"]["message"]
+    status, out = chat()
+    assert status == 200 and len(out["id"]) == len("chatcmpl-") + 16
+    raw = h.raw_request(p.port, "HEAD", "/health", None)
+    assert raw.startswith(b"HTTP/1.1 405") and b"allow: get" in raw.lower()
+    with h.post(p.port, "/metrics", b"") as r:
+        assert r.status == 405
+    sock = socket.create_connection(("127.0.0.1", p.port), timeout=5)
+    with sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        head = sock.recv(65536)
+    assert b"content-type: text/plain; version=1.0.0; charset=utf-8" in head.lower()
+
+
+def test_vllm_tools_with_a_parser_and_abort_log_with_log_requests(start: Start) -> None:
+    p = start(
+        "vllm",
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "pythonic",
+        "--enable-log-requests",
+        faults="token-interval=0.1",
+    )
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with h.post(p.port, "/v1/chat/completions", json.dumps({**CHAT, "tools": tools}).encode()) as r:
+        assert r.status == 200
+    body = stream_body(max_tokens=50, ignore_eos=True)
+    sock = h.raw_request(p.port, "POST", "/v1/chat/completions", body, {"x-request-id": "left1"}, read=False)
+    with sock:
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    assert eventually(lambda: "Request chatcmpl-left1 aborted." in p.output())
+    assert "Aborted request(s) chatcmpl-left1-" in p.output()
 
 
 def test_sigterm_lmdeploy_waits_for_open_stream(start: Start) -> None:
