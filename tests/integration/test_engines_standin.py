@@ -71,7 +71,7 @@ def test_vllm_ready_after_loading_and_its_orphaned_engine_core_is_ended_on_crash
             assert time.monotonic() - began >= 0.5
             first = sup.snapshot()
             old = set(tagged_pids(name)) - {first.pid}
-            assert first.engine_pid is not None and len(old) == 2  # API server + EngineCore
+            assert first.engine_pid is not None and len(old) == 3  # API server, EngineCore, Worker
             os.kill(first.engine_pid, signal.SIGKILL)  # the real vLLM leaves EngineCore running here
             await wait_until(lambda: sup.snapshot().restarts == 1 and sup.state is S.READY, limit=10)
             assert all(pid_gone(pid) for pid in old)
