@@ -1,7 +1,8 @@
 """Tiny random-weight models for the CPU demo engine (``transformers serve``), made offline in seconds.
 
-* ``make_chat_model``: a Qwen2-shaped causal LM (hidden 64, 2 layers, 4 heads, 2 KV heads, ~100k
-  parameters) with a byte-level BPE tokenizer trained on a few sentences and a ChatML chat template.
+* ``make_chat_model``: a Qwen2-shaped causal LM (hidden 256, 2 layers, 4 heads of 64, 2 KV heads,
+  intermediate 512, ~1.3M parameters; vLLM's CPU attention needs head_dim >= 32) with a byte-level BPE
+  tokenizer trained on a few sentences and a ChatML chat template.
 * ``make_vl_model``: a LLaVA model (CLIP vision tower, 28 px images in 14 px patches, so 4 image tokens;
   Llama text model) with ``LlavaProcessor`` over the PIL CLIP image processor (no torchvision needed).
 
@@ -198,10 +199,14 @@ def _save(path: Path, *parts: _Pretrained) -> None:
 
 
 def _text_shape(pad_id: int, eos_id: int) -> _TextShape:
-    """The tiny decoder both demo models share: ~100k parameters, fast on one CPU core."""
+    """The tiny decoder both demo models share: ~1.3M parameters, fast on one CPU core.
+
+    head_dim 64 (256 / 4): vLLM's CPU attention supports 32, 64, 80, ... 512 and its engine dies on the first
+    request with 16 (docs/real-vllm/README.md); ``transformers serve`` takes any.
+    """
     return {
-        "hidden_size": 64,
-        "intermediate_size": 128,
+        "hidden_size": 256,
+        "intermediate_size": 512,
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
