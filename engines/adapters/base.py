@@ -19,7 +19,7 @@ Dialect = Literal["openai", "lmdeploy", "lightllm", "transformers"]
 
 # What an engine can be asked for, by name: the gateway's endpoint table (gateway/http/endpoints.py) maps
 # each of its paths to one capability and to the path it is posted to, the same on every engine kind.
-Capability = Literal["chat", "completions", "embeddings", "rerank", "generate"]
+Capability = Literal["chat", "completions", "embeddings", "rerank", "generate", "responses", "messages"]
 # How a complete stream ends: see gateway.proxy.relay.Target.stream_end.
 StreamEnd = Literal["done", "finish", "eof"]
 

@@ -13,6 +13,7 @@ class LMDeployAdapter(EngineAdapter):
     kind = "lmdeploy"
     default_startup_timeout = 1800.0
     dialect = "lmdeploy"
+    capabilities = EngineAdapter.capabilities | {"responses", "messages"}  # both since 0.13/0.14
 
     def argv(self, spec: ModelSpec, host: str, port: int) -> list[str]:
         assert spec.model is not None

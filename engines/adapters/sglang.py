@@ -12,6 +12,8 @@ from engines.spec import ModelSpec
 class SGLangAdapter(EngineAdapter):
     kind = "sglang"
     default_startup_timeout = 1800.0
+    # http_server.py serves /v1/responses (and GET /v1/responses/{id}), not Anthropic's /v1/messages.
+    capabilities = EngineAdapter.capabilities | {"responses"}
 
     def argv(self, spec: ModelSpec, host: str, port: int) -> list[str]:
         assert spec.model is not None

@@ -21,7 +21,7 @@ class TransformersAdapter(EngineAdapter):
     kind = "transformers"
     default_startup_timeout = 300.0
     dialect = "transformers"
-    capabilities = frozenset({"chat", "completions"})
+    capabilities = frozenset({"chat", "completions", "responses"})  # cli/serving/server.py: no /v1/messages
     stream_end = "finish"  # 5.23 sends no [DONE]; the last event carries finish_reason and usage
 
     def model_ref(self, spec: ModelSpec) -> str:

@@ -12,6 +12,8 @@ from engines.spec import ModelSpec
 class VLLMAdapter(EngineAdapter):
     kind = "vllm"
     default_startup_timeout = 1800.0  # big models: download, load, torch.compile, CUDA graphs
+    # Responses and Anthropic Messages natively (docs/real-vllm/transcripts/responses*.txt, messages*.txt).
+    capabilities = EngineAdapter.capabilities | {"responses", "messages"}
 
     def argv(self, spec: ModelSpec, host: str, port: int) -> list[str]:
         assert spec.model is not None

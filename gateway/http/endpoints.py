@@ -150,6 +150,18 @@ ENDPOINTS: Final = EndpointTable(
             body=BodyRule(("query",), (documents_are_a_list,)),
             fast_path=True,
         ),
+        # Client dialects: native where the adapter lists them, else translated to chat (gateway/dialects).
+        Endpoint(
+            "/v1/responses", "responses", "chat", capability="responses", body=BodyRule(("input",)), fast_path=True
+        ),
+        Endpoint(
+            "/v1/messages",
+            "messages",
+            "chat",
+            capability="messages",
+            body=BodyRule(("messages", "max_tokens")),
+            fast_path=True,
+        ),
         Endpoint("/v1/models", "models", "models", subtree=True),  # also /v1/models/{id}
         # LightLLM's own API (routes/generate).
         GENERATE,

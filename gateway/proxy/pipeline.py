@@ -3,6 +3,10 @@
 ``forward`` is a whole passthrough endpoint (the middleware's fast path and routes/openai call it);
 ``route`` and ``relay`` are its steps that the other handlers (routes/simple, routes/generate) reuse
 around their own body handling.
+
+Per request, a row's capability is served natively when the model's adapter lists it, else by translation
+to chat completions when a dialect translates it (gateway/dialects: Messages, Responses) and the engine
+serves chat, else it is a 400 naming the model and the endpoint.
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ from engines import ModelEntry
 from engines.adapters import StreamEnd
 from engines.scheduling.contract import ReplicaLease
 from gateway.deps import GatewayState
-from gateway.http.endpoints import Endpoint
+from gateway.dialects import TRANSLATIONS, Translation
+from gateway.http.endpoints import CHAT, Endpoint
 from gateway.http.errors import BadRequest, ShuttingDown
 from gateway.http.scope import MODEL_KEY, REQUEST_ID_KEY
 from gateway.media import MediaNormalizer
 from gateway.proxy.admission import acquire, resolve, while_connected
 from gateway.proxy.body import check_fields, model_name, parse_json_object, read_body
 from gateway.proxy.relay import Relay, Target
+from gateway.proxy.sse import StreamTranslation
 
 
 async def forward(request: Request, state: GatewayState, endpoint: Endpoint) -> Relay:
@@ -33,6 +39,8 @@ async def forward(request: Request, state: GatewayState, endpoint: Endpoint) -> 
     body = parse_json_object(request, raw)
     entry = route(request, state, model_name(body), endpoint)
     stream = check_fields(body, endpoint.body)
+    if endpoint.capability is not None and endpoint.capability not in entry.adapter.capabilities:
+        return await forward_translated(request, state, entry, TRANSLATIONS[endpoint.capability](body, entry.spec.name))
     if endpoint.media and MediaNormalizer.needs_work(body):
         # Before a replica is chosen: a slow image must not hold an engine's slot.
         await while_connected(request, state.media.normalize_chat(body, entry.adapter.dialect))
@@ -42,8 +50,37 @@ async def forward(request: Request, state: GatewayState, endpoint: Endpoint) -> 
     )
 
 
+async def forward_translated(
+    request: Request, state: GatewayState, entry: ModelEntry, translation: Translation
+) -> Relay:
+    """A client dialect the engine lacks, carried as chat completions: the translated body (its images fetched
+    as a chat request's are), and the answer or stream translated back by the relay."""
+    chat = translation.chat_body
+    if MediaNormalizer.needs_work(chat):
+        await while_connected(request, state.media.normalize_chat(chat, entry.adapter.dialect))
+    chat["model"] = entry.request_model
+    return await relay(
+        request,
+        state,
+        entry,
+        chat,
+        path=CHAT.upstream_path,
+        stream=translation.stream,
+        transform=translation.answer,
+        translation=translation,
+    )
+
+
+def serves(entry: ModelEntry, endpoint: Endpoint) -> bool:
+    """Does the model answer ``endpoint``: natively, or by translation to chat completions?"""
+    capability = endpoint.capability
+    capabilities = entry.adapter.capabilities
+    return capability is None or capability in capabilities or (capability in TRANSLATIONS and "chat" in capabilities)
+
+
 def route(request: Request, state: GatewayState, name: str, endpoint: Endpoint) -> ModelEntry:
-    """The entry serving ``name`` (404 if none); 400 when its engine lacks ``endpoint``'s capability.
+    """The entry serving ``name`` (404 if none); 400 when its engine serves ``endpoint`` neither natively
+    nor by translation (``serves``).
 
     Every model endpoint passes here, so this is also where a draining gateway turns new work away.
     """
@@ -53,7 +90,7 @@ def route(request: Request, state: GatewayState, name: str, endpoint: Endpoint) 
         )
     entry = resolve(state.pool, name)
     request.scope[MODEL_KEY] = entry.spec.name
-    if endpoint.capability is not None and endpoint.capability not in entry.adapter.capabilities:
+    if not serves(entry, endpoint):
         raise BadRequest(
             f"The model '{entry.spec.name}' does not serve {endpoint.path}.", param="model", code="unsupported_endpoint"
         )
@@ -70,11 +107,13 @@ async def relay(
     stream: bool,
     stream_end: StreamEnd | None = None,
     transform: Callable[[dict[str, Any]], Any] | None = None,
+    translation: StreamTranslation | None = None,
 ) -> Relay:
     """Lease a replica (at once, or after a bounded FIFO wait) and build the ``Relay`` that posts ``body``
     (final, ``model`` included) to ``path``; the relay releases the lease when it is over.
 
-    ``stream_end`` overrides the adapter's; ``transform`` reshapes a non-stream 2xx answer (``Target``).
+    ``stream_end`` overrides the adapter's; ``transform`` reshapes a non-stream 2xx answer, ``translation``
+    a stream and every error (``Target``).
     """
     settings = state.config.server
     lease = await acquire(
@@ -107,6 +146,7 @@ async def relay(
                 retry_after=settings.retry_after,
                 stream_end=stream_end or entry.adapter.stream_end,
                 transform=transform,
+                translation=translation,
                 failover=failover,
             )
 

@@ -12,7 +12,9 @@ silence, ``IdleClock``), total. A connection the engine refused fails over once 
 
 Status and headers are decided before the first body byte. After it, a failure is reported as one
 SSE ``data: {"error": ...}`` event and the stream ends without ``[DONE]`` (``_end_with_error``), so a client
-can always tell a broken stream from a finished one. Events are forwarded whole: a half line cut by a
+can always tell a broken stream from a finished one. A translated request (``Target.translation``: a client
+dialect the engine lacks, gateway/dialects) gets the same, in its dialect: its events, its closing events,
+its error event and error bodies. Events are forwarded whole: a half line cut by a
 crashing engine never reaches the client.
 
 The relay holds the request's lease (engines/scheduling/contract.py): it reports what the engine's answer
@@ -46,7 +48,7 @@ from gateway.http.errors import (
 from gateway.http.scope import T0_KEY
 from gateway.http.shutdown import InFlight
 from gateway.observability.metrics import Metrics
-from gateway.proxy.sse import DONE, EventCutter, Outcome, StreamEnded, count_usage
+from gateway.proxy.sse import DONE, EventCutter, Outcome, StreamEnded, StreamTranslation, TranslatingCutter, count_usage
 from gateway.proxy.upstream.client import Clocks, Upstream
 from gateway.proxy.upstream.exchange import AnswerTooLarge, ConnectFailed, EngineClosed, Exchange
 
@@ -80,6 +82,9 @@ class Target:
     # the transform writes the names it wants. Raising KeyError/IndexError/TypeError/ValueError means the
     # answer had an unexpected shape: 502. Streams are never transformed.
     transform: Callable[[dict[str, Any]], Any] | None = None
+    # A client dialect carried by a chat engine: its stream events, closing events, error event and error
+    # bodies replace the chat ones (the non-stream answer is its ``transform``). None: the engine's own answer.
+    translation: StreamTranslation | None = None
     # Another replica's Target, or None: asked once, when this one refused the connection (nothing was sent).
     failover: Callable[[], Awaitable[Target | None]] | None = None
 
@@ -312,6 +317,8 @@ class Relay(Response):
         lease = self.target.lease
         if status >= 400:
             body = reshape_upstream_error(status, body)
+            if self.target.translation is not None:
+                body = self.target.translation.error_body(status, body)
             if retry_after is not None and retry_after.isdigit():
                 extra.append((b"retry-after", retry_after.encode()))
             elif status in (429, 503):
@@ -373,7 +380,13 @@ class Relay(Response):
         else:
             writer = _SendWriter(body_send)
         now = asyncio.get_running_loop().time
-        cutter = EventCutter(self.target.model_rewrite, outcome, t0)
+        translation = self.target.translation
+        # Chosen once per stream: the untranslated cutter does no extra work per event.
+        cutter = (
+            EventCutter(self.target.model_rewrite, outcome, t0)
+            if translation is None
+            else TranslatingCutter(translation, outcome, t0)
+        )
         feed, write = cutter.feed, writer.write
         clock = IdleClock(self.clocks.idle, total_deadline, now)
 
@@ -410,7 +423,9 @@ class Relay(Response):
             self.target.lease.report(False)
             raise UpstreamError("The engine ended the stream before it was complete.", code="upstream_disconnected")
         self.target.lease.report(True)
-        if self.target.stream_end == "finish":
+        if self.target.translation is not None:
+            await send({"type": "http.response.body", "body": self.target.translation.end(), "more_body": True})
+        elif self.target.stream_end == "finish":
             await send({"type": "http.response.body", "body": DONE, "more_body": True})
         if outcome.events > 1:
             gap = (cutter.last_at - cutter.first_at) / (outcome.events - 1)
@@ -427,6 +442,7 @@ class Relay(Response):
     async def _fail(self, send: Send, exc: GatewayError) -> None:
         if self._disconnected:
             return
+        translation = self.target.translation
         if not self._started:
             extra = [(k.encode(), v.encode()) for k, v in exc.headers().items()]
             await send(
@@ -436,7 +452,10 @@ class Relay(Response):
                     "headers": self._response_headers(b"application/json", extra),
                 }
             )
-            await send({"type": "http.response.body", "body": exc.body(), "more_body": False})
+            body = exc.body() if translation is None else translation.error_body(exc.status, exc.body())
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+        elif translation is not None:
+            await self._end_with_error(send, translation.error_event(exc.message, exc.type, exc.code))
         else:
             await self._end_with_error(send, sse_error_event(exc.message, exc.type, exc.code))
         self._started = True

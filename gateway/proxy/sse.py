@@ -3,7 +3,10 @@
 Bytes arrive in arbitrary pieces; only whole events (up to a blank line) are forwarded, so a half line cut
 by a crashing engine never reaches the client. On the way: the engine's model name is replaced by the one
 the client asked for (a byte replacement, not a parse), usage is read from the events that carry it, and an
-in-band error event ends the stream in the gateway's error shape. Synchronous, so that the relay's one sink
+in-band error event ends the stream in the gateway's error shape. A translated stream (a client dialect the
+engine lacks, gateway/dialects) is cut by ``TranslatingCutter`` instead, which hands the whole chat events to
+the request's ``StreamTranslation`` and forwards the dialect's events: the plain cutter does no extra work
+per event. Synchronous, so that the relay's one sink
 serves both exchanges: the aiohttp one (one ``await send`` per piece) and the raw one, whose chunks arrive in
 protocol callbacks (gateway/proxy/upstream/raw.py).
 """
@@ -11,6 +14,7 @@ protocol callbacks (gateway/proxy/upstream/raw.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import orjson
 
@@ -35,10 +39,27 @@ class Outcome:
 class StreamEnded(Exception):
     """The engine sent an error event: ``before`` (whole events) and then ``final`` end the client's stream."""
 
-    def __init__(self, before: bytes, final: bytes) -> None:
+    def __init__(self, before: bytes, final: bytes, message: str = "", type_: str = "", code: str = "") -> None:
         super().__init__("the engine sent an error event")
         self.before = before
         self.final = final
+        self.message, self.type, self.code = message, type_, code  # what ``final`` says, for a translation
+
+
+class StreamTranslation(Protocol):
+    """A chat stream turned into a client dialect's events (implemented by gateway/dialects)."""
+
+    def feed(self, events: bytes) -> bytes:
+        """Whole chat SSE events in, whole dialect events out (b"" when none yet); ValueError: not a chat stream."""
+
+    def end(self) -> bytes:
+        """The dialect's closing events, after a complete chat stream."""
+
+    def error_event(self, message: str, type_: str, code: str) -> bytes:
+        """The dialect's event that ends a broken stream (never one that looks finished)."""
+
+    def error_body(self, status: int, body: bytes) -> bytes:
+        """An error answer in the gateway's OpenAI shape, in the dialect's shape."""
 
 
 class EventCutter:
@@ -95,6 +116,29 @@ class EventCutter:
         return True
 
 
+class TranslatingCutter(EventCutter):
+    """An ``EventCutter`` whose whole events go through a ``StreamTranslation``: the client gets the dialect's
+    events, the engine's error event becomes the dialect's, and the completeness check reads the chat events
+    (``last`` stays the engine's own)."""
+
+    __slots__ = ("translation",)
+
+    def __init__(self, translation: StreamTranslation, outcome: Outcome, t0: float) -> None:
+        super().__init__((), outcome, t0)  # the translation writes the client's model name itself
+        self.translation = translation
+
+    def feed(self, chunk: bytes, now: float) -> bytes:
+        translation = self.translation
+        try:
+            events = super().feed(chunk, now)
+            return translation.feed(events) if events else b""
+        except StreamEnded as end:
+            before = translation.feed(end.before) if end.before else b""
+            raise StreamEnded(before, translation.error_event(end.message, end.type, end.code)) from None
+        except ValueError:
+            raise UpstreamError("The engine sent a malformed stream.", code="bad_upstream_response") from None
+
+
 def _raise_at_error_event(chunk: bytes, outcome: Outcome) -> None:
     events = chunk.split(b"\n\n")
     for i, event in enumerate(events):
@@ -118,13 +162,11 @@ def _raise_at_error_event(chunk: bytes, outcome: Outcome) -> None:
         before = b"\n\n".join(events[:i])
         message, type_, code = error.get("message"), error.get("type"), error.get("code")
         outcome.error_kind = "stream_error"
+        message = message if isinstance(message, str) else "The engine failed."
+        type_ = type_ if isinstance(type_, str) else "upstream_error"
+        code = code if isinstance(code, str) else "upstream_error"
         raise StreamEnded(
-            before + b"\n\n" if before else b"",
-            sse_error_event(
-                message if isinstance(message, str) else "The engine failed.",
-                type_ if isinstance(type_, str) else "upstream_error",
-                code if isinstance(code, str) else "upstream_error",
-            ),
+            before + b"\n\n" if before else b"", sse_error_event(message, type_, code), message, type_, code
         )
 
 

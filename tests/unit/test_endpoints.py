@@ -89,6 +89,8 @@ def test_the_default_table_rows() -> None:
         "/v1/completions",
         "/v1/embeddings",
         "/v1/rerank",
+        "/v1/responses",
+        "/v1/messages",
     }
     for row in ENDPOINTS.passthroughs():
         assert row.upstream_path == row.path  # an OpenAI passthrough is posted where it was received
