@@ -125,7 +125,7 @@ class ResponsesTranslation(Translation):
         p = self.progress
         usage = {
             "input_tokens": p.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": p.cached_tokens},
+            "input_tokens_details": {"cached_tokens": p.cached_tokens, "cache_write_tokens": 0},
             "output_tokens": p.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": p.prompt_tokens + p.completion_tokens,

@@ -138,8 +138,7 @@ class ChatScript:
         try:
             if "stall" in text:
                 await event(pieces[0])
-                while request.transport is not None and not request.transport.is_closing():
-                    await asyncio.sleep(0.1)  # silent until the gateway's idle clock drops the connection
+                await asyncio.sleep(3)  # silent past the gateway's idle clock (1 s)
                 return resp
             if "break" in text:
                 await event(pieces[0])
@@ -222,7 +221,7 @@ WEATHER_TOOL_RESPONSES: Any = {
 
 
 def test_messages_text_and_image_on_the_standin(env: Env) -> None:
-    image = {
+    image: Any = {
         "type": "image",
         "source": {"type": "base64", "media_type": "image/png", "data": base64.b64encode(PNG).decode()},
     }
@@ -352,12 +351,16 @@ def test_responses_text_and_image_on_the_standin(env: Env) -> None:
 
 
 def test_responses_stream_on_the_standin(env: Env) -> None:
-    events = list(env.openai.responses.create(model="standin", input="one two three four five six", max_output_tokens=4, stream=True))
+    events = list(
+        env.openai.responses.create(
+            model="standin", input="one two three four five six", max_output_tokens=4, stream=True
+        )
+    )
     kinds = [e.type for e in events]
     assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
     assert [e.sequence_number for e in events] == list(range(len(events)))
     final = events[-1].response  # type: ignore[union-attr]  # the last event is response.completed (checked above)
-    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")  # type: ignore[union-attr]  # narrowed by the type check
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert final.output_text == deltas and final.status == "incomplete"
     assert final.incomplete_details is not None and final.incomplete_details.reason == "max_output_tokens"
     assert final.model == "standin"
