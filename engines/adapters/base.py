@@ -19,7 +19,28 @@ Dialect = Literal["openai", "lmdeploy", "lightllm", "transformers"]
 
 # What an engine can be asked for, by name: the gateway's endpoint table (gateway/http/endpoints.py) maps
 # each of its paths to one capability and to the path it is posted to, the same on every engine kind.
-Capability = Literal["chat", "completions", "embeddings", "rerank", "generate", "responses", "messages"]
+# "responses" (OpenAI Responses) and "messages" (Anthropic Messages) are client dialects: an engine without
+# them but with "chat" answers them by translation (gateway/dialects). The others are served natively or not
+# at all: "count_tokens" (/v1/messages/count_tokens), "tokenize" (/tokenize and /detokenize), "transcription"
+# (/v1/audio/transcriptions and /translations), "speech" (/v1/audio/speech), "score", "classify", "pooling",
+# "images" (/v1/images/generations).
+Capability = Literal[
+    "chat",
+    "completions",
+    "embeddings",
+    "rerank",
+    "generate",
+    "responses",
+    "messages",
+    "count_tokens",
+    "tokenize",
+    "transcription",
+    "speech",
+    "score",
+    "classify",
+    "pooling",
+    "images",
+]
 # How a complete stream ends: see gateway.proxy.relay.Target.stream_end.
 StreamEnd = Literal["done", "finish", "eof"]
 

@@ -1,4 +1,10 @@
-"""LightLLM: ``python -m lightllm.server.api_server --model_dir MODEL``; raw-prompt ``/generate``, ``/health``."""
+"""LightLLM: ``python -m lightllm.server.api_server --model_dir MODEL``; raw-prompt ``/generate``, ``/health``.
+
+What it serves (ModelTC/lightllm, ``lightllm/server/api_http.py``): ``/generate``, ``/generate_stream``,
+``/v1/chat/completions``, ``/v1/completions``, and its own ``/tokens`` and ``/get_score`` (not vLLM's
+``/tokenize`` or ``/score`` shapes, so not those capabilities). No Responses or Messages: both are translated
+to chat.
+"""
 
 from __future__ import annotations
 

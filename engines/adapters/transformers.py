@@ -3,6 +3,12 @@
 It addresses a local model by its path (requests send the path as ``model``), lists only hub-cache
 models in ``/v1/models`` (and fails without a cache directory), so readiness is ``/health`` and the
 environment pins an offline, existing cache.
+
+What 5.23 serves (``transformers/cli/serving/server.py``): ``/v1/chat/completions``, ``/v1/completions``,
+``/v1/responses``, ``/v1/audio/transcriptions``, ``/v1/systemone``. Its Responses endpoint streams when the
+body has no ``stream`` (``serving/response.py``: ``body.get("stream", True)``), and the openai SDK leaves
+``stream`` out of a non-stream call, which would then get events where it expects JSON: Responses is
+translated to chat instead. No Messages (translated), no ``/tokenize``.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ class TransformersAdapter(EngineAdapter):
     kind = "transformers"
     default_startup_timeout = 300.0
     dialect = "transformers"
-    capabilities = frozenset({"chat", "completions", "responses"})  # cli/serving/server.py: no /v1/messages
+    capabilities = frozenset({"chat", "completions", "transcription"})
     stream_end = "finish"  # 5.23 sends no [DONE]; the last event carries finish_reason and usage
 
     def model_ref(self, spec: ModelSpec) -> str:

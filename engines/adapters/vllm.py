@@ -1,4 +1,15 @@
-"""vLLM 0.33: ``vllm serve MODEL``; refuses connections while loading; ``/health`` 200 when up, 503 when dead."""
+"""vLLM 0.33: ``vllm serve MODEL``; refuses connections while loading; ``/health`` 200 when up, 503 when dead.
+
+What it serves natively (``capabilities``), as observed of 0.32 (docs/real-vllm/transcripts/openapi.json and
+the responses*/messages*/tokenize*/detokenize transcripts): ``/v1/responses`` (stream: named events from
+``response.created`` to ``response.completed``), ``/v1/messages`` and ``/v1/messages/count_tokens``
+(Anthropic, its errors in Anthropic's shape, streams end at ``message_stop`` with no ``[DONE]``), ``/tokenize``
+and ``/detokenize``. The task-dependent routes are registered only for a model of that task (a generative
+model answers them 404, which the gateway relays): ``/v1/embeddings``, ``/pooling``, ``/classify`` and
+``/v1/classify``, ``/score`` and ``/v1/score``, ``/rerank`` and ``/v1/rerank`` (pooling models),
+``/v1/audio/transcriptions`` and ``/v1/audio/translations`` (speech-to-text models). Not in vLLM itself:
+``/v1/audio/speech`` and ``/v1/images/generations`` (vLLM-Omni's), which are refused here.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +23,23 @@ from engines.spec import ModelSpec
 class VLLMAdapter(EngineAdapter):
     kind = "vllm"
     default_startup_timeout = 1800.0  # big models: download, load, torch.compile, CUDA graphs
+    capabilities = frozenset(
+        {
+            "chat",
+            "completions",
+            "embeddings",
+            "rerank",
+            "responses",
+            "messages",
+            "count_tokens",
+            "tokenize",
+            "transcription",
+            "score",
+            "classify",
+            "pooling",
+        }
+    )
     # Responses and Anthropic Messages natively (docs/real-vllm/transcripts/responses*.txt, messages*.txt).
-    capabilities = EngineAdapter.capabilities | {"responses", "messages"}
 
     def argv(self, spec: ModelSpec, host: str, port: int) -> list[str]:
         assert spec.model is not None
