@@ -151,8 +151,16 @@ ENDPOINTS: Final = EndpointTable(
             fast_path=True,
         ),
         # Client dialects: native where the adapter lists them, else translated to chat (gateway/dialects).
+        # A native stream ends with the dialect's own last event, at a clean end of the body ("eof"); a translated
+        # one as the engine's chat stream ends (the adapter's stream_end).
         Endpoint(
-            "/v1/responses", "responses", "chat", capability="responses", body=BodyRule(("input",)), fast_path=True
+            "/v1/responses",
+            "responses",
+            "chat",
+            capability="responses",
+            body=BodyRule(("input",)),
+            stream_end="eof",
+            fast_path=True,
         ),
         Endpoint(
             "/v1/messages",
@@ -160,6 +168,7 @@ ENDPOINTS: Final = EndpointTable(
             "chat",
             capability="messages",
             body=BodyRule(("messages", "max_tokens")),
+            stream_end="eof",
             fast_path=True,
         ),
         Endpoint("/v1/models", "models", "models", subtree=True),  # also /v1/models/{id}
