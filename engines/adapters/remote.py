@@ -1,4 +1,10 @@
-"""A remote OpenAI-compatible server, given by ``url``: probed for health, never launched."""
+"""A remote OpenAI-compatible server, given by ``url``: probed for health, never launched.
+
+What it serves cannot be known from here. It is taken to serve the paths every OpenAI-compatible server
+has (chat, completions) and those a client would only send it on purpose (embeddings, rerank, audio,
+images: a path it lacks is its own 404, relayed). Responses and Messages are translated to chat: most
+OpenAI-compatible servers lack both, and translation works on every one of them.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from engines.spec import ModelSpec
 class RemoteOpenAIAdapter(EngineAdapter):
     kind = "openai"
     spawns = False
+    capabilities = frozenset({"chat", "completions", "embeddings", "rerank", "transcription", "speech", "images"})
     default_startup_timeout = float("inf")  # a remote server is waited for, never given up on
 
     def base_url(self, spec: ModelSpec, host: str, port: int) -> str:

@@ -8,7 +8,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-Permission = Literal["chat", "completions", "embeddings", "rerank", "models", "admin", "metrics", "all"]
+# What an endpoint row requires (gateway/http/endpoints.py): "audio" for /v1/audio/*, "images" for image
+# generation; the client dialects and the tokenizer need "chat".
+Permission = Literal[
+    "chat", "completions", "embeddings", "rerank", "audio", "images", "models", "admin", "metrics", "all"
+]
 
 
 class ApiKey(BaseModel):

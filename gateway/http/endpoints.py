@@ -12,6 +12,16 @@ other rows (routes/simple, routes/generate) read their rows from here.
 
 The engine-side path lives here, not in engines/adapters: it is the API's (OpenAI's, LightLLM's), the same
 on every engine kind; an adapter says only which capabilities its engine serves.
+
+A row also says which error dialect its clients read (``errors``: the middleware's own errors, admission's,
+the relay's, an engine's reshaped, and a broken stream's last event) and which of the client's headers go on
+to the engine (``forward_headers``: Anthropic's ``anthropic-version``, which LMDeploy requires).
+
+Permissions of the engine-native rows: the client dialects and the tokenizer are ``chat`` (counting a chat
+prompt's tokens is part of chatting: ``/v1/messages/count_tokens``, ``/tokenize`` of ``messages``);
+``/v1/score`` is ``rerank`` (the same cross-encoders); ``/v1/classify`` and ``/pooling`` are ``embeddings``
+(pooling models); audio is ``audio`` and image generation ``images``. Stored responses
+(``/v1/responses/{id}``) are not routed (routes/responses.py says why).
 """
 
 from __future__ import annotations
@@ -22,7 +32,8 @@ from typing import Final, Literal
 
 from engines.adapters import Capability, StreamEnd
 from gateway.config.auth import Permission
-from gateway.proxy.body import BodyRule, documents_are_a_list, messages_are_objects
+from gateway.http.errors import ANTHROPIC, OPENAI, ErrorDialect
+from gateway.proxy.body import BodyRule, documents_are_a_list, messages_are_objects, prompt_or_messages
 
 PUBLIC: Final = "public"
 ANY: Final = "any"  # any valid key: routes with no permission of their own (and unknown paths, so they stay dark)
@@ -49,6 +60,10 @@ class Endpoint:
     media: bool = False  # image parts of chat ``messages`` are fetched and reshaped for the engine first
     # A passthrough (POST): answered by the generic pipeline, on the middleware's fast path.
     fast_path: bool = False
+    # -- every row --
+    errors: ErrorDialect = OPENAI  # the shape of every error on this path
+    # Client headers sent on to the engine: (name, value when the client sent none; None: then not sent).
+    forward_headers: tuple[tuple[str, str | None], ...] = ()
 
     def __post_init__(self) -> None:
         if self.fast_path and (self.capability is None or self.subtree or self.public_by_config):
@@ -70,6 +85,35 @@ CHAT = Endpoint(
     media=True,
     fast_path=True,
 )
+# Client dialects: native where the adapter lists them, else translated to chat (gateway/dialects). A native
+# stream ends with the dialect's own last event, at a clean end of the body ("eof"); a translated one as the
+# engine's chat stream ends (the adapter's stream_end).
+RESPONSES = Endpoint(
+    "/v1/responses",
+    "responses",
+    "chat",
+    capability="responses",
+    body=BodyRule(("input",)),
+    stream_end="eof",
+    fast_path=True,
+)
+# Anthropic clients: their errors in Anthropic's shape; the version header on to the engine (LMDeploy answers
+# 400 without it; the anthropic SDK always sends it, curl users may not).
+_ANTHROPIC_HEADERS = (("anthropic-version", "2023-06-01"), ("anthropic-beta", None))
+MESSAGES = Endpoint(
+    "/v1/messages",
+    "messages",
+    "chat",
+    capability="messages",
+    body=BodyRule(("messages", "max_tokens")),
+    stream_end="eof",
+    fast_path=True,
+    errors=ANTHROPIC,
+    forward_headers=_ANTHROPIC_HEADERS,
+)
+# Multipart: the model is a form field (routes/audio).
+TRANSCRIPTIONS = Endpoint("/v1/audio/transcriptions", "audio", "audio", capability="transcription")
+TRANSLATIONS = Endpoint("/v1/audio/translations", "audio", "audio", capability="transcription")
 GENERATE = Endpoint("/generate", "generate", "completions", capability="generate", stream_end="eof")
 GENERATE_STREAM = Endpoint("/generate_stream", "generate", "completions", capability="generate", stream_end="eof")
 
@@ -81,10 +125,15 @@ class EndpointTable:
     def __init__(self, rows: Iterable[Endpoint]) -> None:
         self.rows: tuple[Endpoint, ...] = tuple(rows)
         self._exact: dict[str, Endpoint] = {}
+        seen: set[tuple[str, bool]] = set()
         for row in self.rows:
-            if row.path in self._exact:
+            if (row.path, row.subtree) in seen:
                 raise ValueError(f"{row.path}: two rows for one path")
-            self._exact[row.path] = row
+            seen.add((row.path, row.subtree))
+        # A path may have one exact row and one subtree row (POST /v1/messages and what lies below it): the
+        # exact one answers the path itself.
+        for row in sorted(self.rows, key=lambda r: r.subtree):
+            self._exact.setdefault(row.path, row)
         self._subtrees = sorted((r for r in self.rows if r.subtree), key=lambda r: len(r.path), reverse=True)
         self._fast = {r.path: r for r in self.rows if r.fast_path}
 
@@ -94,6 +143,11 @@ class EndpointTable:
     def with_rows(self, *rows: Endpoint) -> EndpointTable:
         """This table and ``rows``."""
         return EndpointTable((*self.rows, *rows))
+
+    def errors(self, path: str) -> ErrorDialect:
+        """The error dialect of ``path``'s clients."""
+        row = self.by_path(path)
+        return OPENAI if row is None else row.errors
 
     def by_path(self, path: str) -> Endpoint | None:
         found = self._exact.get(path)
@@ -150,27 +204,47 @@ ENDPOINTS: Final = EndpointTable(
             body=BodyRule(("query",), (documents_are_a_list,)),
             fast_path=True,
         ),
-        # Client dialects: native where the adapter lists them, else translated to chat (gateway/dialects).
-        # A native stream ends with the dialect's own last event, at a clean end of the body ("eof"); a translated
-        # one as the engine's chat stream ends (the adapter's stream_end).
+        # Client dialects (the rows above the table).
+        RESPONSES,
+        Endpoint("/v1/responses", "responses", "chat", subtree=True),  # stored responses: routes/responses
+        MESSAGES,
         Endpoint(
-            "/v1/responses",
-            "responses",
-            "chat",
-            capability="responses",
-            body=BodyRule(("input",)),
-            stream_end="eof",
-            fast_path=True,
-        ),
-        Endpoint(
-            "/v1/messages",
+            "/v1/messages/count_tokens",
             "messages",
             "chat",
-            capability="messages",
-            body=BodyRule(("messages", "max_tokens")),
-            stream_end="eof",
+            capability="count_tokens",
+            body=BodyRule(("messages",)),
+            fast_path=True,
+            errors=ANTHROPIC,
+            forward_headers=_ANTHROPIC_HEADERS,
+        ),
+        Endpoint("/v1/messages", "messages", "chat", subtree=True, errors=ANTHROPIC),  # the rest: Anthropic 404s
+        # Engine-native endpoints, relayed as they are.
+        Endpoint(
+            "/tokenize",
+            "tokenize",
+            "chat",
+            capability="tokenize",
+            body=BodyRule((), (prompt_or_messages,)),
             fast_path=True,
         ),
+        Endpoint("/detokenize", "tokenize", "chat", capability="tokenize", body=BodyRule(("tokens",)), fast_path=True),
+        Endpoint("/v1/score", "score", "rerank", capability="score", fast_path=True),
+        Endpoint(
+            "/v1/classify", "classify", "embeddings", capability="classify", body=BodyRule(("input",)), fast_path=True
+        ),
+        Endpoint("/pooling", "pooling", "embeddings", capability="pooling", fast_path=True),
+        Endpoint("/v1/audio/speech", "audio", "audio", capability="speech", body=BodyRule(("input",)), fast_path=True),
+        Endpoint(
+            "/v1/images/generations",
+            "images",
+            "images",
+            capability="images",
+            body=BodyRule(("prompt",)),
+            fast_path=True,
+        ),
+        TRANSCRIPTIONS,
+        TRANSLATIONS,
         Endpoint("/v1/models", "models", "models", subtree=True),  # also /v1/models/{id}
         # LightLLM's own API (routes/generate).
         GENERATE,

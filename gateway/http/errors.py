@@ -18,9 +18,19 @@ The tree::
 
 Messages are written for clients: they never carry a stack trace, an engine's address, its command
 line or an environment value. Catch broad (``GatewayError``) or narrow, as httpx's tree allows.
+
+Two error dialects (``ErrorDialect``), chosen by the endpoint row a path belongs to (gateway/http/endpoints.py):
+``OPENAI``, the shape above, everywhere but the Anthropic paths; ``ANTHROPIC`` on ``/v1/messages*``, where
+every error, the middleware's and admission's included, is ``{"type": "error", "error": {"type", "message"}}``
+with the same status, and a broken stream ends with ``event: error``. Anthropic's types by status: 400
+invalid_request_error, 401 authentication_error, 403 permission_error, 404 not_found_error, 408 and 504
+timeout_error, 413 request_too_large, 429 rate_limit_error, 500 and 502 api_error, 503 and 529
+overloaded_error (the anthropic SDK picks its exception class by the status alone).
 """
 
 from __future__ import annotations
+
+from typing import Final
 
 import orjson
 
@@ -204,3 +214,89 @@ def reshape_upstream_error(status: int, body: bytes) -> bytes:
             return error_body(text, default_type, status)
     reason = "The engine rejected the request." if status < 500 else "The engine failed to answer."
     return error_body(reason, default_type, status)
+
+
+class ErrorDialect:
+    """How a client reads an error: the body of an error answer, and the event that ends a broken stream.
+
+    This one is OpenAI's (the gateway's own shape); ``AnthropicErrors`` overrides all three.
+    """
+
+    name = "openai"
+
+    def body(self, exc: GatewayError) -> bytes:
+        """The body of an error answer for ``exc``."""
+        return exc.body()
+
+    def reshape(self, status: int, body: bytes) -> bytes:
+        """An error body already in the gateway's OpenAI shape (its own, or an engine's reshaped) in this dialect."""
+        return body
+
+    def event(self, message: str, type_: str, code: str) -> bytes:
+        """The one event that ends a broken stream; ``type_`` is the gateway's (OpenAI) error type."""
+        return sse_error_event(message, type_, code)
+
+
+_ANTHROPIC_BY_STATUS: Final = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+# A mid-stream error has no status of its own: its type says which it would have had.
+_ANTHROPIC_BY_TYPE: Final = {
+    "invalid_request_error": "invalid_request_error",
+    "authentication_error": "authentication_error",
+    "permission_error": "permission_error",
+    "rate_limit_error": "rate_limit_error",
+    "service_unavailable": "overloaded_error",
+    "timeout_error": "timeout_error",
+}
+
+
+def anthropic_type(status: int) -> str:
+    return _ANTHROPIC_BY_STATUS.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+
+def anthropic_error(message: str, type_: str) -> bytes:
+    return orjson.dumps({"type": "error", "error": {"type": type_, "message": message}})
+
+
+class AnthropicErrors(ErrorDialect):
+    """Anthropic's error shape: ``{"type": "error", "error": {"type", "message"}}``; ``event: error`` in a stream."""
+
+    name = "anthropic"
+
+    def body(self, exc: GatewayError) -> bytes:
+        return anthropic_error(exc.message, anthropic_type(exc.status))
+
+    def reshape(self, status: int, body: bytes) -> bytes:
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            data = None
+        if isinstance(data, dict):
+            if data.get("type") == "error" and isinstance(data.get("error"), dict):
+                return body  # an engine that speaks Messages answered in Anthropic's shape already (vLLM, LMDeploy)
+            inner = data.get("error")
+            if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+                return anthropic_error(inner["message"], anthropic_type(status))
+        reason = "The request failed." if status < 500 else "The engine failed to answer."
+        return anthropic_error(reason, anthropic_type(status))
+
+    def event(self, message: str, type_: str, code: str) -> bytes:
+        data = anthropic_error(message, _ANTHROPIC_BY_TYPE.get(type_, "api_error"))
+        return b"event: error\ndata: " + data + b"\n\n"
+
+
+OPENAI: Final = ErrorDialect()
+ANTHROPIC: Final = AnthropicErrors()

@@ -36,27 +36,39 @@ class KeyRing:
     def open(self) -> bool:
         return not self._keys
 
-    def identify(self, authorization: bytes | None) -> Identity | None:
-        if not authorization or not authorization[:7].lower() == b"bearer ":
+    def identify(self, authorization: bytes | None, api_key: bytes | None = None) -> Identity | None:
+        """Who ``Authorization: Bearer <key>`` names, else ``x-api-key: <key>`` (Anthropic's clients)."""
+        if authorization and authorization[:7].lower() == b"bearer ":
+            presented = authorization[7:].strip()
+        elif api_key:
+            presented = api_key.strip()
+        else:
             return None
-        digest = hashlib.sha256(authorization[7:].strip()).digest()
+        digest = hashlib.sha256(presented).digest()
         found = None
         for known, identity in self._keys:
             if hmac.compare_digest(known, digest):
                 found = identity
         return found
 
-    def check(self, path: str, authorization: bytes | None, endpoints: EndpointTable = ENDPOINTS) -> Identity | None:
+    def check(
+        self,
+        path: str,
+        authorization: bytes | None,
+        endpoints: EndpointTable = ENDPOINTS,
+        *,
+        api_key: bytes | None = None,
+    ) -> Identity | None:
         """Raise 401/403 as ``path``'s row in ``endpoints`` requires; return who is calling (None when open or
-        public)."""
+        public). The key comes as ``Authorization: Bearer`` or as ``x-api-key``."""
         if self.open:
             return None
         needed = endpoints.permission(path, metrics_public=self.metrics_public)
         if needed == PUBLIC:
             return None
-        identity = self.identify(authorization)
+        identity = self.identify(authorization, api_key)
         if identity is None:
-            raise Unauthorized("Invalid or missing API key. Send it as 'Authorization: Bearer <key>'.")
+            raise Unauthorized("Invalid or missing API key. Send it as 'Authorization: Bearer <key>' or 'x-api-key'.")
         if not identity.grants(needed):
             raise PermissionDenied(f"This API key does not have the '{needed}' permission.")
         return identity

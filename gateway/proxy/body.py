@@ -75,6 +75,12 @@ def messages_are_objects(body: dict[str, Any]) -> None:
         raise BadRequest("'messages' must be a non-empty list of message objects.", param="messages")
 
 
+def prompt_or_messages(body: dict[str, Any]) -> None:
+    """/tokenize: a completion's ``prompt`` or a chat's ``messages``."""
+    if "prompt" not in body and "messages" not in body:
+        raise BadRequest("'prompt' or 'messages' is required.", param="prompt", code="missing_field")
+
+
 def documents_are_a_list(body: dict[str, Any]) -> None:
     if not isinstance(body.get("documents"), list):
         raise BadRequest("'documents' must be a list.", param="documents", code="missing_field")

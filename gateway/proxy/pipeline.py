@@ -11,7 +11,7 @@ serves chat, else it is a 400 naming the model and the endpoint.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -23,7 +23,7 @@ from engines.scheduling.contract import ReplicaLease
 from gateway.deps import GatewayState
 from gateway.dialects import TRANSLATIONS, Translation
 from gateway.http.endpoints import CHAT, Endpoint
-from gateway.http.errors import BadRequest, ShuttingDown
+from gateway.http.errors import OPENAI, BadRequest, ErrorDialect, ShuttingDown
 from gateway.http.scope import MODEL_KEY, REQUEST_ID_KEY
 from gateway.media import MediaNormalizer
 from gateway.proxy.admission import acquire, resolve, while_connected
@@ -46,8 +46,26 @@ async def forward(request: Request, state: GatewayState, endpoint: Endpoint) -> 
         await while_connected(request, state.media.normalize_chat(body, entry.adapter.dialect))
     body["model"] = entry.request_model
     return await relay(
-        request, state, entry, body, path=endpoint.upstream_path, stream=stream, stream_end=endpoint.stream_end
+        request,
+        state,
+        entry,
+        body,
+        path=endpoint.upstream_path,
+        stream=stream,
+        stream_end=endpoint.stream_end,
+        errors=endpoint.errors,
+        headers=forwarded_headers(request, endpoint),
     )
+
+
+def forwarded_headers(request: Request, endpoint: Endpoint) -> dict[str, str]:
+    """The client's headers that ``endpoint``'s row sends on to the engine (or their defaults)."""
+    out = {}
+    for name, default in endpoint.forward_headers:
+        value = request.headers.get(name, default)
+        if value is not None:
+            out[name] = value
+    return out
 
 
 async def forward_translated(
@@ -101,19 +119,23 @@ async def relay(
     request: Request,
     state: GatewayState,
     entry: ModelEntry,
-    body: dict[str, Any],
+    body: dict[str, Any] | bytes,
     *,
     path: str,
     stream: bool,
     stream_end: StreamEnd | None = None,
     transform: Callable[[dict[str, Any]], Any] | None = None,
     translation: StreamTranslation | None = None,
+    errors: ErrorDialect = OPENAI,
+    headers: Mapping[str, str] | None = None,
+    content_type: str = "application/json",
 ) -> Relay:
     """Lease a replica (at once, or after a bounded FIFO wait) and build the ``Relay`` that posts ``body``
     (final, ``model`` included) to ``path``; the relay releases the lease when it is over.
 
     ``stream_end`` overrides the adapter's; ``transform`` reshapes a non-stream 2xx answer, ``translation``
-    a stream and every error (``Target``).
+    a stream and every error (``Target``); ``errors`` is the client's error dialect. ``headers``: the client's
+    that go on to the engine. A ``bytes`` body is sent as it is, as ``content_type`` (a multipart form).
     """
     settings = state.config.server
     lease = await acquire(
@@ -126,14 +148,15 @@ async def relay(
     )
     try:
         request_id: str = request.scope[REQUEST_ID_KEY]
-        headers = {
-            "Content-Type": "application/json",
+        sent = {
+            **(headers or {}),
+            "Content-Type": content_type,
             "X-Request-Id": request_id,
             "Accept": "text/event-stream" if stream else "application/json",
         }
         key = entry.spec.engine_key()
         if key:
-            headers["Authorization"] = f"Bearer {key}"
+            sent["Authorization"] = f"Bearer {key}"
         rewrite = model_rewrite(entry.adapter.response_model(entry.spec), entry.spec.name)
 
         def target(lease: ReplicaLease, failover: Callable[[], Awaitable[Target | None]] | None) -> Target:
@@ -141,12 +164,13 @@ async def relay(
                 lease=lease,
                 path=path,
                 model=entry.spec.name,
-                headers=headers,
+                headers=sent,
                 model_rewrite=rewrite,
                 retry_after=settings.retry_after,
                 stream_end=stream_end or entry.adapter.stream_end,
                 transform=transform,
                 translation=translation,
+                errors=errors,
                 failover=failover,
             )
 
@@ -158,7 +182,7 @@ async def relay(
         return Relay(
             state.upstream,
             first,
-            orjson.dumps(body),
+            body if isinstance(body, bytes) else orjson.dumps(body),
             stream=stream,
             clocks=state.clocks,
             request_id=request_id,

@@ -35,15 +35,16 @@ from starlette.types import Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from engines.scheduling.contract import ReplicaLease
-from gateway.http.cycle import CYCLE_KEY, CycleWriter
+from gateway.http.cycle import CYCLE_KEY, CycleWriter, client_gone
 from gateway.http.errors import (
+    OPENAI,
     EngineUnavailable,
+    ErrorDialect,
     GatewayError,
     ShuttingDown,
     UpstreamError,
     UpstreamTimeout,
     reshape_upstream_error,
-    sse_error_event,
 )
 from gateway.http.scope import T0_KEY
 from gateway.http.shutdown import InFlight
@@ -85,6 +86,8 @@ class Target:
     # A client dialect carried by a chat engine: its stream events, closing events, error event and error
     # bodies replace the chat ones (the non-stream answer is its ``transform``). None: the engine's own answer.
     translation: StreamTranslation | None = None
+    # The client's error dialect (the endpoint row's): error bodies and a broken stream's last event.
+    errors: ErrorDialect = OPENAI
     # Another replica's Target, or None: asked once, when this one refused the connection (nothing was sent).
     failover: Callable[[], Awaitable[Target | None]] | None = None
 
@@ -131,10 +134,14 @@ class _Writer(Protocol):
 class _SendWriter:
     """A stream's events through the ASGI ``send``: one awaited send per piece, waited for by the exchange."""
 
-    gone = False  # the watcher cancels the relay when the client leaves; uvicorn drops what is sent after
-
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, cycle: RequestResponseCycle | None) -> None:
         self._send = send
+        self._cycle = cycle
+
+    @property
+    def gone(self) -> bool:
+        # Without uvicorn's cycle (another server) the watcher alone cancels the relay when the client leaves.
+        return self._cycle is not None and client_gone(self._cycle)
 
     def write(self, data: bytes) -> Awaitable[None]:
         return self._send({"type": "http.response.body", "body": data, "more_body": True})
@@ -291,9 +298,22 @@ class Relay(Response):
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                self._disconnected = True
-                task.cancel()
+                if not self._disconnected:  # ``_client_gone`` may have seen it first
+                    self._disconnected = True
+                    task.cancel()
                 return
+
+    def _client_gone(self, exchange: Exchange) -> None:
+        """The client's connection failed or is closing, seen by a stream's sink: the exchange ends now, its
+        engine connection dropped (the engine aborts), and the relay ends as for a client that left (499).
+        Not left to the watcher: it hears of it only after the burst of events in hand was written to the
+        dead socket, and after the engine finished when that burst held the rest of the answer."""
+        if self._disconnected:
+            return
+        self._disconnected = True
+        exchange.finish()
+        if self._task is not None:
+            self._task.cancel()
 
     def _response_headers(self, content_type: bytes, extra: _Headers | None = None) -> _Headers:
         headers = [(b"content-type", content_type), (b"x-request-id", self.request_id.encode())]
@@ -316,7 +336,7 @@ class Relay(Response):
         extra: _Headers = []
         lease = self.target.lease
         if status >= 400:
-            body = reshape_upstream_error(status, body)
+            body = self.target.errors.reshape(status, reshape_upstream_error(status, body))
             if self.target.translation is not None:
                 body = self.target.translation.error_body(status, body)
             if retry_after is not None and retry_after.isdigit():
@@ -378,7 +398,7 @@ class Relay(Response):
             assert cycle is not None  # a stream goes raw only with the cycle (``raw=`` in __call__)
             writer = CycleWriter(cycle, exchange)
         else:
-            writer = _SendWriter(body_send)
+            writer = _SendWriter(body_send, cycle)
         now = asyncio.get_running_loop().time
         translation = self.target.translation
         # Chosen once per stream: the untranslated cutter does no extra work per event.
@@ -393,8 +413,7 @@ class Relay(Response):
         def sink(chunk: bytes) -> Awaitable[None] | None:
             t = clock.heard = now()
             if writer.gone:
-                # The watcher is cancelling this request (and then drops the connection): read no more.
-                exchange.pause_reading()
+                self._client_gone(exchange)
                 return None
             try:
                 events = feed(chunk, t)
@@ -407,7 +426,8 @@ class Relay(Response):
         try:
             await clock.wait(done)
         except StreamEnded as end:
-            await self._end_with_error(send, end.final, end.before)
+            final = end.final if translation is not None else self.target.errors.event(end.message, end.type, end.code)
+            await self._end_with_error(send, final, end.before)
             return
         finally:
             writer.close()
@@ -452,12 +472,13 @@ class Relay(Response):
                     "headers": self._response_headers(b"application/json", extra),
                 }
             )
-            body = exc.body() if translation is None else translation.error_body(exc.status, exc.body())
+            errors = self.target.errors
+            body = errors.body(exc) if translation is None else translation.error_body(exc.status, exc.body())
             await send({"type": "http.response.body", "body": body, "more_body": False})
         elif translation is not None:
             await self._end_with_error(send, translation.error_event(exc.message, exc.type, exc.code))
         else:
-            await self._end_with_error(send, sse_error_event(exc.message, exc.type, exc.code))
+            await self._end_with_error(send, self.target.errors.event(exc.message, exc.type, exc.code))
         self._started = True
 
     def _record(self, outcome: Outcome) -> None:
@@ -491,8 +512,8 @@ def _transformed(transform: Callable[[dict[str, Any]], Any], data: object, outco
         ) from None
 
 
-async def send_error(send: Send, exc: GatewayError, request_id: str) -> None:
-    body = exc.body()
+async def send_error(send: Send, exc: GatewayError, request_id: str, errors: ErrorDialect = OPENAI) -> None:
+    body = errors.body(exc)
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

@@ -1,4 +1,5 @@
-"""The OpenAI POST endpoints: one route per passthrough row of the endpoint table, one generic handler.
+"""The OpenAI POST endpoints: one route per passthrough row of the endpoint table, one generic handler; and
+the routes of the engine endpoints with handlers of their own (routes/audio, routes/responses).
 
 The middleware answers these POSTs itself (its fast path, the same ``forward``); the routes are here for
 the OpenAPI schema, for the other methods (405), and for an app served without that middleware.
@@ -14,6 +15,7 @@ from fastapi import APIRouter, Request, Response
 from gateway.deps import GatewayState, StateDep
 from gateway.http.endpoints import ENDPOINTS, Endpoint, EndpointTable
 from gateway.proxy.pipeline import forward
+from gateway.routes import audio, responses
 
 _BODY_DOC: dict[str, Any] = {
     "requestBody": {
@@ -44,6 +46,9 @@ def passthrough(endpoint: Endpoint) -> Callable[[Request, GatewayState], Awaitab
 
 def build_router(table: EndpointTable = ENDPOINTS) -> APIRouter:
     router = APIRouter()
+    # The rows with handlers of their own: multipart audio, stored responses (not routed, and saying why).
+    router.include_router(audio.router)
+    router.include_router(responses.router)
     for endpoint in table.passthroughs():
         # The name the hand-written handlers had (chat_completions, ...): the OpenAPI summary and operationId.
         name = endpoint.path.removeprefix("/v1/").strip("/").replace("/", "_")

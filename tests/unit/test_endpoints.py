@@ -16,10 +16,11 @@ from gateway.config.auth import AuthConfig, Permission
 from gateway.config.loader import build_config
 from gateway.deps import get_state
 from gateway.http.endpoints import ANY, ENDPOINTS, OTHER, PUBLIC, Endpoint, EndpointTable
-from gateway.http.errors import BadRequest, PermissionDenied
+from gateway.http.errors import ANTHROPIC, OPENAI, BadRequest, PermissionDenied, Unauthorized
 from gateway.http.keys import KeyRing
 from gateway.proxy.body import BodyRule, check_fields
-from gateway.routes import openai
+from gateway.routes import audio, openai, responses
+from gateway.routes.audio import form_fields
 
 EXTRA = Endpoint("/v2/rerank", "rerank_v2", "rerank", capability="rerank", fast_path=True)
 
@@ -31,8 +32,9 @@ def app_paths(table: EndpointTable = ENDPOINTS) -> dict[str, set[str]]:
 
 
 def passthrough_routes(table: EndpointTable = ENDPOINTS) -> dict[str, APIRoute]:
-    """The routes create_app includes for ``table``'s passthrough rows."""
-    return {r.path: r for r in openai.build_router(table).routes if isinstance(r, APIRoute)}
+    """The routes create_app includes for ``table``'s passthrough rows (not those with handlers of their own)."""
+    own = {r.path for router in (audio.router, responses.router) for r in router.routes if isinstance(r, APIRoute)}
+    return {r.path: r for r in openai.build_router(table).routes if isinstance(r, APIRoute) and r.path not in own}
 
 
 def ring(*permissions: str, metrics_public: bool = True) -> KeyRing:
@@ -91,6 +93,14 @@ def test_the_default_table_rows() -> None:
         "/v1/rerank",
         "/v1/responses",
         "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/tokenize",
+        "/detokenize",
+        "/v1/score",
+        "/v1/classify",
+        "/pooling",
+        "/v1/audio/speech",
+        "/v1/images/generations",
     }
     for row in ENDPOINTS.passthroughs():
         assert row.upstream_path == row.path  # an OpenAI passthrough is posted where it was received
@@ -179,3 +189,91 @@ def test_capabilities_are_what_rows_ask_and_adapters_serve() -> None:
     asked = {r.capability for r in ENDPOINTS if r.capability is not None}
     served = set().union(*(a.capabilities for a in ADAPTERS.values()))
     assert asked == served == set(get_args(Capability))
+
+
+# path, label, permission, capability, error dialect: every engine endpoint of issue 16.
+ENGINE_ROWS = [
+    ("/v1/responses", "responses", "chat", "responses", OPENAI),
+    ("/v1/messages", "messages", "chat", "messages", ANTHROPIC),
+    ("/v1/messages/count_tokens", "messages", "chat", "count_tokens", ANTHROPIC),
+    ("/tokenize", "tokenize", "chat", "tokenize", OPENAI),
+    ("/detokenize", "tokenize", "chat", "tokenize", OPENAI),
+    ("/v1/audio/transcriptions", "audio", "audio", "transcription", OPENAI),
+    ("/v1/audio/translations", "audio", "audio", "transcription", OPENAI),
+    ("/v1/audio/speech", "audio", "audio", "speech", OPENAI),
+    ("/v1/score", "score", "rerank", "score", OPENAI),
+    ("/v1/classify", "classify", "embeddings", "classify", OPENAI),
+    ("/pooling", "pooling", "embeddings", "pooling", OPENAI),
+    ("/v1/images/generations", "images", "images", "images", OPENAI),
+]
+
+
+@pytest.mark.parametrize(("path", "label", "permission", "capability", "errors"), ENGINE_ROWS)
+def test_each_engine_endpoint_is_a_row(path: str, label: str, permission: str, capability: str, errors: Any) -> None:
+    row = ENDPOINTS.by_path(path)
+    assert row is not None and row.path == path
+    assert (row.label, row.permission, row.capability, row.errors) == (label, permission, capability, errors)
+    assert row.upstream_path == path
+
+
+def test_paths_below_the_dialect_rows() -> None:
+    # Stored responses: their own subtree row (routes/responses answers why they are not routed).
+    assert ENDPOINTS.label("/v1/responses/resp_1") == "responses"
+    assert ENDPOINTS.permission("/v1/responses/resp_1/cancel", metrics_public=True) == "chat"
+    # Anything below /v1/messages is Anthropic's: its errors too.
+    assert ENDPOINTS.errors("/v1/messages/batches") is ANTHROPIC
+    assert ENDPOINTS.by_path("/v1/messages") is ENDPOINTS.fast_path("/v1/messages")
+    assert ENDPOINTS.errors("/v1/chat/completions") is OPENAI and ENDPOINTS.errors("/nowhere") is OPENAI
+
+
+def test_a_key_works_as_x_api_key_too() -> None:
+    keys = ring("chat")
+    assert keys.check("/v1/messages", None, api_key=b"sk-key-0123456789") is not None
+    assert keys.check("/v1/messages", KEY, api_key=b"wrong") is not None  # Authorization first
+    with pytest.raises(Unauthorized):
+        keys.check("/v1/messages", None, api_key=b"sk-key-wrong-0000")
+    with pytest.raises(PermissionDenied):
+        ring("embeddings").check("/tokenize", None, api_key=b"sk-key-0123456789")
+
+
+def test_anthropic_error_shapes() -> None:
+    import orjson
+
+    from gateway.http.errors import ModelNotFound, QueueFull, UpstreamTimeout, error_body
+
+    assert orjson.loads(ANTHROPIC.body(ModelNotFound("no such model"))) == {
+        "type": "error",
+        "error": {"type": "not_found_error", "message": "no such model"},
+    }
+    assert orjson.loads(ANTHROPIC.body(QueueFull("busy")))["error"]["type"] == "rate_limit_error"
+    assert orjson.loads(ANTHROPIC.body(UpstreamTimeout("slow")))["error"]["type"] == "timeout_error"
+    for status, kind in [
+        (400, "invalid_request_error"),
+        (401, "authentication_error"),
+        (403, "permission_error"),
+        (413, "request_too_large"),
+        (500, "api_error"),
+        (503, "overloaded_error"),
+    ]:
+        reshaped = orjson.loads(ANTHROPIC.reshape(status, error_body("m", "x", "c")))
+        assert reshaped == {"type": "error", "error": {"type": kind, "message": "m"}}
+    native = b'{"type":"error","error":{"type":"not_found_error","message":"from the engine"}}'
+    assert ANTHROPIC.reshape(404, native) == native
+    event = ANTHROPIC.event("cut", "upstream_error", "upstream_disconnected")
+    assert event.startswith(b"event: error\ndata: ") and event.endswith(b"\n\n") and event.count(b"\n\n") == 1
+    assert orjson.loads(event.split(b"data: ", 1)[1]) == {
+        "type": "error",
+        "error": {"type": "api_error", "message": "cut"},
+    }
+
+
+def test_the_model_of_a_multipart_form_is_found_in_place() -> None:
+    form = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+        b"Content-Type: audio/wav\r\n\r\nRIFF--XyZ not a delimiter\r\n"
+        b'--XyZ\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper\r\n'
+        b'--XyZ\r\nContent-Disposition: form-data; name="stream"\r\n\r\ntrue\r\n--XyZ--\r\n'
+    )
+    fields = form_fields(form, b"XyZ")
+    assert {k: form[s:e] for k, (s, e) in fields.items()} == {b"model": b"whisper", b"stream": b"true"}
+    assert form_fields(b"garbage", b"XyZ") == {}
