@@ -38,6 +38,15 @@ def usable(cycle: object) -> bool:
     )
 
 
+def client_gone(cycle: RequestResponseCycle) -> bool:
+    """Has the client left, or is its connection closing? The transport says so at once: a write that failed
+    (the client reset the connection in the middle of a burst of events) or an end of file closes it there and
+    then, while ``cycle.disconnected`` is set only by uvicorn's ``connection_lost``, which asyncio runs a loop
+    iteration later: after every other write of the burst went to the dead socket (one "socket.send() raised
+    exception." each) and, for a burst that held the rest of the answer, after the engine had finished."""
+    return cycle.disconnected or cycle.transport.is_closing()
+
+
 class CycleWriter:
     """Writes body bytes to the client as uvicorn's ``send`` would, minus the await: chunk framing when the
     response is chunked, and a pause of the engine's side while the client's socket is full."""
@@ -54,7 +63,7 @@ class CycleWriter:
 
     @property
     def gone(self) -> bool:
-        return self.cycle.disconnected
+        return client_gone(self.cycle)
 
     def write(self, data: bytes) -> None:
         self.transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)

@@ -67,6 +67,7 @@ KEYS: dict[str, Callable[[Any], Any]] = {
     "stall-after-chunks": int,
     "error-after-chunks": int,
     "drip": float,
+    "burst": int,
     "record-disconnects": _bool,
     "echo-headers": _bool,
 }
