@@ -35,7 +35,7 @@ from starlette.types import Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from engines.scheduling.contract import ReplicaLease
-from gateway.http.cycle import CYCLE_KEY, CycleWriter
+from gateway.http.cycle import CYCLE_KEY, CycleWriter, client_gone
 from gateway.http.errors import (
     OPENAI,
     EngineUnavailable,
@@ -134,10 +134,14 @@ class _Writer(Protocol):
 class _SendWriter:
     """A stream's events through the ASGI ``send``: one awaited send per piece, waited for by the exchange."""
 
-    gone = False  # the watcher cancels the relay when the client leaves; uvicorn drops what is sent after
-
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, cycle: RequestResponseCycle | None) -> None:
         self._send = send
+        self._cycle = cycle
+
+    @property
+    def gone(self) -> bool:
+        # Without uvicorn's cycle (another server) the watcher alone cancels the relay when the client leaves.
+        return self._cycle is not None and client_gone(self._cycle)
 
     def write(self, data: bytes) -> Awaitable[None]:
         return self._send({"type": "http.response.body", "body": data, "more_body": True})
@@ -294,9 +298,22 @@ class Relay(Response):
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                self._disconnected = True
-                task.cancel()
+                if not self._disconnected:  # ``_client_gone`` may have seen it first
+                    self._disconnected = True
+                    task.cancel()
                 return
+
+    def _client_gone(self, exchange: Exchange) -> None:
+        """The client's connection failed or is closing, seen by a stream's sink: the exchange ends now, its
+        engine connection dropped (the engine aborts), and the relay ends as for a client that left (499).
+        Not left to the watcher: it hears of it only after the burst of events in hand was written to the
+        dead socket, and after the engine finished when that burst held the rest of the answer."""
+        if self._disconnected:
+            return
+        self._disconnected = True
+        exchange.finish()
+        if self._task is not None:
+            self._task.cancel()
 
     def _response_headers(self, content_type: bytes, extra: _Headers | None = None) -> _Headers:
         headers = [(b"content-type", content_type), (b"x-request-id", self.request_id.encode())]
@@ -381,7 +398,7 @@ class Relay(Response):
             assert cycle is not None  # a stream goes raw only with the cycle (``raw=`` in __call__)
             writer = CycleWriter(cycle, exchange)
         else:
-            writer = _SendWriter(body_send)
+            writer = _SendWriter(body_send, cycle)
         now = asyncio.get_running_loop().time
         translation = self.target.translation
         # Chosen once per stream: the untranslated cutter does no extra work per event.
@@ -396,8 +413,7 @@ class Relay(Response):
         def sink(chunk: bytes) -> Awaitable[None] | None:
             t = clock.heard = now()
             if writer.gone:
-                # The watcher is cancelling this request (and then drops the connection): read no more.
-                exchange.pause_reading()
+                self._client_gone(exchange)
                 return None
             try:
                 events = feed(chunk, t)
