@@ -21,10 +21,10 @@ step() {  # step NAME COMMAND...: run it, say how long it took
 step "ruff check" "$BIN/ruff" check .
 step "ruff format --check" "$BIN/ruff" format --check .
 step "mypy --strict" "$BIN/mypy"
-step "fast suite" "$BIN/pytest" -m "not vllm"
+step "fast suite" "$BIN/pytest" -m "not vllm and not lmdeploy"
 t0=$SECONDS
 wait "$install_pid" || true  # a failed install is reported by the tests' skip reason
 trap - EXIT
 echo "== real vLLM install (waited after the fast suite): $((SECONDS - t0)) s; $(tail -1 .cache/vllm-install.out)"
-step "real-vLLM suite" "$BIN/pytest" -m vllm
+step "real-vLLM suite" "$BIN/pytest" -m "vllm or lmdeploy"  # lmdeploy: its CLI parser (install-lmdeploy.sh)
 echo "== make test: $((SECONDS - start)) s"
