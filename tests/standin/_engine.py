@@ -14,6 +14,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from _cli import VLLM_VERSION, EngineConfig
+from _dialects import (
+    anthropic_error,
+    forced_tool,
+    message_body,
+    message_events,
+    message_id,
+    messages_as_chat,
+    response_body,
+    response_events,
+    response_id,
+    responses_as_chat,
+)
 from _faults import FaultError, Faults, Recorder, emit
 from _http import ClientGone, Request, Response
 from _openai import (
@@ -52,6 +64,7 @@ from _shapes import (
 VLLM_AUTH_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
 LMDEPLOY_AUTH_FREE = ("/health", "/docs", "/redoc", "/nodes")
 INFERENCE = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/rerank", "/v2/rerank"}
+DIALECTS = {"/v1/responses", "/v1/messages", "/v1/messages/count_tokens"}  # _dialects.py; inference too
 ENGINE_500 = "The server had an error while processing your request."
 ENGINE_DEAD_500 = "EngineCore encountered an issue. See stack trace (above) for the root cause."  # EngineDeadError
 
@@ -79,6 +92,8 @@ class State:
 
 
 def sse(payload: Any) -> bytes:
+    if isinstance(payload, bytes):
+        return payload  # a named event, whole (_dialects.py)
     text = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
     return f"data: {text}\n\n".encode()
 
@@ -111,6 +126,10 @@ class App:
             "/v1/chat/completions": ("POST",),
             "/v1/completions": ("POST",),
             "/v1/embeddings": ("POST",),
+            # Both engines speak these (vLLM 0.32; LMDeploy since 0.13/0.14): _dialects.py.
+            "/v1/responses": ("POST",),
+            "/v1/messages": ("POST",),
+            "/v1/messages/count_tokens": ("POST",),
         }
         if self.vllm:
             self.routes.update(
@@ -204,7 +223,7 @@ class App:
         except FaultError as exc:
             await resp.send(500, f"standin: {exc}".encode(), "text/plain; charset=utf-8")
             return
-        if path in INFERENCE:
+        if path in INFERENCE or path in DIALECTS:
             await self._inference(req, resp, faults)
         else:
             await self._utility(req, resp, path, faults)
@@ -266,7 +285,10 @@ class App:
         elif path in ("/tokenize", "/detokenize"):
             body = self._body(req)
             if path == "/tokenize":
-                words = str(body.get("prompt", "")).split()
+                if isinstance(body.get("messages"), list):  # a chat prompt: every message's words (no template)
+                    words = ["w"] * chat_prompt(body, cfg).tokens
+                else:
+                    words = str(body.get("prompt", "")).split()
                 tokens = [zlib.crc32(w.encode()) % 50000 for w in words]
                 await self._send_json(
                     resp,
@@ -388,7 +410,9 @@ class App:
             if broken == "ok-but-broken":
                 raise ApiError(500, ENGINE_500 if self.vllm else "Internal server error.")
             body = self._body(req)
-            if req.path.endswith("/chat/completions"):
+            if req.path in DIALECTS:
+                await self._dialect(req, resp, faults, body)
+            elif req.path.endswith("/chat/completions"):
                 await self._generate(req, resp, faults, body, "chat")
             elif req.path.endswith("/v1/completions"):
                 await self._generate(req, resp, faults, body, "completion")
@@ -401,7 +425,9 @@ class App:
                 check_fields(body, {"query": ("str", True), "documents": ("list", True)}, "vllm")
                 await self._pooled(req, resp, faults, rerank_body(body, self._model(body)))
         except ApiError as err:
-            if not resp.started:
+            if not resp.started and req.path.startswith("/v1/messages"):
+                await self._send_json(resp, err.status, anthropic_error(err.status, err.message), err.headers)
+            elif not resp.started:
                 await self._error(resp, err)
         except Aborted:
             if not resp.started:
@@ -464,6 +490,61 @@ class App:
         if model not in names:
             raise ApiError(404, f"The model '{model}' does not exist.")
         return str(model)
+
+    async def _dialect(self, req: Request, resp: Response, faults: dict[str, Any], body: Any) -> None:
+        """/v1/responses, /v1/messages and /v1/messages/count_tokens, read as the chat request they amount to."""
+        cfg, engine = self.cfg, self.cfg.engine
+        if not isinstance(body, dict):
+            raise ApiError(400, "The request body must be a JSON object.")
+        messages = req.path.startswith("/v1/messages")
+        if messages and engine == "lmdeploy" and not req.header("anthropic-version"):
+            raise ApiError(400, "Missing required header: anthropic-version")
+        count = req.path.endswith("/count_tokens")
+        chat = messages_as_chat(body, count=count) if messages else responses_as_chat(body)
+        if not self.vllm:
+            check_fields(body, {"model": ("str", True)}, engine)
+        model = self._model(body)
+        prompt = chat_prompt(chat, cfg)
+        check_length(prompt, cfg)
+        for m in prompt.media:
+            self.s.record("media", path=req.path, **m)
+        if count:
+            await self._send_json(resp, 200, {"input_tokens": prompt.tokens})
+            return
+        tool = forced_tool(body) if messages else None
+        if body.get("tools") and not cfg.tool_parser:
+            raise ApiError(
+                400, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
+            )
+        the_plan = plan(prompt, chat, cfg)
+        rid = new_id("chatcmpl", req.header("x-request-id")) if messages else response_id()
+        headers = (("x-standin-images", str(prompt.images)),) if prompt.images else ()
+        self.s.running += 1
+        try:
+            if body.get("stream"):
+                if messages:
+                    events = message_events(message_id(engine, rid), model, the_plan, prompt.tokens, tool)
+                else:
+                    events = response_events(engine, rid, model, body, the_plan, prompt.tokens)
+                await self._stream(req, resp, faults, events, rid, headers)
+            else:
+                try:
+                    await self.pause(resp, float(faults.get("first-token-delay", 0)))
+                except ClientGone:
+                    self._gone(req, faults, 0, rid)
+                    raise
+                if messages:
+                    out = message_body(engine, message_id(engine, rid), model, the_plan, prompt.tokens, tool)
+                else:
+                    out = response_body(rid, model, body, the_plan, prompt.tokens)
+                if faults.get("echo-headers"):
+                    out["standin_echo"] = {"method": req.method, "path": req.path, "headers": req.raw_headers}
+                await self._send_json(resp, 200, out, headers)
+            self.s.successes += 1
+            self.s.prompt_tokens += prompt.tokens
+            self.s.generation_tokens += len(the_plan.tokens)
+        finally:
+            self.s.running -= 1
 
     async def _pooled(self, req: Request, resp: Response, faults: dict[str, Any], out: dict) -> None:
         await self.pause(resp, float(faults.get("first-token-delay", 0)))
@@ -622,6 +703,8 @@ class App:
             self._gone(req, faults, sent, rid)
             raise
         except Aborted:
+            if not any(isinstance(p, dict) for _, p in events):
+                return  # a dialect's stream (_dialects.py): cut where it was
             # vLLM 0.32: an aborted stream ends like a finished one, with finish_reason "abort" (no error event).
             with contextlib.suppress(ClientGone):
                 await resp.write(b"".join(sse(p) for p in abort_tail(events, sent)))
