@@ -2,7 +2,9 @@
 
 The gateway starts ``reaper.py`` (in a new session, so the whole launch is one process group) and the
 reaper starts the engine. The gateway holds the write end of a lifeline pipe: when the gateway dies, even
-by SIGKILL, the reaper reads EOF and ends the engine's tree. Every process of the launch carries the
+by SIGKILL, the reaper reads EOF and ends the engine's tree. The reaper says on a status pipe when the
+engine's main process exits, before it ends the rest of the tree (``ended``): a replica whose API server
+died leaves rotation at once, not when its orphans are gone. Every process of the launch carries the
 environment tag from procfs.py, which is how a stop is verified and how leftovers are swept.
 
 Spawning uses ``loop.subprocess_exec`` with a small protocol rather than ``create_subprocess_exec``:
@@ -108,6 +110,8 @@ class EngineProcess:
         self._drained: asyncio.Future[None] | None = None
         self._lifeline: int | None = None
         self._pidfd: int | None = None
+        self._status: int | None = None  # read end of the reaper's status pipe
+        self._main_exit: asyncio.Future[int] | None = None  # the code the reaper reported for the main process
         self._engine: tuple[int, str | None] | None = None
         self._closed = False
         self.leftovers: list[int] = []  # tagged pids that outlived the reaper (found and killed by stop)
@@ -120,8 +124,10 @@ class EngineProcess:
         loop = asyncio.get_running_loop()
         self._exited = loop.create_future()
         self._drained = loop.create_future()
+        self._main_exit = loop.create_future()
         splitter = LineSplitter(self._line, max_line=self.log.max_line)
         read_end, write_end = os.pipe()
+        status_read, status_write = os.pipe()
         reaper = [
             sys.executable,
             "-I",
@@ -130,6 +136,8 @@ class EngineProcess:
             str(read_end),
             "--grace",
             f"{self.grace:g}",
+            "--status-fd",
+            str(status_write),
             "--",
             *self.argv,
         ]
@@ -142,18 +150,47 @@ class EngineProcess:
                 stderr=asyncio.subprocess.STDOUT,
                 env=engine_environ(self._env, self.engine_id),
                 start_new_session=True,
-                pass_fds=(read_end,),
+                pass_fds=(read_end, status_write),
             )
         except BaseException:
             os.close(write_end)
+            os.close(status_read)
             raise
         finally:
             os.close(read_end)
+            os.close(status_write)
         self._transport = transport
         self._lifeline = write_end
+        self._status = status_read
+        os.set_blocking(status_read, False)
+        loop.add_reader(status_read, self._status_readable)
         with contextlib.suppress(OSError, AttributeError):
             # A pidfd names this process and no other, even after its pid is reused.
             self._pidfd = os.pidfd_open(transport.get_pid())
+
+    def _status_readable(self) -> None:
+        """The reaper's status pipe: ``exited CODE`` when the engine's main process exits; EOF when it exits."""
+        assert self._status is not None and self._main_exit is not None
+        try:
+            data = os.read(self._status, 256)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        for line in data.splitlines():
+            word, _, code = line.partition(b" ")
+            if word == b"exited" and code.strip().lstrip(b"-").isdigit() and not self._main_exit.done():
+                self._main_exit.set_result(int(code))
+        if not data:
+            self._close_status()
+
+    def _close_status(self) -> None:
+        if self._status is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed already: nothing is watching it
+                asyncio.get_running_loop().remove_reader(self._status)
+            with contextlib.suppress(OSError):
+                os.close(self._status)
+            self._status = None
 
     def _line(self, line: str) -> None:
         if self.secrets:
@@ -210,6 +247,16 @@ class EngineProcess:
         code = self.returncode
         assert code is not None
         return code
+
+    async def ended(self) -> int:
+        """Until the engine's main process exits, as the reaper reports it at once (the rest of the tree is then
+        being ended: ``wait`` or ``stop`` for that), or until the reaper exits; the exit code as ``wait``'s."""
+        if self._exited is None or self._main_exit is None:
+            raise RuntimeError("not started")
+        await asyncio.wait((self._exited, self._main_exit), return_when=asyncio.FIRST_COMPLETED)
+        if self._main_exit.done():
+            return self._main_exit.result()
+        return await self.wait()
 
     async def _wait_exited(self, seconds: float) -> bool:
         assert self._exited is not None
@@ -280,6 +327,7 @@ class EngineProcess:
                 await asyncio.wait_for(asyncio.shield(self._drained), 1.0)
         if self._transport is not None and self.returncode is not None:
             self._transport.close()
+        self._close_status()
         for fd in (self._lifeline, self._pidfd):
             if fd is not None:
                 with contextlib.suppress(OSError):

@@ -2,14 +2,16 @@
 
 Run by engines/process/launch.py, never imported by the gateway:
 
-    python -I reaper.py --lifeline-fd N --grace S [--exit-grace S] -- ENGINE_ARGV...
+    python -I reaper.py --lifeline-fd N --grace S [--exit-grace S] [--status-fd N] -- ENGINE_ARGV...
 
 It marks itself child subreaper (orphans of the engine's tree are reparented to it, not to init), starts
 the engine as its only direct child, in its own process group (the gateway started it in a new session),
 and then waits for one of three things:
 
-* the engine's main process exits: the rest of the tree is ended (SIGTERM, ``--exit-grace``, SIGKILL) and
-  the reaper exits with the engine's status (a signal n becomes 128+n);
+* the engine's main process exits: ``exited CODE`` goes to the status pipe at once (the gateway stops
+  routing to it now, not once the tree is gone), the rest of the tree is ended (SIGTERM, ``--exit-grace``,
+  short: vLLM's orphaned EngineCore and Worker ignore SIGTERM; SIGKILL) and the reaper exits with the
+  engine's status (a signal n becomes 128+n);
 * SIGTERM/SIGINT/SIGHUP (a stop): SIGTERM to the tree, ``--grace``, SIGKILL, exit;
 * EOF on the lifeline pipe: the gateway died (even by SIGKILL, the kernel closes its end); same as a stop.
 
@@ -32,6 +34,7 @@ PR_SET_CHILD_SUBREAPER = 36
 TAG_VARS = ("GATEWAY_ENGINE_ID", "GATEWAY_OWNER_PID")
 KILL_WAIT = 10.0  # after SIGKILL: a process in uninterruptible sleep (a GPU driver call) may take a while
 EXEC_FAILED = 127
+EXIT_GRACE = 0.5  # default --exit-grace: the main process is gone, what is left is orphaned and owes nothing
 
 
 def _say(msg: str) -> None:
@@ -49,9 +52,9 @@ def _set_subreaper() -> None:
         _say(f"prctl(PR_SET_CHILD_SUBREAPER) failed: errno {ctypes.get_errno()}; orphans escape to init")
 
 
-def _parse(argv: list[str]) -> tuple[int, float, float, list[str]]:
+def _parse(argv: list[str]) -> tuple[int, float, float, int, list[str]]:
     if "--" not in argv:
-        raise SystemExit("usage: reaper.py --lifeline-fd N --grace S [--exit-grace S] -- ARGV...")
+        raise SystemExit("usage: reaper.py --lifeline-fd N --grace S [--exit-grace S] [--status-fd N] -- ARGV...")
     split = argv.index("--")
     opts, command = argv[:split], argv[split + 1 :]
     values = dict(zip(opts[::2], opts[1::2], strict=False))
@@ -59,8 +62,9 @@ def _parse(argv: list[str]) -> tuple[int, float, float, list[str]]:
         raise SystemExit("reaper.py: no engine command after --")
     lifeline = int(values.get("--lifeline-fd", "-1"))
     grace = float(values.get("--grace", "10"))
-    exit_grace = float(values.get("--exit-grace", str(min(grace, 3.0))))
-    return lifeline, grace, exit_grace, command
+    exit_grace = float(values.get("--exit-grace", str(min(grace, EXIT_GRACE))))
+    status = int(values.get("--status-fd", "-1"))
+    return lifeline, grace, exit_grace, status, command
 
 
 class Tree:
@@ -139,8 +143,9 @@ class Tree:
 
 
 class Reaper:
-    def __init__(self, lifeline: int, grace: float, exit_grace: float, command: list[str]) -> None:
+    def __init__(self, lifeline: int, grace: float, exit_grace: float, command: list[str], status: int = -1) -> None:
         self.lifeline = lifeline
+        self.status = status
         self.grace = grace
         self.exit_grace = exit_grace
         self.command = command
@@ -163,8 +168,9 @@ class Reaper:
         signal.signal(signal.SIGCHLD, lambda _s, _f: None)
 
     def spawn(self) -> bool:
-        if self.lifeline >= 0:
-            os.set_inheritable(self.lifeline, False)
+        for fd in (self.lifeline, self.status):
+            if fd >= 0:
+                os.set_inheritable(fd, False)
         # Dispositions that Python changed (SIGPIPE ignored, handlers above) go back to default for the engine.
         defaults = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
         try:
@@ -253,6 +259,15 @@ class Reaper:
         while self.reap() and time.monotonic() < deadline:
             time.sleep(0.01)
 
+    def tell_exited(self) -> None:
+        """``exited CODE`` on the status pipe: the gateway learns of the exit before the tree is ended."""
+        if self.status < 0:
+            return
+        try:
+            os.write(self.status, f"exited {self.exit_code()}\n".encode())
+        except OSError:
+            pass  # the gateway is gone: the lifeline says so too
+
     def exit_code(self) -> int:
         if self.engine_status is None:
             return 128 + signal.SIGKILL
@@ -261,14 +276,15 @@ class Reaper:
 
 
 def main(argv: list[str]) -> int:
-    lifeline, grace, exit_grace, command = _parse(argv)
-    reaper = Reaper(lifeline, grace, exit_grace, command)
+    lifeline, grace, exit_grace, status, command = _parse(argv)
+    reaper = Reaper(lifeline, grace, exit_grace, command, status)
     reaper.install_signals()
     _set_subreaper()
     if not reaper.spawn():
         return EXEC_FAILED
     why = reaper.watch()
     if why == "exit":
+        reaper.tell_exited()
         reaper.terminate(exit_grace)
     else:
         if why == "lifeline":

@@ -1,7 +1,8 @@
 """One replica's lifecycle, owned by one asyncio task (llama-swap's rule: one owner; the rest read snapshots).
 
     STOPPED ─start→ STARTING ─ready before the deadline→ READY
-                      │ exit / deadline / spawn error      │ exit, or unhealthy_threshold failed probes
+                      │ exit / deadline / spawn error      │ exit (the reaper tells at once), or
+                      │                                    │ unhealthy_threshold failed probes
                       ▼                                    ▼
                    BACKOFF ◀───────────────────────────────┘   (the launch is killed, its log kept)
                       │ delay from backoff.py; budget spent → FAILED (until start/restart)
@@ -13,8 +14,10 @@ queue a command for it and wait for it to be taken up. Each move goes to ``on_ev
 tells the scheduler) synchronously and unguarded: a subscriber that raises ends this task loudly rather
 than leaving the scheduler's copy behind. Requests in flight are not counted here: ``inflight`` reads
 the pool's lease count. "Connection refused while the child lives" is loading, not failure; the child's
-exit is the strongest signal. A remote engine (``adapter.spawns`` False) is only probed: READY while it answers,
-STARTING while it does not, never FAILED.
+exit is the strongest signal. A request that failed (``report_failure``) asks for a probe at once, at most
+every PROMPT_PROBE_GAP: if it fails too, the replica is UNHEALTHY (out of rotation) there and then. A remote
+engine (``adapter.spawns`` False) is only probed: READY while it answers, STARTING while it does not, never
+FAILED.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ from engines.spec import ModelSpec
 S = EngineState
 _log = logging.getLogger(__name__)
 HURRIED_GRACE = 1.0  # seconds between SIGTERM and SIGKILL when the operator said "now"
+# At most one probe this often on the request path's word (a 5xx, a refused connection): a dead engine is
+# seen within a probe's time, and a replica failing every request is not probed once per request.
+PROMPT_PROBE_GAP = 1.0
 
 
 class Supervisor:
@@ -92,6 +98,7 @@ class Supervisor:
         self.probe_failures = 0
         self.passive_failures = 0
         self._hurried = False  # a second signal: every stop from then on gives the engine HURRIED_GRACE at most
+        self._prompt_probe_at = -PROMPT_PROBE_GAP  # when a request's failure last asked for a probe
 
     # -- reading (any task) -------------------------------------------------------------------------
 
@@ -166,6 +173,12 @@ class Supervisor:
         self.passive_failures += 1
         if self._on_report is not None:
             self._on_report(self.replica, False)
+        now = self._clock()
+        if self._state is S.READY and now - self._prompt_probe_at >= PROMPT_PROBE_GAP:
+            # Probe now rather than at the next interval: vLLM's /health is 503 within 0.1 s of its engine's
+            # death, and a failed probe after a failed request takes the replica out of rotation at once.
+            self._prompt_probe_at = now
+            self._mailbox.post("probe")
         limit = self.spec.outlier.restart_after
         if limit and self.passive_failures == limit and self._state is S.READY and self.adapter.spawns:
             self._mailbox.post("broken")  # once per streak: the count only grows until a success or a launch
@@ -269,7 +282,13 @@ class Supervisor:
         failing_since = 0.0
         while self._state in (S.READY, S.UNHEALTHY) and self._proc is proc:
             kind, value = await self._wait(after=health.interval)
-            if kind == "timeout":
+            prompted = False
+            # A request's failure asks for a probe now (``report_failure``); one that comes during a probe
+            # starts it again, so that its answer is the one the failure asked for.
+            while kind == "timeout" or (kind == "cmd" and value.kind == "probe"):
+                if kind == "cmd":
+                    value.finish()
+                    prompted = True
                 kind, value = await self._wait(work=self._probe())
             if kind != "work":
                 await self._interrupted(kind, value)
@@ -287,6 +306,11 @@ class Supervisor:
             self.probe_failures += 1
             if self.health_failures == 1:
                 failing_since = loop.time()
+            if prompted and self._state is S.READY and self.adapter.spawns:
+                # A request failed and the probe agrees: out of rotation now, not after the threshold's probes.
+                self.last_error = f"a request failed and the health check agrees ({why})"
+                self._enter(S.UNHEALTHY, f"{self.last_error}; out of rotation, restarted if it lasts")
+                continue
             if self.health_failures < health.unhealthy_threshold:
                 continue
             reason = f"health check failed {self.health_failures} times in a row ({why})"
@@ -337,7 +361,7 @@ class Supervisor:
         )
         await proc.start()
         self._proc = proc
-        self._exit_task = asyncio.ensure_future(proc.wait())
+        self._exit_task = asyncio.ensure_future(proc.ended())  # the main process's exit, as the reaper tells it
 
     async def _end_launch(self) -> None:
         """Make sure the current launch is gone (a no-op when there is none); keeps its log."""
@@ -408,6 +432,8 @@ class Supervisor:
                     self._enter(S.STOPPING, "stop requested")
                     await self._end_launch()
                     self._enter(S.STOPPED, "stop requested")
+            elif cmd.kind == "probe":
+                pass  # taken up by ``_serving``; in any other state the next probe comes anyway
             elif cmd.kind == "broken":
                 if self._state is S.READY and self.passive_failures >= self.spec.outlier.restart_after:
                     self._crashed(f"{self.passive_failures} requests in a row failed while its health check passed")
