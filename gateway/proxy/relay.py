@@ -49,7 +49,17 @@ from gateway.http.errors import (
 from gateway.http.scope import T0_KEY
 from gateway.http.shutdown import InFlight
 from gateway.observability.metrics import Metrics
-from gateway.proxy.sse import DONE, EventCutter, Outcome, StreamEnded, StreamTranslation, TranslatingCutter, count_usage
+from gateway.proxy.sse import (
+    ABORTED,
+    DONE,
+    EventCutter,
+    Outcome,
+    StreamEnded,
+    StreamTranslation,
+    TranslatingCutter,
+    aborted,
+    count_usage,
+)
 from gateway.proxy.upstream.client import Clocks, Upstream
 from gateway.proxy.upstream.exchange import AnswerTooLarge, ConnectFailed, EngineClosed, Exchange
 
@@ -355,6 +365,11 @@ class Relay(Response):
                 raise UpstreamError(
                     "The engine sent an answer that is not valid JSON.", code="bad_upstream_response"
                 ) from None
+            if b'"abort"' in body and aborted(data):
+                # Stopped mid-answer (an admin stop, a swap, the drain's end): 503 and Retry-After, like an engine
+                # that is not accepting connections; not 502, since the engine answered as it should when stopped.
+                outcome.error_kind = "aborted"
+                raise EngineUnavailable(ABORTED, retry_after=self.target.retry_after)
             lease.report(True)
             if isinstance(data, dict):
                 count_usage(data.get("usage"), outcome)

@@ -18,9 +18,10 @@ from typing import Protocol
 
 import orjson
 
-from gateway.http.errors import UpstreamError, sse_error_event
+from gateway.http.errors import EngineUnavailable, UpstreamError, sse_error_event
 
 MAX_EVENT_BYTES = 4 * 1024 * 1024  # one SSE event larger than this is not an engine talking
+ABORTED = "The engine stopped before the answer was complete (its model was stopped, restarted or swapped out); retry."
 DONE = b"data: [DONE]\n\n"
 
 
@@ -94,6 +95,8 @@ class EventCutter:
             chunk = chunk[:cut]
         if b'"error"' in chunk:
             _raise_at_error_event(chunk, self.outcome)
+        if b'"abort"' in chunk:
+            _raise_at_abort(chunk, self.outcome)
         if b'"usage"' in chunk:
             _peek_usage(chunk, self.outcome)
         for old, new in self.rewrite:
@@ -168,6 +171,39 @@ def _raise_at_error_event(chunk: bytes, outcome: Outcome) -> None:
         raise StreamEnded(
             before + b"\n\n" if before else b"", sse_error_event(message, type_, code), message, type_, code
         )
+
+
+def aborted(data: object) -> bool:
+    """Does this answer (or stream chunk) end a choice with ``finish_reason: "abort"``?
+
+    vLLM ends what it was generating when it is stopped (SIGTERM: an admin stop, a swap, the drain's end) that
+    way: a stream gets that chunk, usage and ``[DONE]``, a whole answer 200 with the partial text. A client
+    would take either for a complete answer; the gateway turns both into its "engine unavailable" error.
+    """
+    if not isinstance(data, dict):
+        return False
+    choices = data.get("choices")
+    return isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") == "abort" for c in choices)
+
+
+def _raise_at_abort(chunk: bytes, outcome: Outcome) -> None:
+    """An event with ``finish_reason: "abort"`` ends the client's stream as a broken one (see ``aborted``): the
+    events before it, then the error event, and no ``[DONE]``. Only events that name "abort" are parsed."""
+    events = chunk.split(b"\n\n")
+    for i, event in enumerate(events):
+        if not event.startswith(b"data:") or b'"abort"' not in event:
+            continue
+        try:
+            data = orjson.loads(event[5:])
+        except orjson.JSONDecodeError:
+            continue
+        if aborted(data):
+            before = b"\n\n".join(events[:i])
+            outcome.error_kind = "aborted"
+            type_, code = EngineUnavailable.type, EngineUnavailable.code
+            raise StreamEnded(
+                before + b"\n\n" if before else b"", sse_error_event(ABORTED, type_, code), ABORTED, type_, code
+            )
 
 
 def count_usage(usage: object, outcome: Outcome) -> None:
