@@ -49,7 +49,10 @@ def engine_row(entry: ModelEntry, snap: ReplicaSnapshot) -> dict[str, Any]:
         "state": snap.state.value,
         "since": snap.state_since,
         "ready_since": snap.ready_since,
+        # Two processes, named: the launch's reaper (its process group; what a stop signals) and the engine's main
+        # process (vLLM's API server; null until found after a (re)start). "pid" is the reaper's, kept for old readers.
         "pid": snap.pid,
+        "reaper_pid": snap.pid,
         "engine_pid": snap.engine_pid,
         "port": snap.port,
         "restarts": snap.restarts,

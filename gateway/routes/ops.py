@@ -56,7 +56,9 @@ def _replica_summary(entry: ModelEntry, ejected: tuple[int, ...]) -> list[dict[s
             {
                 "replica": s.replica,
                 "state": s.state.value,
-                "pid": s.engine_pid or s.pid,
+                "pid": s.engine_pid or s.pid,  # kept for old readers; the two below say which is which
+                "engine_pid": s.engine_pid,  # the engine's main process (null briefly after a restart)
+                "reaper_pid": s.pid,  # the launch's reaper, the process group a stop signals
                 "restarts": s.restarts,
                 "last_exit_code": s.last_exit_code,
                 "last_error": s.last_error,

@@ -94,6 +94,10 @@ def test_the_api_server_killed_is_seen_before_its_orphans_are_ended(tmp_path: Pa
     with run_gateway(config, tmp_path) as gw:
         first = _row(gw)
         api = first["engine_pid"]
+        # Both processes, named, in the admin row and in /health's: the reaper above the engine's main process.
+        assert first["reaper_pid"] == first["pid"] and api not in (None, first["reaper_pid"]), first
+        replica = httpx.get(gw.url + "/health", timeout=5).json()["models"]["chat"]["replicas"][0]
+        assert (replica["engine_pid"], replica["reaper_pid"]) == (api, first["reaper_pid"]), replica
         core = _engine_core(gw)
         os.kill(api, signal.SIGKILL)
         assert wait_until(lambda: _row(gw)["state"] != "ready", 30), _row(gw)
