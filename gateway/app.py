@@ -23,7 +23,7 @@ from engines import EnginePool, EngineState, StateChanged
 from gateway.config.loader import Config
 from gateway.config.reload import Reloader, install_sighup
 from gateway.deps import GatewayState, OwnerState
-from gateway.http.endpoints import ENDPOINTS, EndpointTable
+from gateway.http.endpoints import EndpointTable, endpoint_table
 from gateway.http.errors import BadRequest, GatewayError, error_body
 from gateway.http.keys import KeyRing
 from gateway.http.middleware import GatewayMiddleware
@@ -127,13 +127,17 @@ def create_app(
     server_overrides: Mapping[str, Any] | None = None,
     workers: Fleet | None = None,
     shutdown: Shutdown | None = None,
-    endpoints: EndpointTable = ENDPOINTS,
+    endpoints: EndpointTable | None = None,
 ) -> FastAPI:
     """``config_path``: the file to re-read on ``POST /admin/reload`` and SIGHUP (with ``server_overrides``,
     the command line's --host/--port, applied again). ``workers``: this app is the owner of several worker
     processes (gateway/workers), started once the engines' pool runs and stopped before it. ``shutdown``:
     the stages the server drives on a signal (one is made when not given). ``endpoints``: the table of paths
-    (gateway/http/endpoints.py) the keys, the metrics and the passthrough routes follow."""
+    (gateway/http/endpoints.py) the keys, the metrics and the passthrough routes follow; by default the
+    module's rows and the config's ``passthrough:`` section (a worker builds the same: gateway/workers/worker)."""
+    if endpoints is None:
+        endpoints = endpoint_table(config.passthrough)
+    log_configured(endpoints)
     metrics = Metrics()
     keys = KeyRing(config.auth)
     gpu_probe = gpus or GpuProbe()
@@ -178,6 +182,16 @@ def create_app(
     app.add_middleware(GatewayMiddleware, keys=keys, metrics=metrics, endpoints=endpoints)
     install_error_handlers(app)
     return app
+
+
+def log_configured(endpoints: EndpointTable) -> None:
+    """One line per ``passthrough:`` path, so an operator sees what the running table holds (a reload that
+    changes the section is not applied: gateway/config/reload.py)."""
+    for row in endpoints.configured():
+        kinds = ", ".join(sorted(row.engines or ()))
+        log.info(
+            "passthrough: POST %s to %s engines (permission %s, label %s)", row.path, kinds, row.permission, row.label
+        )
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -15,7 +15,9 @@ from engines.discovery import DiscoveryPolicy, DiscoveryResult, GpuSlot, discove
 from engines.scheduling.placement import GroupSpec, Placement, check_placement
 from engines.spec import ModelSpec
 from gateway.config.auth import AuthConfig
+from gateway.config.passthrough import Passthrough
 from gateway.config.server import ServerSettings
+from gateway.http.endpoints import endpoint_table
 from gateway.media.settings import MediaConfig
 from gateway.observability.gpu_probe import GpuInfo, GpuProbe
 
@@ -42,6 +44,8 @@ class Config(BaseModel):
     # Which models may share GPUs and how many run at once (engines/scheduling/placement.py).
     groups: dict[str, GroupSpec] = Field(default_factory=dict)
     max_loaded: int = Field(0, ge=0)
+    # More POST paths the engines serve (gateway/config/passthrough.py): rows of the endpoint table.
+    passthrough: Passthrough = Field(default_factory=dict)
     _discovered: DiscoveryResult | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
@@ -54,6 +58,11 @@ class Config(BaseModel):
                 if served in owner:
                     raise ValueError(f"model {spec.name!r} lists {served!r} twice")
                 owner[served] = spec.name
+        return self
+
+    @model_validator(mode="after")
+    def _passthrough_is_free(self) -> Config:
+        endpoint_table(self.passthrough)  # a configured path the gateway answers itself: a ValueError
         return self
 
     @model_validator(mode="after")

@@ -2,8 +2,9 @@
 
 Models are applied in place (``EnginePool.reload``): added ones start if eager, removed ones drain and
 stop, changed ones drain and come back with the new spec, untouched ones keep serving without a break.
-``groups`` and ``max_loaded`` apply to the next decisions. The ``server``, ``auth`` and ``media`` blocks
-are built into the running app (the listener, the clocks, the key ring, the media fetcher): a change
+``groups`` and ``max_loaded`` apply to the next decisions. The ``server``, ``auth``, ``media`` and
+``passthrough`` blocks are built into the running app (the listener, the clocks, the key ring, the media
+fetcher, the endpoint table and its routes in the owner and every worker): a change
 there is reported as ``restart_required`` and not applied. An invalid file changes nothing.
 """
 
@@ -20,7 +21,7 @@ from engines import EnginePool
 from gateway.config.loader import Config, ConfigError, load_config
 
 log = logging.getLogger("gateway.config.reload")
-_RESTART_ONLY = ("server", "auth", "media")
+_RESTART_ONLY = ("server", "auth", "media", "passthrough")
 
 
 class ReloadTarget(Protocol):

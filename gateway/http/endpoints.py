@@ -22,16 +22,22 @@ prompt's tokens is part of chatting: ``/v1/messages/count_tokens``, ``/tokenize`
 ``/v1/score`` is ``rerank`` (the same cross-encoders); ``/v1/classify`` and ``/pooling`` are ``embeddings``
 (pooling models); audio is ``audio`` and image generation ``images``. Stored responses
 (``/v1/responses/{id}``) are not routed (routes/responses.py says why).
+
+The config's ``passthrough:`` section (gateway/config/passthrough.py) adds rows of its own: a fast-path row
+per path, served by the engine kinds its entry names (``engines``) rather than by an adapter's capability.
+``endpoint_table`` is the module's rows plus those; the owner's app and every worker's are built from it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from engines.adapters import Capability, StreamEnd
+from engines.spec import EngineKind
 from gateway.config.auth import Permission
+from gateway.config.passthrough import PassthroughPath
 from gateway.http.errors import ANTHROPIC, OPENAI, ErrorDialect
 from gateway.proxy.body import BodyRule, documents_are_a_list, messages_are_objects, prompt_or_messages
 
@@ -54,6 +60,9 @@ class Endpoint:
     public_by_config: bool = False
     # -- rows that reach an engine --
     capability: Capability | None = None  # what the model's engine must serve (EngineAdapter.capabilities)
+    # A configured passthrough (``passthrough:``): the engine kinds that serve it, said by the config, not by
+    # an adapter's capability; a model on another kind is refused (gateway/proxy/pipeline.py, ``serves``).
+    engines: frozenset[EngineKind] | None = None
     engine_path: str | None = None  # where the body is posted on the engine; None: ``path``
     body: BodyRule = field(default_factory=BodyRule)  # the JSON body's required fields and checks
     stream_end: StreamEnd | None = None  # how a stream ends; None: as the engine's adapter says
@@ -66,8 +75,11 @@ class Endpoint:
     forward_headers: tuple[tuple[str, str | None], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.fast_path and (self.capability is None or self.subtree or self.public_by_config):
-            raise ValueError(f"{self.path}: a fast-path row needs a capability, one path, and a fixed permission")
+        served = self.capability is not None or self.engines is not None
+        if self.fast_path and (not served or self.subtree or self.public_by_config):
+            raise ValueError(
+                f"{self.path}: a fast-path row needs a capability (or engine kinds), one path, and a fixed permission"
+            )
 
     @property
     def upstream_path(self) -> str:
@@ -175,6 +187,10 @@ class EndpointTable:
     def passthroughs(self) -> tuple[Endpoint, ...]:
         return tuple(self._fast.values())
 
+    def configured(self) -> tuple[Endpoint, ...]:
+        """The rows of the config's ``passthrough:`` section."""
+        return tuple(r for r in self.rows if r.engines is not None)
+
 
 ENDPOINTS: Final = EndpointTable(
     (
@@ -263,3 +279,18 @@ ENDPOINTS: Final = EndpointTable(
         Endpoint("/admin", "admin", "admin", subtree=True),
     )
 )
+
+
+def configured_row(path: str, entry: PassthroughPath) -> Endpoint:
+    """The row of one ``passthrough:`` entry: a POST relayed as it is (only ``model`` is required, and the
+    gateway's own body checks apply), to the same path on the engine."""
+    return Endpoint(path, entry.label or path, entry.permission, engines=frozenset(entry.engines), fast_path=True)
+
+
+def endpoint_table(passthrough: Mapping[str, PassthroughPath]) -> EndpointTable:
+    """The module's rows and the config's ``passthrough:`` rows. A ValueError names a configured path that the
+    gateway answers itself (a row, or a path below a tree of rows: ``/admin/...`` stays ``admin``)."""
+    taken = [f"{path} (the gateway's {row.path})" for path in passthrough if (row := ENDPOINTS.by_path(path))]
+    if taken:
+        raise ValueError("passthrough: the gateway answers these paths itself: " + ", ".join(taken))
+    return ENDPOINTS.with_rows(*(configured_row(path, entry) for path, entry in passthrough.items()))

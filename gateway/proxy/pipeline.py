@@ -91,6 +91,8 @@ async def forward_translated(
 
 def serves(entry: ModelEntry, endpoint: Endpoint) -> bool:
     """Does the model answer ``endpoint``: natively, or by translation to chat completions?"""
+    if endpoint.engines is not None:  # a configured passthrough: the engine kinds its config entry names
+        return entry.spec.engine in endpoint.engines
     capability = endpoint.capability
     capabilities = entry.adapter.capabilities
     return capability is None or capability in capabilities or (capability in TRANSLATIONS and "chat" in capabilities)

@@ -18,13 +18,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.app import install_error_handlers, serving
 from gateway.config.loader import Config
 from gateway.deps import GatewayState
+from gateway.http.endpoints import EndpointTable, endpoint_table
 from gateway.http.keys import KeyRing
 from gateway.http.middleware import GatewayMiddleware
 from gateway.http.server import uvicorn_config
@@ -39,7 +40,11 @@ from gateway.workers.lease_client import Order, OwnerLink, RemotePool
 from gateway.workers.messages import ConfigUpdate, Drain, Drained, Hurry, MetricsText, Scrape, Stop
 
 log = logging.getLogger("gateway.workers")
-LOCAL_ROUTERS = (openai.router, simple.router, generate.router)  # the request path; the rest is the owner's
+
+
+def local_routers(endpoints: EndpointTable) -> tuple[APIRouter, ...]:
+    """The request path's routes (``endpoints``' passthroughs among them); the rest is the owner's."""
+    return (openai.build_router(endpoints), simple.router, generate.router)
 
 
 class _Split:
@@ -96,12 +101,15 @@ class Worker:
         self.server: DrainingServer | None = None
         self.owner: OwnerPeer | None = None
         self.pool: RemotePool | None = None
-        local = frozenset(
-            route.path for router in LOCAL_ROUTERS for route in router.routes if isinstance(route, APIRoute)
-        )
-        self.app = _Split(self._local_app(), self.forward, local)
+        # The owner's table (create_app builds the same from the same config), so a configured passthrough
+        # is answered here with its permission and label, not forwarded or unknown. Fixed for the process's
+        # life, as the owner's is: a reload that changes it says restart_required.
+        self.endpoints = endpoint_table(config.passthrough)
+        routers = local_routers(self.endpoints)
+        local = frozenset(route.path for router in routers for route in router.routes if isinstance(route, APIRoute))
+        self.app = _Split(self._local_app(routers), self.forward, local)
 
-    def _local_app(self) -> FastAPI:
+    def _local_app(self, routers: tuple[APIRouter, ...]) -> FastAPI:
         @asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             link = await OwnerLink.connect(
@@ -123,9 +131,11 @@ class Worker:
                 yield
 
         app = FastAPI(lifespan=lifespan, redirect_slashes=False, openapi_url=None)
-        for router in LOCAL_ROUTERS:
+        for router in routers:
             app.include_router(router)
-        app.add_middleware(GatewayMiddleware, keys=KeyRing(self.config.auth), metrics=self.metrics)
+        app.add_middleware(
+            GatewayMiddleware, keys=KeyRing(self.config.auth), metrics=self.metrics, endpoints=self.endpoints
+        )
         install_error_handlers(app)
         return app
 
