@@ -26,5 +26,8 @@ test: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python tests/bench/run.py
 
+bench-vllm: $(BIN)/.installed  # vllm bench serve against real vLLM, direct and through the gateway (~5 min)
+	$(BIN)/python tests/bench/vllm_serve.py
+
 clean:
 	rm -rf $(VENV) .cache
