@@ -106,8 +106,10 @@ class Worker:
         # life, as the owner's is: a reload that changes it says restart_required.
         self.endpoints = endpoint_table(config.passthrough)
         routers = local_routers(self.endpoints)
-        local = frozenset(route.path for router in routers for route in router.routes if isinstance(route, APIRoute))
-        self.app = _Split(self._local_app(routers), self.forward, local)
+        self.local_paths = frozenset(
+            route.path for router in routers for route in router.routes if isinstance(route, APIRoute)
+        )
+        self.app = _Split(self._local_app(routers), self.forward, self.local_paths)
 
     def _local_app(self, routers: tuple[APIRouter, ...]) -> FastAPI:
         @asynccontextmanager

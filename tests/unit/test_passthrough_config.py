@@ -4,6 +4,8 @@ several processes: tests/integration/test_passthrough_paths.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from engines.adapters import ADAPTERS
@@ -13,6 +15,7 @@ from gateway.app import create_app
 from gateway.config.loader import ConfigError, build_config
 from gateway.http.endpoints import ENDPOINTS, endpoint_table
 from gateway.proxy.pipeline import serves
+from gateway.workers.worker import Worker
 
 MODELS = {
     "v": {"engine": "vllm", "model": "org/v"},
@@ -36,11 +39,15 @@ def test_an_entry_becomes_a_fast_path_row_with_its_permission_label_and_engines(
     assert (rerank.permission, rerank.label, rerank.engines, rerank.upstream_path) == (
         "rerank",
         "rerank_v2",
-        {"vllm"},
+        frozenset({"vllm"}),
         "/v2/rerank",
     )
     # Unnamed: the permission that opens it to no application key, the path as its label.
-    assert (lora.permission, lora.label, lora.engines) == ("admin", "/v1/load_lora_adapter", {"vllm", "sglang"})
+    assert (lora.permission, lora.label, lora.engines) == (
+        "admin",
+        "/v1/load_lora_adapter",
+        frozenset({"vllm", "sglang"}),
+    )
     assert table.configured() == (rerank, lora)
     assert table.permission("/v2/rerank", metrics_public=True) == "rerank"
     assert ENDPOINTS.fast_path("/v2/rerank") is None  # the module's table is untouched
@@ -57,6 +64,14 @@ def test_only_the_named_engine_kinds_serve_a_configured_path() -> None:
     assert serves(vllm, row)
     # LMDeploy serves /v1/rerank (its adapter's capability), not /v2/rerank: the config's word counts here.
     assert not serves(lmdeploy, row) and "rerank" in lmdeploy.adapter.capabilities
+
+
+def test_a_worker_answers_a_configured_path_itself(tmp_path: Path) -> None:
+    """Not forwarded to the owner (a second hop for every request): the worker's table and routes have it."""
+    config = build_config({"models": MODELS, "passthrough": {"/v2/rerank": {"engines": ["vllm"]}}})
+    worker = Worker(config, 1, tmp_path)  # built, not started
+    assert worker.endpoints.fast_path("/v2/rerank") is not None
+    assert {"/v2/rerank", "/v1/chat/completions"} <= worker.local_paths and "/v1/models" not in worker.local_paths
 
 
 def entry(spec: ModelSpec | None) -> ModelEntry:
