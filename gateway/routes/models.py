@@ -1,7 +1,15 @@
-"""``GET /v1/models``: every served name and alias, with the state of the model behind it."""
+"""``GET /v1/models``: every served name and alias, with the state of the model behind it.
+
+One list for both SDKs: the OpenAI fields (``object``, ``created`` in Unix seconds, ``owned_by``) and
+Anthropic's (``type: "model"``, ``created_at`` in RFC 3339, ``display_name``; beside ``data``, ``has_more``
+false and ``first_id``/``last_id``), so ``client.models.list()`` works from either. Each SDK ignores the
+other's fields, so the answer does not depend on who asks (no sniffing of ``anthropic-version``). The list
+is one page: Anthropic's ``limit``, ``after_id`` and ``before_id`` are not applied, and ``has_more`` is false.
+"""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
@@ -20,7 +28,9 @@ def _cards(pool: EnginePool, entry: ModelEntry, created: int) -> list[dict[str, 
     status = model_state(pool, entry)  # state (stopped, starting, ready, draining, failed), queue_depth
     base = {
         "object": "model",
+        "type": "model",
         "created": created,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
         "owned_by": "gateway",
         "engine": spec.engine,
         "display_name": spec.display_name or spec.name,
@@ -51,7 +61,8 @@ def _skipped(state: OwnerState) -> dict[str, Any]:
 @router.get("/v1/models")
 async def list_models(state: OwnerStateDep) -> Response:
     data = [card for e in state.pool.entries() for card in _cards(state.pool, e, _created(state))]
-    body = {"object": "list", "data": data, **_skipped(state)}
+    first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+    body = {"object": "list", "data": data, "has_more": False, "first_id": first, "last_id": last, **_skipped(state)}
     return Response(orjson.dumps(body), media_type="application/json")
 
 
