@@ -333,9 +333,84 @@ def test_client_that_leaves_mid_stream_aborts_the_vllm_request(gateway: Gateway)
         [line for line in _engine_log(gateway, CHAT) if rid in line],
         gateway.log().count("socket.send() raised exception"),  # writes to the gone client after it left
     )
+    # Tokens come in bursts: none of a burst may go to the socket of a client that left (tests/integration/
+    # test_client_gone_burst.py shows it with the stand-in).
+    assert gateway.log().count("socket.send() raised exception") == 0
+
+
+def test_an_admin_stop_with_requests_in_flight_is_an_explicit_end(gateway: Gateway) -> None:
+    """vLLM ends what it runs on SIGTERM with finish_reason "abort" (+ usage, [DONE]; a whole answer: 200 with
+    the partial text): the gateway makes both an error a client can tell from success. The VLM is not needed
+    after this, so stopping it costs no restart."""
+    long = {
+        "model": VL,
+        "max_tokens": MAX_LEN - 100,
+        "ignore_eos": True,
+        "messages": [{"role": "user", "content": "go on"}],
+    }
+    whole: dict[str, Any] = {}
+
+    def ask_whole() -> None:
+        whole["response"] = httpx.post(gateway.url + "/v1/chat/completions", json=long, timeout=120)
+
+    asker = threading.Thread(target=ask_whole)
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json={**long, "stream": True}, timeout=120) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        seen = [next(lines) for _ in range(3)]
+        asker.start()
+        time.sleep(1.0)  # the whole request reaches vLLM (a lower bound, nothing asserted on it)
+        stopped = httpx.post(f"{gateway.url}/admin/engines/{VL}/stop", timeout=120)
+        assert stopped.status_code == 200, stopped.text
+        seen += list(lines)
+    asker.join(120)
+    events = [line for line in seen if line.startswith("data: ")]
+    answer = whole["response"]
+    print(
+        f"stopped mid-answer: stream ends {events[-1][:200]!r}; whole answer {answer.status_code} {answer.text[:200]}"
+    )
+    assert "data: [DONE]" not in events, events[-3:]
+    last = json.loads(events[-1].removeprefix("data: "))
+    # An "abort" chunk becomes engine_unavailable; this VLM (transformers impl) has also ended with vLLM's own
+    # error event ("EngineCore encountered an issue"), relayed in the gateway's shape: an explicit end either way.
+    assert "error" in last and '"abort"' not in "".join(events), events[-3:]
+    assert answer.status_code >= 500 and "error" in answer.json(), answer.text
+    assert answer.status_code != 503 or answer.json()["error"]["code"] == "engine_unavailable", answer.text
 
 
 # ---- real faults (last: they restart and finally stop the chat model) --------------------------------------------
+
+
+def test_sigkill_of_enginecore_takes_the_replica_out_of_rotation_at_once_and_restarts(
+    gateway: Gateway, client: openai.OpenAI
+) -> None:
+    """vLLM's /health is 503 within 0.1 s of its EngineCore's death, and a request that meets it gets 500 and
+    makes the server exit: the gateway's prompt probe (and the reaper's exit notice) take the replica out of
+    rotation at once; /health and /ready tell the truth meanwhile; the replica is restarted."""
+    row = _engine(gateway, CHAT)
+    assert row["reaper_pid"] == row["pid"] and row["engine_pid"] not in (None, row["pid"]), row
+    group = os.getpgid(row["engine_pid"])
+    cores = [p for p in _live(gateway.engine_pids()) if _pgid(p) == group and _comm(p).startswith("VLLM::EngineCor")]
+    assert len(cores) == 1, _tree(gateway)
+    os.kill(cores[0], signal.SIGKILL)
+    met = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        timeout=60,
+        json={"model": CHAT, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert met.status_code in (500, 502, 503), met.text  # vLLM's 500, or the gateway's once it knew
+    assert wait_until(lambda: _engine(gateway, CHAT)["state"] != "ready", 10, 0.1), _engine(gateway, CHAT)
+    ready = httpx.get(gateway.url + "/ready", timeout=5)
+    assert ready.status_code == 503 and CHAT in ready.json()["waiting_for"], ready.text
+    health = httpx.get(gateway.url + "/health", timeout=5).json()
+    assert health["models"][CHAT]["state"] != "ready", health["models"][CHAT]
+    assert wait_until(lambda: _engine(gateway, CHAT)["state"] == "ready", START_TIMEOUT, 1), _engine(gateway, CHAT)
+    reply = client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert reply.usage is not None and reply.usage.completion_tokens == 2
+    print(
+        "engine death to out of rotation, gateway log:\n"
+        + "\n".join(line for line in gateway.log().splitlines() if "supervisor" in line and CHAT in line)
+    )
 
 
 def test_sigkill_of_the_api_server_removes_enginecore_and_worker_and_restarts(
