@@ -17,7 +17,7 @@ added TTFT p50 ≤ 1 ms and throughput ≥ 98 % of direct, at every concurrency.
 On a 2-core machine vLLM's CPU build binds its Worker's compute to core 0 and leaves core 1 to everything
 else: its API server, the gateway, the benchmark client, and EngineCore, which busy-waits (``sched_yield``)
 for the Worker's results. Left as launched, EngineCore starves the API server, which then sends most
-answers in one burst at the end (TTFT = the whole generation time; 40-65 % of streams at c=1 here, direct
+answers in one burst at the end (TTFT = the whole generation time; 30-65 % of streams at c=1 here, direct
 and through the gateway alike), and TTFT p50 flips between ~12 ms and ~150 ms from run to run: nothing
 near a 1 ms difference can be seen. So once vLLM is ready the script renices EngineCore to 19 (as a host
 with a core for it would leave the API server alone); the gateway's own CPU still competes with vLLM's API
@@ -248,11 +248,11 @@ def verdicts(runs: dict[tuple[int, str], list[Any]], concurrencies: list[int]) -
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", type=int, default=96, help="requests per run (default 96)")
+    p.add_argument("--prompts", type=int, default=64, help="requests per run (default 64)")
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens (random dataset; default 128)")
     p.add_argument("--output-len", type=int, default=64, help="generated tokens, exactly (ignore_eos; default 64)")
     p.add_argument("--concurrency", default="1,16", help="comma-separated client concurrencies (default 1,16)")
-    p.add_argument("--reps", type=int, default=2, help="interleaved repetitions of each point (default 2)")
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions of each point (default 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / ".cache" / "bench-vllm", help="where runs and logs go")
     p.add_argument("--start-timeout", type=float, default=600)
