@@ -303,6 +303,58 @@ def test_images_through_the_gateway(client: openai.OpenAI) -> None:
     assert [c.choices[0].finish_reason for c in stream if c.choices][-1] == "length"
 
 
+# ---- the other dialects vLLM serves natively (issue 16): passed through, not translated -----------------------
+
+
+def test_responses_api_natively_stream_and_not(client: openai.OpenAI) -> None:
+    reply = client.responses.create(model="gpt-4o-mini", input="hello there", max_output_tokens=6)
+    assert reply.model == CHAT  # the served name, never the alias or the engine's path
+    assert reply.output and reply.output[0].type == "message"
+    assert reply.usage is not None and reply.usage.output_tokens == 6
+    events = list(client.responses.create(model=CHAT, input="hello there", max_output_tokens=6, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed", kinds
+    assert "response.output_text.delta" in kinds
+    final = events[-1].response  # type: ignore[union-attr]
+    assert final.model == CHAT and final.usage is not None and final.usage.output_tokens == 6
+
+
+def test_anthropic_messages_natively_stream_and_not_with_a_tool(gateway: Gateway) -> None:
+    import anthropic
+
+    with anthropic.Anthropic(base_url=gateway.url, api_key="unused", max_retries=0, timeout=120) as claude:
+        reply = claude.messages.create(
+            model="gpt-4o-mini", max_tokens=6, messages=[{"role": "user", "content": "hello there"}]
+        )
+        assert reply.model == CHAT and reply.type == "message"
+        assert reply.stop_reason == "max_tokens" and reply.usage.output_tokens == 6
+        tool = {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        }
+        with claude.messages.stream(
+            model=CHAT, max_tokens=8, tools=[tool], messages=[{"role": "user", "content": "weather in Paris?"}]
+        ) as stream:
+            kinds = [event.type for event in stream]
+            final = stream.get_final_message()
+        assert kinds[0] == "message_start" and kinds[-1] == "message_stop", kinds
+        assert final.model == CHAT and final.stop_reason in ("max_tokens", "end_turn", "tool_use")
+        # vLLM counts prompt tokens for Anthropic clients too, through the gateway's keys and routing.
+        counted = claude.messages.count_tokens(model=CHAT, messages=[{"role": "user", "content": "hello there"}])
+        assert counted.input_tokens > 0
+
+
+def test_tokenize_and_detokenize_through_the_gateway(gateway: Gateway) -> None:
+    tokens = httpx.post(gateway.url + "/tokenize", json={"model": "gpt-4o-mini", "prompt": "hello there"}, timeout=30)
+    assert tokens.status_code == 200, tokens.text
+    ids = tokens.json()["tokens"]
+    assert ids and tokens.json()["count"] == len(ids)
+    text = httpx.post(gateway.url + "/detokenize", json={"model": CHAT, "tokens": ids}, timeout=30)
+    assert text.status_code == 200, text.text
+    assert text.json()["prompt"] == "hello there"
+
+
 def test_client_that_leaves_mid_stream_aborts_the_vllm_request(gateway: Gateway) -> None:
     rid = "h6-leave-" + os.urandom(4).hex()
     with httpx.stream(
