@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DEMO_MODEL := .cache/models/tiny-chat
 DEMO_VL_MODEL := .cache/models/tiny-vl
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench bench-vllm clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
