@@ -390,44 +390,33 @@ def test_client_that_leaves_mid_stream_aborts_the_vllm_request(gateway: Gateway)
     assert gateway.log().count("socket.send() raised exception") == 0
 
 
-def test_an_admin_stop_with_requests_in_flight_is_an_explicit_end(gateway: Gateway) -> None:
-    """vLLM ends what it runs on SIGTERM with finish_reason "abort" (+ usage, [DONE]; a whole answer: 200 with
-    the partial text): the gateway makes both an error a client can tell from success. The VLM is not needed
-    after this, so stopping it costs no restart."""
+def test_an_admin_stop_with_a_stream_in_flight_is_an_explicit_end(gateway: Gateway) -> None:
+    """vLLM ends what it runs on SIGTERM with finish_reason "abort" (+ usage, [DONE]): the gateway makes that an
+    error event a client can tell from success (the non-stream case, a 503, is tests/integration/
+    test_stop_is_explicit_end.py's, against the stand-in that aborts as vLLM does). The VLM is not needed after
+    this, so stopping it costs no restart."""
     long = {
         "model": VL,
         "max_tokens": MAX_LEN - 100,
         "ignore_eos": True,
+        "stream": True,
         "messages": [{"role": "user", "content": "go on"}],
     }
-    whole: dict[str, Any] = {}
-
-    def ask_whole() -> None:
-        whole["response"] = httpx.post(gateway.url + "/v1/chat/completions", json=long, timeout=120)
-
-    asker = threading.Thread(target=ask_whole)
-    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json={**long, "stream": True}, timeout=120) as r:
+    # Stopped right after its first events: ~2,000 tokens are seconds of work, the stop is milliseconds away.
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=long, timeout=120) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         seen = [next(lines) for _ in range(3)]
-        asker.start()
-        time.sleep(1.0)  # the whole request reaches vLLM (a lower bound, nothing asserted on it)
         stopped = httpx.post(f"{gateway.url}/admin/engines/{VL}/stop", timeout=120)
         assert stopped.status_code == 200, stopped.text
         seen += list(lines)
-    asker.join(120)
     events = [line for line in seen if line.startswith("data: ")]
-    answer = whole["response"]
-    print(
-        f"stopped mid-answer: stream ends {events[-1][:200]!r}; whole answer {answer.status_code} {answer.text[:200]}"
-    )
+    print(f"stopped mid-answer: stream ends {events[-1][:200]!r}")
     assert "data: [DONE]" not in events, events[-3:]
     last = json.loads(events[-1].removeprefix("data: "))
     # An "abort" chunk becomes engine_unavailable; this VLM (transformers impl) has also ended with vLLM's own
     # error event ("EngineCore encountered an issue"), relayed in the gateway's shape: an explicit end either way.
     assert "error" in last and '"abort"' not in "".join(events), events[-3:]
-    assert answer.status_code >= 500 and "error" in answer.json(), answer.text
-    assert answer.status_code != 503 or answer.json()["error"]["code"] == "engine_unavailable", answer.text
 
 
 # ---- real faults (last: they restart and finally stop the chat model) --------------------------------------------
