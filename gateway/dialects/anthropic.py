@@ -22,7 +22,7 @@ from typing import Any, Final
 import orjson
 
 from gateway.dialects.chat import Text, Translation, deltas, first_choice, new_id, refuse, sse, text_or_parts
-from gateway.http.errors import BadRequest
+from gateway.http.errors import ANTHROPIC, BadRequest
 
 # Fields the translation reads, or may ignore without changing the answer.
 _KNOWN: Final = frozenset(
@@ -38,27 +38,6 @@ _FINISH_TO_STOP: Final = {
     "function_call": "tool_use",
     "content_filter": "refusal",
 }
-# The gateway's OpenAI error types (and statuses) as Anthropic's.
-_ERROR_TYPES: Final = {
-    "invalid_request_error": "invalid_request_error",
-    "authentication_error": "authentication_error",
-    "permission_error": "permission_error",
-    "rate_limit_error": "rate_limit_error",
-    "service_unavailable": "overloaded_error",
-    "timeout_error": "timeout_error",
-}
-_STATUS_TYPES: Final = {404: "not_found_error", 413: "request_too_large"}
-
-
-def error_type(openai_type: str, status: int | None = None) -> str:
-    """Anthropic's error type for one of the gateway's (OpenAI-shaped) errors."""
-    if status in _STATUS_TYPES:
-        return _STATUS_TYPES[status]
-    return _ERROR_TYPES.get(openai_type, "api_error")
-
-
-def error_json(message: str, openai_type: str, status: int | None = None) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": error_type(openai_type, status), "message": message}}
 
 
 class MessagesTranslation(Translation):
@@ -230,29 +209,13 @@ class MessagesTranslation(Translation):
 
     # -- errors --
 
+    # The errors are the edge's Anthropic dialect (gateway/http/errors.py), the same as a native engine's get.
+
     def error_event(self, message: str, type_: str, code: str) -> bytes:
-        return sse("error", error_json(message, type_))
+        return ANTHROPIC.event(message, type_, code)
 
     def error_body(self, status: int, body: bytes) -> bytes:
-        return anthropic_error_body(status, body)
-
-
-def anthropic_error_body(status: int, body: bytes) -> bytes:
-    """The gateway's OpenAI-shaped error body ``{"error": {"message", "type", ...}}`` in Anthropic's shape."""
-    message, type_ = "The request failed.", "api_error"
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        data = None
-    error = data.get("error") if isinstance(data, dict) else None
-    if isinstance(error, dict):
-        if isinstance(error.get("message"), str):
-            message = error["message"]
-        if isinstance(error.get("type"), str):
-            type_ = error["type"]
-    if status < 500 and type_ in ("upstream_error", "api_error", "BadRequestError"):
-        type_ = "invalid_request_error"  # an engine's own 4xx (vLLM names its exception class here)
-    return orjson.dumps(error_json(message, type_, status))
+        return ANTHROPIC.reshape(status, body)
 
 
 # -- the request --

@@ -9,7 +9,7 @@ import pytest
 from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
-from gateway.dialects.anthropic import MessagesTranslation, anthropic_error_body
+from gateway.dialects.anthropic import MessagesTranslation
 from gateway.http.errors import BadRequest, error_body
 
 EVENT: TypeAdapter[RawMessageStreamEvent] = TypeAdapter(RawMessageStreamEvent)
@@ -248,5 +248,5 @@ def test_malformed_chat_event_is_a_value_error() -> None:
     ],
 )
 def test_error_bodies_in_anthropic_shape(status: int, type_: str, expected: str) -> None:
-    data = json.loads(anthropic_error_body(status, error_body("nope", type_, "x")))
+    data = json.loads(MessagesTranslation(body(), "m").error_body(status, error_body("nope", type_, "x")))
     assert data == {"type": "error", "error": {"type": expected, "message": "nope"}}
