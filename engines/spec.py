@@ -59,6 +59,19 @@ class OutlierPolicy(_Frozen):
     restart_after: int = Field(10, ge=0)
 
 
+class SleepSpec(_Frozen):
+    """Put to sleep instead of stopped when a swap takes its GPUs (engines that can: vLLM, SGLang, LMDeploy).
+
+    A sleeping engine keeps its process, its compiled graphs and (level 1) its weights in host RAM, and
+    gives its GPU memory back; waking it takes seconds where a cold start takes minutes. Level 2 discards
+    the weights too (reloaded from disk on wake: less host RAM, a slower wake). ``ram_gb``: the host RAM it
+    holds asleep, counted against the ``swap.sleep_ram_gb`` budget (None: estimated from its weights on
+    disk at level 1, 0 at level 2)."""
+
+    level: int = Field(1, ge=1, le=2)
+    ram_gb: float | None = Field(None, ge=0)
+
+
 class ModelSpec(_Frozen):
     """One entry of ``models:``. ``name`` is the key clients send as ``model``."""
 
@@ -81,6 +94,7 @@ class ModelSpec(_Frozen):
     port: int | None = Field(None, ge=1, le=65535)
     load: Literal["eager", "on_demand"] = "eager"
     idle_timeout: float = Field(0, ge=0)  # on_demand models: stopped after this long unused (0: never)
+    sleep: SleepSpec | None = None  # a swap puts it to sleep rather than stopping it (None: stopped)
     # Requests wait in a FIFO queue while the model starts, swaps in, or is at max_concurrency: at most
     # max_queue of them (then 429), each at most queue_timeout (then 503; None: server.queue_timeout).
     max_queue: int = Field(64, ge=0)

@@ -19,12 +19,32 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from engines.scheduling.entry import ModelEntry
 
 if TYPE_CHECKING:
     from typing_extensions import TypeIs  # typeshed's: for the checker only, nothing imported at run time
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What a request says about itself when it asks for a replica.
+
+    ``priority``: higher is served sooner, within a model's queue and when models compete for GPUs (the
+    request's ``X-Priority``, at most its key's ``priority``); a request that waited ``swap.max_wait`` goes
+    first whatever its priority, so nothing starves. ``affinity``: a stable 63-bit hash of the conversation
+    (``X-Session-ID``, the body's ``user``, else the prompt's leading part): the same value goes to the same
+    replica while that replica is not overloaded (consistent hashing with bounded load), so the engine's
+    prefix cache holds it. None: the least busy replica.
+    """
+
+    priority: int = 0
+    affinity: int | None = None
+
+
+NO_CLAIM = Claim()
 
 
 class ReplicaHandle(Protocol):
@@ -67,7 +87,7 @@ class LeaseSource(Protocol):
 
     def entries(self) -> Sequence[ModelEntry]: ...
 
-    async def admit(self, entry: ModelEntry) -> ReplicaLease | QueuePlace:
+    async def admit(self, entry: ModelEntry, claim: Claim = NO_CLAIM) -> ReplicaLease | QueuePlace:
         """A lease at once, or a place in the model's queue; raises ``Refused`` when neither."""
         ...
 

@@ -29,9 +29,33 @@ class GroupSpec(_Frozen):
     exclusive: bool = False
 
 
+class SwapPolicy(_Frozen):
+    """When a model that holds GPUs gives them up to another one's waiting requests (``swap:`` in the config).
+
+    A resident model keeps its GPUs while it has work (requests in flight or queued, or a request within
+    ``linger`` s: its client's pause between two requests) for at least ``min_residency`` s since it could
+    serve; a request waiting for it to yield waits at most ``max_wait`` s before it is drained anyway, and
+    goes ahead of higher priorities then. An idle resident yields at once. ``min_residency: 0`` is
+    swap-on-arrival (every request for another model swaps at once: llama-swap's behaviour, and this
+    gateway's before). ``sleep_ram_gb``: host RAM for sleeping models (None: half the host's memory);
+    beyond it the least recently used sleeper is stopped.
+    """
+
+    min_residency: float = Field(20.0, ge=0)
+    max_wait: float = Field(60.0, ge=0)
+    linger: float = Field(2.0, ge=0)
+    sleep_ram_gb: float | None = Field(None, ge=0)
+
+    @classmethod
+    def on_arrival(cls) -> SwapPolicy:
+        """Swap the moment a request for another model arrives (the baseline the trace benchmark compares)."""
+        return cls(min_residency=0, max_wait=0, linger=0)
+
+
 class Placement(_Frozen):
     groups: dict[str, GroupSpec] = Field(default_factory=dict)
     max_loaded: int = Field(0, ge=0)
+    swap: SwapPolicy = SwapPolicy()
 
     def group_of(self, model: str) -> tuple[str, GroupSpec] | None:
         for name, group in self.groups.items():
@@ -55,9 +79,13 @@ class ModelPlan:
     max_concurrency: int = 0
     idle_timeout: float = 0.0
     outlier: OutlierPolicy = field(default_factory=OutlierPolicy)
+    sleeps: bool = False  # a swap puts it to sleep (its spec asks, its engine can) rather than stopping it
+    sleep_ram_gb: float = 0.0  # host RAM it holds asleep
 
 
-def plan_for(spec: ModelSpec, placement: Placement, *, spawns: bool = True) -> ModelPlan:
+def plan_for(
+    spec: ModelSpec, placement: Placement, *, spawns: bool = True, sleeps: bool = False, sleep_ram_gb: float = 0.0
+) -> ModelPlan:
     found = placement.group_of(spec.name)
     return ModelPlan(
         name=spec.name,
@@ -71,6 +99,8 @@ def plan_for(spec: ModelSpec, placement: Placement, *, spawns: bool = True) -> M
         max_concurrency=spec.max_concurrency,
         idle_timeout=spec.idle_timeout,
         outlier=spec.outlier,
+        sleeps=sleeps,
+        sleep_ram_gb=sleep_ram_gb,
     )
 
 

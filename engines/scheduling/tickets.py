@@ -29,6 +29,8 @@ class Ticket:
     key: int
     arrived: float
     waiter: Any = None
+    priority: int = 0  # higher first (engines/scheduling/contract.py ``Claim``)
+    affinity: int | None = None  # the replica it prefers, as a hash (None: the least busy)
 
 
 class Effects(Protocol):
@@ -37,6 +39,12 @@ class Effects(Protocol):
 
     def stop(self, key: int) -> None:
         """Stop every replica (process trees verified gone); progress comes back as ``replica_changed``."""
+
+    def sleep(self, key: int) -> None:
+        """Put every replica to sleep (a replica that cannot is stopped instead); progress as ``replica_changed``."""
+
+    def wake(self, key: int) -> None:
+        """Wake every sleeping replica (one that fails to wake is restarted cold); progress as ``replica_changed``."""
 
     def grant(self, ticket: Ticket, replica: int) -> bool:
         """Wake a waiter with its replica; False when it has already left (nothing was granted)."""
@@ -54,6 +62,7 @@ class Phase(StrEnum):
     READY = "ready"
     DRAINING = "draining"
     FAILED = "failed"
+    SLEEPING = "sleeping"  # every replica asleep: back in seconds on its next request (a wake, not a start)
 
 
 @dataclass(frozen=True)

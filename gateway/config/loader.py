@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from engines.discovery import DiscoveryPolicy, DiscoveryResult, GpuSlot, discover
-from engines.scheduling.placement import GroupSpec, Placement, check_placement
+from engines.scheduling.placement import GroupSpec, Placement, SwapPolicy, check_placement
 from engines.spec import ModelSpec
 from gateway.config.auth import AuthConfig
 from gateway.config.passthrough import Passthrough
@@ -44,6 +44,7 @@ class Config(BaseModel):
     # Which models may share GPUs and how many run at once (engines/scheduling/placement.py).
     groups: dict[str, GroupSpec] = Field(default_factory=dict)
     max_loaded: int = Field(0, ge=0)
+    swap: SwapPolicy = SwapPolicy()  # when a model gives its GPUs to another's requests, and sleeping models' RAM
     # More POST paths the engines serve (gateway/config/passthrough.py): rows of the endpoint table.
     passthrough: Passthrough = Field(default_factory=dict)
     _discovered: DiscoveryResult | None = PrivateAttr(default=None)
@@ -72,7 +73,7 @@ class Config(BaseModel):
 
     @property
     def placement(self) -> Placement:
-        return Placement(groups=self.groups, max_loaded=self.max_loaded)
+        return Placement(groups=self.groups, max_loaded=self.max_loaded, swap=self.swap)
 
     def model(self, name: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name), None)
