@@ -12,6 +12,9 @@ and ``want`` (a start asked for without a waiter, and when).
     DOWN, STANDBY ──operator stop (nothing runs)──▶ PARKED ──operator start──▶ DOWN
     PARKING ──operator start──▶ STOPPING
     DOWN, STANDBY, PARKED, STOPPING, PARKING ──a retiring version, once down──▶ RETIRED (forgotten)
+    RUNNING ──drained for a swap, it can sleep: sleep sent──▶ SLEEPING ──a request──▶ WAKING ──READY──▶ RUNNING
+    SLEEPING ──evicted (sleep RAM budget), idle, reload──▶ STOPPING;  ──operator stop──▶ PARKING
+    SLEEPING ──every replica down (died asleep, or stopped because it could not sleep)──▶ STANDBY (RETIRED)
 """
 
 from __future__ import annotations
@@ -28,10 +31,15 @@ class ModelPhase(StrEnum):
     STOPPING = "stopping"  # a drain is over, the stop is sent: STANDBY (or RETIRED) once every replica is down
     PARKING = "parking"  # an operator's stop is sent: PARKED (or RETIRED) once every replica is down
     RETIRED = "retired"  # removed or replaced by a reload, and stopped: forgotten
+    # Put to sleep for a swap: its process stays, its GPUs are free once every replica is SLEEPING, and its
+    # next request wakes it (seconds) instead of starting it cold (minutes).
+    SLEEPING = "sleeping"
+    WAKING = "waking"  # wake sent: requests wait for it as for a start
 
 
 _P = ModelPhase
-UP = frozenset({_P.STARTING, _P.RUNNING})  # started by the scheduler and not asked to stop
+UP = frozenset({_P.STARTING, _P.RUNNING, _P.WAKING})  # started (or woken) by the scheduler, not asked to stop
+COLD = frozenset({_P.STARTING, _P.WAKING})  # asked to come up and not READY since: requests wait for it
 STOP_SENT = frozenset({_P.STOPPING, _P.PARKING})
 PARKED_BY_OPERATOR = frozenset({_P.PARKED, _P.PARKING})
 
@@ -43,7 +51,11 @@ TRANSITIONS: dict[ModelPhase, frozenset[ModelPhase]] = {
     _P.PARKED: frozenset({_P.DOWN, _P.RETIRED}),
     # STARTING → RUNNING also when it crashed before it ever served: its waiters got their 503.
     _P.STARTING: frozenset({_P.RUNNING, _P.DOWN, _P.STOPPING, _P.PARKING}),
-    _P.RUNNING: frozenset({_P.DOWN, _P.STOPPING, _P.PARKING}),
+    _P.RUNNING: frozenset({_P.DOWN, _P.STOPPING, _P.PARKING, _P.SLEEPING}),
+    # SLEEPING → RETIRED: a retiring version that died asleep (nothing left to stop).
+    _P.SLEEPING: frozenset({_P.WAKING, _P.STOPPING, _P.PARKING, _P.STANDBY, _P.RETIRED}),
+    # WAKING → RUNNING also when the wake failed and its cold restart crashed: its waiters got their 503.
+    _P.WAKING: frozenset({_P.RUNNING, _P.DOWN, _P.STOPPING, _P.PARKING}),
     # STOPPING ↔ PARKING: an operator's stop, or start, while the replicas are on their way down.
     _P.STOPPING: frozenset({_P.STANDBY, _P.PARKING, _P.RETIRED}),
     _P.PARKING: frozenset({_P.PARKED, _P.STOPPING, _P.RETIRED}),

@@ -30,17 +30,18 @@ from engines.adapters import adapter_for
 from engines.process.launch import sweep_leftovers
 from engines.replica.state import EngineState, StateChanged
 from engines.replica.supervisor import Supervisor
-from engines.scheduling.contract import LeaseSource, QueuePlace, ReplicaHandle, ReplicaLease
+from engines.scheduling.contract import NO_CLAIM, Claim, LeaseSource, QueuePlace, ReplicaHandle, ReplicaLease
 from engines.scheduling.entry import ModelEntry
 from engines.scheduling.lease import Granted, Lease, Waiting
-from engines.scheduling.placement import ModelPlan, Placement, check_placement, plan_for
+from engines.scheduling.placement import ModelPlan, Placement, SwapPolicy, check_placement, plan_for
 from engines.scheduling.scheduler import ModelStatus, Phase, Refused, Scheduler, Ticket
 from engines.spec import ModelSpec
 
 __all__ = ["Action", "EnginePool", "ModelEntry", "ReloadReport"]
 
 _log = logging.getLogger(__name__)
-Action = Literal["start", "stop", "restart"]
+Action = Literal["start", "stop", "restart", "sleep", "wake"]
+Job = Literal["start", "stop", "sleep", "wake"]
 TICK_S = 0.5  # how often idle timeouts are checked
 
 
@@ -63,6 +64,12 @@ class _Effects:
 
     def stop(self, key: int) -> None:
         self._pool._job(key, "stop")
+
+    def sleep(self, key: int) -> None:
+        self._pool._job(key, "sleep")
+
+    def wake(self, key: int) -> None:
+        self._pool._job(key, "wake")
 
     def grant(self, ticket: Ticket, replica: int) -> bool:
         future: asyncio.Future[int] = ticket.waiter
@@ -127,7 +134,12 @@ class EnginePool:
         self._clock = clock
         self._sleep = sleep
         self._tick_s = tick
-        self._scheduler = Scheduler(_Effects(self), max_loaded=self.placement.max_loaded)
+        self._scheduler = Scheduler(
+            _Effects(self),
+            max_loaded=self.placement.max_loaded,
+            policy=self.placement.swap,
+            sleep_ram_gb=sleep_budget(self.placement.swap),
+        )
         self._desk = _Desk(self)
         self._hurried = False
         self.event_errors = 0  # times the on_event subscriber raised (each logged with its traceback)
@@ -240,7 +252,7 @@ class EnginePool:
 
     # -- the request path ---------------------------------------------------------------------------
 
-    def request(self, entry: ModelEntry) -> Lease | Waiting:
+    def request(self, entry: ModelEntry, claim: Claim = NO_CLAIM) -> Lease | Waiting:
         """A Lease at once (the common case: no await, no task), or a place in the model's queue.
 
         Raises Refused when neither: queue full, failed, stopped by an operator, crash-restarting, removed.
@@ -249,18 +261,20 @@ class EnginePool:
         if current is not None and current.key != entry.key:
             entry = current  # resolved before a reload replaced it: the new version serves it
         now = self._clock()
-        index = self._scheduler.admit_now(entry.key, now)
+        index = self._scheduler.admit_now(entry.key, now, affinity=claim.affinity)
         if index is not None:
             return self._grant(entry.key, index)
-        ticket = Ticket(entry.key, now, asyncio.get_running_loop().create_future())
+        ticket = Ticket(
+            entry.key, now, asyncio.get_running_loop().create_future(), claim.priority, claim.affinity
+        )
         index = self._scheduler.request(ticket, now)
         if index is not None:
             return self._grant(entry.key, index)
         return Waiting(self._desk, ticket, entry.name)
 
-    async def admit(self, entry: ModelEntry) -> Lease | Waiting:
+    async def admit(self, entry: ModelEntry, claim: Claim = NO_CLAIM) -> Lease | Waiting:
         """``request``, as the request path calls it: the same call on a worker's pool is a round trip."""
-        return self.request(entry)
+        return self.request(entry, claim)
 
     async def reroute(self, entry: ModelEntry, failed: ReplicaLease) -> Lease | None:
         """``failover`` away from ``failed``'s replica, as the request path calls it."""
@@ -300,7 +314,11 @@ class EnginePool:
         model go straight to their supervisors."""
         whole = replicas is None or len(replicas) == len(entry.replicas)
         up = self._scheduler.is_up(entry.key)
-        if action == "stop" and whole:
+        if action == "sleep":
+            self._scheduler.sleep(entry.key, self._clock())  # a ValueError for a model that cannot sleep
+        elif action == "wake":
+            await self._command_model(entry, "start")  # a sleeping model's start is a wake
+        elif action == "stop" and whole:
             await self._command_model(entry, "stop")
         elif action != "stop" and (not up or (action == "start" and whole)):
             await self._command_model(entry, "start")  # a model that is down starts whole, by the rules
@@ -351,6 +369,8 @@ class EnginePool:
         by_name = self._index(list(entries.values()))[1]
         self.placement = placement
         self._scheduler.max_loaded = placement.max_loaded
+        self._scheduler.policy = placement.swap
+        self._scheduler.sleep_ram_gb = sleep_budget(placement.swap)
         self._entries, self._by_name = entries, by_name
         now = self._clock()
         removed = [name for name in old if name not in entries]
@@ -400,10 +420,23 @@ class EnginePool:
     def _order(self, sup: Supervisor, action: Action) -> Awaitable[None]:
         if action == "stop":
             return sup.stop(hurried=self._hurried)
+        if action == "sleep":
+            return sup.sleep()
+        if action == "wake":
+            return sup.wake()
         return sup.start() if action == "start" else sup.restart()
 
     def _plan(self, entry: ModelEntry) -> ModelPlan:
-        return plan_for(entry.spec, self.placement, spawns=entry.adapter.spawns)
+        spec, adapter = entry.spec, entry.adapter
+        # TEMPORARY until engines/adapters/sleep.py lands (being written in parallel)
+        api = getattr(adapter, "sleep_api", None)
+        sleeps = bool(adapter.spawns and api is not None and api(spec) is not None)
+        ram = 0.0
+        if sleeps:
+            from engines.adapters.sleep import sleep_ram_gb  # type: ignore[import-not-found,unused-ignore]
+
+            ram = sleep_ram_gb(spec)
+        return plan_for(spec, self.placement, spawns=adapter.spawns, sleeps=sleeps, sleep_ram_gb=ram)
 
     def _supervise(self, entry: ModelEntry) -> None:
         assert self._session is not None
@@ -450,7 +483,7 @@ class EnginePool:
                 ejected_for,
             )
 
-    def _job(self, key: int, action: Literal["start", "stop"]) -> None:
+    def _job(self, key: int, action: Job) -> None:
         entry = self._by_key.get(key)
         if entry is None or self._stopped or not entry.replicas:
             return
@@ -467,7 +500,7 @@ class EnginePool:
 
     def _retired(self, key: int) -> None:
         entry = self._by_key.pop(key, None)
-        for action in ("start", "stop"):
+        for action in ("start", "stop", "sleep", "wake"):
             self._jobs.pop((key, action), None)
         tasks = self._tasks.pop(key, [])
         for task in tasks:
@@ -486,6 +519,20 @@ class EnginePool:
                 self._scheduler.tick(self._clock())
             except Exception:  # a bug, but idle stops must not end for good because of it
                 _log.exception("scheduler tick failed")
+
+
+def sleep_budget(policy: SwapPolicy) -> float:
+    """The sleepers' host-RAM budget in GB: ``swap.sleep_ram_gb``, or half of this host's memory."""
+    if policy.sleep_ram_gb is not None:
+        return policy.sleep_ram_gb
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 2**20 / 2  # kB → GiB, half of it
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0  # unknown: nothing sleeps (a swap stops, as without sleep mode), never an unbounded guess
 
 
 # The request path's contract (engines/scheduling/contract.py), held by the type checker: a change here

@@ -19,6 +19,21 @@ Per model:
     a cold start, a swap or a full model makes requests wait;
   * an ``on_demand`` model unused for ``idle_timeout`` is drained and stopped (``tick``).
 
+Swaps (``SwapPolicy``, engines/scheduling/placement.py), so that models sharing GPUs do not thrash:
+  * a resident model keeps its GPUs while it has work (in flight, queued, or used within ``linger``) for at
+    least ``min_residency`` since it could serve; a waiter for the GPUs waits at most ``max_wait`` for it to
+    yield. An idle resident yields at once. A blocker whose demand left (every waiter gone) is not drained
+    after all, and a cold start launched only for waiters that all left is cancelled (stopped);
+  * the waiter order, within a queue and across models, is: overdue (waited ``max_wait``) first by age,
+    then higher ``priority``, then age. Nothing starves: every waiter becomes overdue;
+  * a model whose spec says ``sleep:`` and whose engine can is put to sleep when drained for a swap (or by
+    an operator), not stopped: its GPUs are free once every replica is SLEEPING, and its next request wakes
+    it. Sleepers hold host RAM: past ``sleep_ram_gb`` the least recently used one is stopped.
+
+Replica choice: the fewest requests in flight; with an affinity (a conversation's hash) the replica that
+rendezvous hashing gives it, unless that one has more than ``AFFINITY_SLACK`` times the average load
+(consistent hashing with bounded loads): a hot conversation spills over, and comes back when it cools.
+
 Each model is in one ``ModelPhase`` (engines/scheduling/phases.py), moved only along that table's moves
 (``checked``: an illegal one raises ``BadMove``). The replicas' lease counts here are the one count of requests in
 flight: a grant adds one, a release takes it back; nobody else writes it.
@@ -33,16 +48,31 @@ from dataclasses import dataclass, field
 
 from engines.replica.outlier import Outlier
 from engines.replica.state import EngineState
-from engines.scheduling.phases import PARKED_BY_OPERATOR, STOP_SENT, UP, ModelPhase, checked
-from engines.scheduling.placement import ModelPlan, must_stop_for
+from engines.scheduling.phases import COLD, PARKED_BY_OPERATOR, STOP_SENT, UP, ModelPhase, checked
+from engines.scheduling.placement import ModelPlan, SwapPolicy, must_stop_for
 from engines.scheduling.tickets import Effects, ModelStatus, Phase, Refusal, Refused, Ticket
 
 __all__ = ["Effects", "ModelStatus", "Phase", "Refused", "Scheduler", "Ticket"]
 
 S = EngineState
 P = ModelPhase
-_RUNNING = frozenset({S.STARTING, S.READY, S.UNHEALTHY, S.BACKOFF, S.STOPPING})  # a process exists or will
+# A process exists or will, and holds (or will hold) its GPUs. A SLEEPING replica's process lives on without them.
+_RUNNING = frozenset({S.STARTING, S.READY, S.UNHEALTHY, S.BACKOFF, S.STOPPING, S.WAKING})
 _DOWN = frozenset({S.STOPPED, S.FAILED})
+_COMING = frozenset({S.READY, S.STARTING, S.WAKING})  # serving, or on its way to it
+# A replica with affinity goes where hashing sends it while that one's load stays under this many times the
+# average (+1): the bound of "consistent hashing with bounded loads" (Mirrokni et al.), vLLM router's 1.25.
+AFFINITY_SLACK = 1.25
+_MASK = (1 << 64) - 1
+
+
+def _weight(affinity: int, replica: int) -> int:
+    """Rendezvous (highest random weight) hashing: a splitmix64 finaliser over the pair. Adding or losing a
+    replica moves only the conversations that hashed to it."""
+    z = (affinity + (replica + 1) * 0x9E3779B97F4A7C15) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
 
 
 @dataclass(eq=False)
@@ -60,10 +90,18 @@ class _Model:
     queue: deque[Ticket] = field(default_factory=deque)
     phase: ModelPhase = P.DOWN  # moved only by ``move``, along engines/scheduling/phases.py's table
     want: float | None = None  # a start asked for without a waiter (eager, operator, reload), and when
-    drain: str | None = None  # why it goes down once its requests are done (idle, swap:<model>, reload, operator)
+    # Why it goes down once its requests are done (idle, swap:<model>, sleep, abandoned, evicted, reload,
+    # operator); kept while it sleeps, so that nothing is granted on a replica on its way to sleep.
+    drain: str | None = None
+    swap_for: int | None = None  # the model whose demand the drain is for: undone if that demand leaves
     retiring: bool = False  # a reload removed or replaced this version: once down it is RETIRED, never back
     last_used: float = 0.0
+    resident_since: float = 0.0  # when it last became able to serve (a start's or a wake's first READY)
+    for_waiters: bool = False  # launched for waiting requests only: cancelled if they all leave first
+    ranked: int = 0  # waiters with a priority: the queue is plain FIFO while there are none
     turn: int = 0  # where the next tie between replicas starts
+    sticky: int = 0  # grants with an affinity that went where hashing sent them
+    spilled: int = 0  # ... and that went elsewhere, their replica being over the load bound
 
     def move(self, new: ModelPhase) -> None:
         self.phase = checked(self.plan.name, self.phase, new)
@@ -75,8 +113,8 @@ class _Model:
 
     @property
     def cold(self) -> bool:
-        """Started and not READY since: requests wait for it instead of a 503."""
-        return self.phase is P.STARTING
+        """Started (or woken) and not READY since: requests wait for it instead of a 503."""
+        return self.phase in COLD
 
     @property
     def stop_sent(self) -> bool:
@@ -91,21 +129,34 @@ class _Model:
         return sum(r.active for r in self.replicas)
 
     def running(self) -> bool:
+        """Holds its GPUs, or will: up, or a replica with a process that is not asleep."""
         return self.up or any(r.state in _RUNNING for r in self.replicas)
 
-    def demand_at(self) -> float:
-        times = [t for t in (self.queue[0].arrived if self.queue else None, self.want) if t is not None]
-        return min(times) if times else math.inf
+    def alive(self) -> bool:
+        """A process exists, asleep or not: a stop has something to stop."""
+        return self.running() or any(r.state is S.SLEEPING for r in self.replicas)
 
-    def yields_to(self, demand_at: float) -> bool:
-        """Whether it may be drained for a demand from ``demand_at``: none of its waiters is older."""
-        return not self.queue or self.queue[0].arrived >= demand_at
+    def asleep(self) -> bool:
+        """Put to sleep, and its GPUs are free: no replica holds them any more."""
+        return self.phase is P.SLEEPING and not any(r.state in _RUNNING for r in self.replicas)
+
+
+_NO_RANK = (2, 0, math.inf)  # no demand: ranks after every waiter
 
 
 class Scheduler:
-    def __init__(self, effects: Effects, *, max_loaded: int = 0) -> None:
+    def __init__(
+        self,
+        effects: Effects,
+        *,
+        max_loaded: int = 0,
+        policy: SwapPolicy | None = None,
+        sleep_ram_gb: float = math.inf,
+    ) -> None:
         self._effects = effects
         self.max_loaded = max_loaded
+        self.policy = policy or SwapPolicy()
+        self.sleep_ram_gb = sleep_ram_gb  # the budget for sleeping models' host RAM (the pool resolves "None")
         self._models: dict[int, _Model] = {}
         self._closed = False
         self._busy = False
@@ -140,7 +191,9 @@ class Scheduler:
             last_used=now,
             want=now if start else None,
             queue=waiting,
+            ranked=previous.ranked,
         )
+        previous.ranked = 0
         for ticket in waiting:
             ticket.key = new
         self._advance(now)
@@ -177,12 +230,22 @@ class Scheduler:
         model = self._models[key]
         model.want = None
         self._refuse_all(model, "stopped")
-        if model.running():
+        if model.alive():
             model.drain = "operator"
             model.move(P.PARKING)
             self._effects.stop(key)
         else:
             model.move(P.PARKED)
+        self._advance(now)
+
+    def sleep(self, key: int, now: float) -> None:
+        """Put the model to sleep once its requests in flight are over (an operator's sleep); its next
+        request wakes it. Raises ValueError for a model that cannot sleep (no ``sleep:``, or its engine)."""
+        model = self._models[key]
+        if not model.plan.sleeps:
+            raise ValueError(f"{model.plan.name} cannot sleep: no 'sleep:' in its spec, or no sleep mode in its engine")
+        if model.phase is P.RUNNING and model.drain is None:
+            model.drain = "sleep"
         self._advance(now)
 
     def is_up(self, key: int) -> bool:
@@ -201,13 +264,13 @@ class Scheduler:
 
     # -- the request path ---------------------------------------------------------------------------
 
-    def admit_now(self, key: int, now: float, exclude: int = -1) -> int | None:
+    def admit_now(self, key: int, now: float, exclude: int = -1, affinity: int | None = None) -> int | None:
         """The common case, allocation-free: a replica when one is free and nobody waits, else None (then
         ``request`` with a Ticket, which queues or refuses). Never replica ``exclude`` (a failover)."""
         model = self._models.get(key)
         if model is None or self._closed or model.parked or model.drain is not None or model.queue:
             return None
-        index = self._pick(model, now, exclude)
+        index = self._pick(model, now, exclude, affinity)
         if index is not None:
             self._admit(model, index, now)
         return index
@@ -225,7 +288,7 @@ class Scheduler:
         if model.parked:
             raise Refused("stopped", model.plan.name)
         if model.drain is None and not model.queue:
-            index = self._pick(model, now)
+            index = self._pick(model, now, affinity=ticket.affinity)
             if index is not None:
                 self._admit(model, index, now)
                 return index
@@ -242,6 +305,8 @@ class Scheduler:
         if len(model.queue) >= model.plan.max_queue:
             raise Refused("queue_full", model.plan.name)
         model.queue.append(ticket)
+        if ticket.priority:
+            model.ranked += 1
         self._advance(now)
         return None
 
@@ -254,7 +319,13 @@ class Scheduler:
             model.queue.remove(ticket)
         except ValueError:
             return
-        self._advance(now)  # a shorter queue may let another model's demand through
+        if ticket.priority:
+            model.ranked -= 1
+        if model.phase is P.STARTING and model.for_waiters and not model.queue and model.want is None:
+            # Launched only for waiters, and every one of them left: the start is cancelled (stopped) rather
+            # than finishing a minutes-long load nobody waits for (llama-swap #727).
+            model.drain = model.drain or "abandoned"
+        self._advance(now)  # a shorter queue may let another model's demand through, or undo a swap
 
     def release(self, key: int, replica: int, now: float) -> None:
         model = self._models.get(key)
@@ -292,18 +363,20 @@ class Scheduler:
         rep = model.replicas[replica]
         old, rep.state = rep.state, state
         if state is S.READY:
-            if model.phase is P.STARTING:
+            if model.cold:
                 model.move(P.RUNNING)
+                model.resident_since = now
+                model.for_waiters = False
             model.last_used = max(model.last_used, now)  # the idle clock starts when it can first serve
             if old is S.STARTING:
                 rep.outlier.reset()
-        if state is S.BACKOFF and model.cold and not any(r.state in (S.READY, S.STARTING) for r in model.replicas):
+        if state is S.BACKOFF and model.cold and not any(r.state in _COMING for r in model.replicas):
             # It crashed before it ever served: its waiters get a 503 now, not a wait through the backoff.
             model.move(P.RUNNING)
             self._refuse_all(model, "unavailable")
         if all(r.state in _DOWN for r in model.replicas):
-            if model.stop_sent:
-                self._stopped(model)
+            if model.stop_sent or model.phase is P.SLEEPING:
+                self._stopped(model)  # stopped as asked; or asleep and died, or stopped because it could not sleep
             elif state is S.FAILED and all(r.state is S.FAILED for r in model.replicas):
                 self._went_down(model)  # crash-looped: its GPUs are free; an operator must start it
                 self._refuse_all(model, "failed")
@@ -315,11 +388,11 @@ class Scheduler:
         """Idle stops; ejections that ended are noticed by the next pick on their own."""
         for model in self._models.values():
             plan = model.plan
+            resting = (model.phase is P.RUNNING and model.drain is None) or (model.asleep() and model.drain != "idle")
             if (
                 plan.on_demand
                 and plan.idle_timeout > 0
-                and model.phase is P.RUNNING
-                and model.drain is None
+                and resting
                 and not model.queue
                 and model.active == 0
                 and now - model.last_used >= plan.idle_timeout
@@ -335,11 +408,13 @@ class Scheduler:
     def status(self, key: int, now: float) -> ModelStatus:
         model = self._models[key]
         states = [r.state for r in model.replicas]
-        if (model.drain is not None and model.running()) or (S.STOPPING in states and S.READY not in states):
+        if model.asleep() and S.SLEEPING in states:
+            phase = Phase.SLEEPING
+        elif (model.drain is not None and model.running()) or (S.STOPPING in states and S.READY not in states):
             phase = Phase.DRAINING
         elif S.READY in states:
             phase = Phase.READY
-        elif model.up or S.STARTING in states or S.BACKOFF in states:
+        elif model.up or S.STARTING in states or S.BACKOFF in states or S.WAKING in states:
             phase = Phase.STARTING
         elif states and all(s is S.FAILED for s in states):
             phase = Phase.FAILED
@@ -353,13 +428,19 @@ class Scheduler:
             model.phase is P.STANDBY,
             model.drain,
             tuple(i for i, r in enumerate(model.replicas) if r.outlier.ejected(now)),
+            model.sticky,
+            model.spilled,
         )
 
     # -- decisions ----------------------------------------------------------------------------------
 
-    def _pick(self, model: _Model, now: float, exclude: int = -1) -> int | None:
+    def _pick(self, model: _Model, now: float, exclude: int = -1, affinity: int | None = None) -> int | None:
         limit = model.plan.max_concurrency
         reps = model.replicas
+        if affinity is not None and len(reps) > 1:
+            index = self._pick_home(model, now, exclude, affinity)
+            if index is not None:
+                return index
         best = fallback = None
         healthy = False
         for offset in range(len(reps)):
@@ -382,6 +463,32 @@ class Scheduler:
             model.turn = best + 1
         return best
 
+    def _pick_home(self, model: _Model, now: float, exclude: int, affinity: int) -> int | None:
+        """The replica rendezvous hashing gives ``affinity``, or the next one in its order while the first is
+        over the load bound; None when no healthy replica has room (the plain pick decides then)."""
+        limit = model.plan.max_concurrency
+        reps = model.replicas
+        open_ = [
+            i
+            for i, rep in enumerate(reps)
+            if rep.state is S.READY
+            and i != exclude
+            and now >= rep.outlier.ejected_until
+            and not (limit and rep.active >= limit)
+        ]
+        if not open_:
+            return None
+        bound = math.ceil(AFFINITY_SLACK * (sum(reps[i].active for i in open_) + 1) / len(open_))
+        order = sorted(open_, key=lambda i: _weight(affinity, i), reverse=True)
+        for i in order:
+            if reps[i].active < bound:
+                if i == order[0]:
+                    model.sticky += 1
+                else:
+                    model.spilled += 1
+                return i
+        return None
+
     def _admit(self, model: _Model, index: int, now: float) -> None:
         model.replicas[index].active += 1
         model.last_used = now
@@ -397,41 +504,91 @@ class Scheduler:
                 self._again = False
                 for model in list(self._models.values()):
                     self._serve_queue(model, now)
+                self._undo_stale_drains()
                 self._place(now)
                 for model in list(self._models.values()):
                     self._maybe_stop(model)
         finally:
             self._busy = False
 
+    # Waiter order: overdue (waited max_wait) first, then higher priority, then older. A tuple, smaller first.
+
+    def _rank(self, ticket: Ticket, now: float) -> tuple[int, int, float]:
+        return (0 if now - ticket.arrived >= self.policy.max_wait else 1, -ticket.priority, ticket.arrived)
+
+    def _next(self, model: _Model, now: float) -> int:
+        """Where in the queue the next waiter to serve is: the head while nobody has a priority (FIFO)."""
+        if not model.ranked:
+            return 0
+        queue = model.queue
+        return min(range(len(queue)), key=lambda i: self._rank(queue[i], now))
+
+    def _demand_rank(self, model: _Model, now: float) -> tuple[int, int, float]:
+        """The model's claim on GPUs: its best waiter's rank; a start asked for (operator, eager, reload)
+        ranks as overdue from when it was asked."""
+        best = self._rank(model.queue[self._next(model, now)], now) if model.queue else _NO_RANK
+        if model.want is not None:
+            best = min(best, (0, 0, model.want))
+        return best
+
     def _serve_queue(self, model: _Model, now: float) -> None:
         if model.drain is not None:
             return
-        while model.queue:
-            index = self._pick(model, now)
+        queue = model.queue
+        while queue:
+            at = self._next(model, now)
+            ticket = queue[at]
+            index = self._pick(model, now, affinity=ticket.affinity)
             if index is None:
                 return
-            ticket = model.queue.popleft()
+            del queue[at]
+            if ticket.priority:
+                model.ranked -= 1
             if self._effects.grant(ticket, index):
                 self._admit(model, index, now)
 
+    def _undo_stale_drains(self) -> None:
+        """Never swap for requests that have left: a drain for a model nobody waits for any more is called off
+        (its own requests are served again), unless its stop or sleep is already sent."""
+        for model in self._models.values():
+            if model.swap_for is None or model.phase not in (P.RUNNING, P.STARTING):
+                continue
+            demand = self._models.get(model.swap_for)
+            if demand is None or (not demand.running() and not demand.queue and demand.want is None):
+                model.drain = model.swap_for = None
+
     def _place(self, now: float) -> None:
-        """Start the demanded models that can start; drain what stands in their way (oldest demand first)."""
+        """Start (or wake) the demanded models that can; drain what stands in their way, when it may yield
+        (best demand first: overdue, priority, age)."""
         if self._closed:
             return
-        demands = sorted((m for m in self._models.values() if self._wants_up(m)), key=_Model.demand_at)
-        for model in demands:
-            at = model.demand_at()
+        demands = [(self._demand_rank(m, now), m) for m in self._models.values() if self._wants_up(m)]
+        demands.sort(key=lambda d: d[0])
+        for rank, model in demands:
             blockers = [b for b in self._running_others(model) if must_stop_for(model.plan, b.plan)]
-            extra = self._over_cap(model, blockers)
-            if extra is None or not all(b.drain is not None or b.yields_to(at) for b in blockers):
-                continue  # FIFO: something older is still waiting on a model in the way
+            extra = self._over_cap(model, blockers, rank, now)
+            if extra is None or not all(b.drain is not None or self._yields(b, rank, now) for b in blockers):
+                continue  # what holds the GPUs keeps them for now (a better demand, or its residency)
             for b in (*blockers, *extra):
                 if b.drain is None:
                     b.drain = f"swap:{model.plan.name}"
+                    b.swap_for = model.key
                     b.want = None
             leaving = (*blockers, *extra)
             if not any(b.running() for b in leaving) and self._fits(model):
                 self._launch(model, now)
+
+    def _yields(self, model: _Model, rank: tuple[int, int, float], now: float) -> bool:
+        """Whether ``model`` may be drained for a demand of ``rank``: none of its own waiters ranks before
+        it, and it is not a resident with work inside its residency (unless the demand is overdue)."""
+        if model.queue and self._demand_rank(model, now) < rank:
+            return False
+        if rank[0] == 0 or model.phase is not P.RUNNING:
+            return True  # overdue, or an operator's start; a model still starting has no residency to keep
+        policy = self.policy
+        if now - model.resident_since >= policy.min_residency:
+            return True
+        return not (model.active or model.queue or now - model.last_used < policy.linger)
 
     def _wants_up(self, model: _Model) -> bool:
         return (
@@ -444,7 +601,9 @@ class Scheduler:
     def _running_others(self, model: _Model) -> Iterator[_Model]:
         return (m for m in self._models.values() if m is not model and m.running())
 
-    def _over_cap(self, model: _Model, blockers: list[_Model]) -> list[_Model] | None:
+    def _over_cap(
+        self, model: _Model, blockers: list[_Model], rank: tuple[int, int, float], now: float
+    ) -> list[_Model] | None:
         """Models to stop so ``model`` fits under max_loaded (least recently used first); None: cannot."""
         if not self.max_loaded or not model.plan.spawns:
             return []
@@ -453,8 +612,9 @@ class Scheduler:
         excess = len(staying) + 1 - self.max_loaded
         if excess <= 0:
             return []
-        at = model.demand_at()
-        candidates = sorted((m for m in staying if m.yields_to(at)), key=lambda m: (m.active > 0, m.last_used))
+        candidates = sorted(
+            (m for m in staying if self._yields(m, rank, now)), key=lambda m: (m.active > 0, m.last_used)
+        )
         return candidates[:excess] if len(candidates) >= excess else None
 
     def _fits(self, model: _Model) -> bool:
@@ -463,19 +623,52 @@ class Scheduler:
         return sum(1 for m in self._running_others(model) if m.plan.spawns) < self.max_loaded
 
     def _launch(self, model: _Model, now: float) -> None:
+        model.last_used = now
+        if model.phase is P.SLEEPING:
+            model.move(P.WAKING)
+            model.drain = model.swap_for = model.want = None
+            self._effects.wake(model.key)
+            return
+        model.for_waiters = model.want is None
         model.move(P.STARTING)
         model.want = None
-        model.last_used = now
         self._effects.start(model.key)
 
     def _maybe_stop(self, model: _Model) -> None:
         if model.drain is None or model.stop_sent or model.active:
             return
-        if not model.running():
+        if not model.alive():
             self._stopped(model)  # nothing to stop (never started, or crashed down)
+            return
+        sleeps_for = model.drain == "sleep" or model.drain.startswith("swap:")
+        if model.phase is P.SLEEPING:
+            if sleeps_for:
+                return  # asleep, or on its way, as asked
+        elif model.phase is P.RUNNING and sleeps_for and model.plan.sleeps and self._room_to_sleep(model):
+            model.move(P.SLEEPING)
+            self._effects.sleep(model.key)
             return
         model.move(P.STOPPING)
         self._effects.stop(model.key)
+
+    def _room_to_sleep(self, model: _Model) -> bool:
+        """Whether ``model`` fits the sleepers' host-RAM budget, once the least recently used sleepers are
+        stopped to make room (they are, here); False: it alone is over the budget, and is stopped instead."""
+        need = model.plan.sleep_ram_gb
+        if need > self.sleep_ram_gb:
+            return False
+        sleepers = sorted(
+            (m for m in self._models.values() if m is not model and m.phase is P.SLEEPING), key=lambda m: m.last_used
+        )
+        used = sum(m.plan.sleep_ram_gb for m in sleepers)
+        for old in sleepers:
+            if used + need <= self.sleep_ram_gb:
+                break
+            used -= old.plan.sleep_ram_gb
+            old.drain = "evicted"
+            old.move(P.STOPPING)
+            self._effects.stop(old.key)
+        return True
 
     def _went_down(self, model: _Model) -> None:
         """Every replica is down and nobody asked for it: a model that was up is DOWN (a drain asked for is
@@ -484,7 +677,7 @@ class Scheduler:
             model.move(P.DOWN)
 
     def _stopped(self, model: _Model) -> None:
-        model.drain = None
+        model.drain = model.swap_for = None
         if model.retiring:
             model.move(P.RETIRED)
             del self._models[model.key]
@@ -496,5 +689,6 @@ class Scheduler:
 
     def _refuse_all(self, model: _Model, reason: Refusal) -> None:
         waiting, model.queue = model.queue, deque()
+        model.ranked = 0
         for ticket in waiting:
             self._effects.refuse(ticket, Refused(reason, model.plan.name))

@@ -74,3 +74,5 @@ class ModelStatus:
     standby: bool  # stopped by the scheduler (idle, swap): starts again on its next request
     draining_for: str | None
     ejected: tuple[int, ...]
+    sticky: int = 0  # grants with an affinity that went to the replica hashing gave them
+    spilled: int = 0  # grants with an affinity that spilled over (that replica was over the load bound)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_engines_scheduler import FakeEffects, ask, down, plan, up
+from test_engines_scheduler import ON_ARRIVAL, FakeEffects, ask, down, plan, up
 
 from engines.replica.state import EngineState
 from engines.scheduling.phases import TRANSITIONS, BadMove, ModelPhase, can_move, checked
@@ -44,6 +44,16 @@ def test_the_moves_of_the_table() -> None:
         (P.PARKING, P.PARKED),
         (P.PARKING, P.STOPPING),
         (P.PARKING, P.RETIRED),
+        (P.RUNNING, P.SLEEPING),
+        (P.SLEEPING, P.WAKING),
+        (P.SLEEPING, P.STOPPING),
+        (P.SLEEPING, P.PARKING),
+        (P.SLEEPING, P.STANDBY),
+        (P.SLEEPING, P.RETIRED),
+        (P.WAKING, P.RUNNING),
+        (P.WAKING, P.DOWN),
+        (P.WAKING, P.STOPPING),
+        (P.WAKING, P.PARKING),
     }
     for old in P:
         for new in P:
@@ -52,7 +62,8 @@ def test_the_moves_of_the_table() -> None:
 
 def test_only_a_launch_starts_a_model_and_only_a_stop_sent_or_nothing_running_retires_it() -> None:
     assert {p for p in P if can_move(p, P.STARTING)} == {P.DOWN, P.STANDBY}
-    assert {p for p in P if can_move(p, P.RETIRED)} == {P.DOWN, P.STANDBY, P.PARKED, P.STOPPING, P.PARKING}
+    assert {p for p in P if can_move(p, P.RETIRED)} == {P.DOWN, P.STANDBY, P.PARKED, P.STOPPING, P.PARKING, P.SLEEPING}
+    assert {p for p in P if can_move(p, P.WAKING)} == {P.SLEEPING}  # only a sleeper wakes
 
 
 def test_a_move_outside_the_table_raises_and_staying_put_is_no_move() -> None:
@@ -66,7 +77,7 @@ def test_a_move_outside_the_table_raises_and_staying_put_is_no_move() -> None:
 
 def test_the_scheduler_walks_a_model_through_its_phases() -> None:
     fx = FakeEffects()
-    s = Scheduler(fx)
+    s = Scheduler(fx, policy=ON_ARRIVAL)
     s.add(1, plan("a", idle_timeout=10), 0)
     assert s.phase(1) is P.DOWN
     ask(s, 1, 1)
@@ -100,7 +111,7 @@ def test_the_scheduler_walks_a_model_through_its_phases() -> None:
 
 def test_a_cold_start_that_crashes_before_serving_is_running_and_refuses_its_waiters() -> None:
     fx = FakeEffects()
-    s = Scheduler(fx)
+    s = Scheduler(fx, policy=ON_ARRIVAL)
     s.add(1, plan("a"), 0)
     ticket, _ = ask(s, 1, 1)
     s.replica_changed(1, 0, S.STARTING, 2)

@@ -8,11 +8,13 @@ from typing import Any
 import pytest
 
 from engines.replica.state import EngineState
-from engines.scheduling.placement import ModelPlan
+from engines.scheduling.placement import ModelPlan, SwapPolicy
 from engines.scheduling.scheduler import Phase, Refused, Scheduler, Ticket
 from engines.spec import OutlierPolicy
 
 S = EngineState
+# The mechanics of a swap, free of the anti-thrash policy (tests/unit/test_swap_policy.py has that).
+ON_ARRIVAL = SwapPolicy.on_arrival()
 
 
 @dataclass
@@ -27,6 +29,12 @@ class FakeEffects:
 
     def stop(self, key: int) -> None:
         self.calls.append(("stop", key))
+
+    def sleep(self, key: int) -> None:
+        self.calls.append(("sleep", key))
+
+    def wake(self, key: int) -> None:
+        self.calls.append(("wake", key))
 
     def grant(self, ticket: Ticket, replica: int) -> bool:
         if id(ticket) in self.gone:
@@ -67,7 +75,7 @@ def ask(s: Scheduler, key: int, now: float = 0.0) -> tuple[Ticket, int | None]:
 
 def test_first_request_starts_the_model_and_waits_then_all_waiters_are_served_in_order() -> None:
     fx = FakeEffects()
-    s = Scheduler(fx)
+    s = Scheduler(fx, policy=ON_ARRIVAL)
     s.add(1, plan("a"), 0)
     t1, got1 = ask(s, 1, 1)
     t2, got2 = ask(s, 1, 2)
@@ -81,7 +89,7 @@ def test_first_request_starts_the_model_and_waits_then_all_waiters_are_served_in
 
 def test_queue_full_and_crash_restart_refuse_at_once() -> None:
     fx = FakeEffects()
-    s = Scheduler(fx)
+    s = Scheduler(fx, policy=ON_ARRIVAL)
     s.add(1, plan("a", max_queue=2), 0)
     ask(s, 1)
     ask(s, 1)
@@ -97,7 +105,7 @@ def test_queue_full_and_crash_restart_refuse_at_once() -> None:
 
 def test_a_withdrawn_waiter_never_gets_a_replica() -> None:
     fx = FakeEffects()
-    s = Scheduler(fx)
+    s = Scheduler(fx, policy=ON_ARRIVAL)
     s.add(1, plan("a"), 0)
     left, _ = ask(s, 1)
     stays, _ = ask(s, 1)
@@ -115,7 +123,7 @@ def test_a_withdrawn_waiter_never_gets_a_replica() -> None:
 
 def test_swap_drains_the_running_model_before_starting_the_other() -> None:
     fx = FakeEffects()
-    s = Scheduler(fx)
+    s = Scheduler(fx, policy=ON_ARRIVAL)
     s.add(1, plan("a"), 0)
     s.add(2, plan("b"), 0)
     ask(s, 1, 1)
@@ -141,7 +149,7 @@ def test_swap_drains_the_running_model_before_starting_the_other() -> None:
 
 def test_fifo_across_models_a_younger_demand_does_not_drain_a_model_with_older_waiters() -> None:
     fx = FakeEffects()
-    s = Scheduler(fx)
+    s = Scheduler(fx, policy=ON_ARRIVAL)
     s.add(1, plan("a", max_concurrency=1), 0)
     s.add(2, plan("b"), 0)
     ask(s, 1, 0)
@@ -155,7 +163,7 @@ def test_fifo_across_models_a_younger_demand_does_not_drain_a_model_with_older_w
 
 def test_groups_share_gpus_exclusive_groups_clear_the_rest() -> None:
     fx = FakeEffects()
-    s = Scheduler(fx)
+    s = Scheduler(fx, policy=ON_ARRIVAL)
     s.add(1, plan("chat", group="g"), 0)
     s.add(2, plan("embed", group="g"), 0)
     s.add(3, plan("other", gpus=(5,)), 0)
@@ -170,7 +178,7 @@ def test_groups_share_gpus_exclusive_groups_clear_the_rest() -> None:
 
 def test_max_loaded_stops_the_least_recently_used_idle_model() -> None:
     fx = FakeEffects()
-    s = Scheduler(fx, max_loaded=2)
+    s = Scheduler(fx, max_loaded=2, policy=ON_ARRIVAL)
     for key, gpu in ((1, 0), (2, 1), (3, 2)):
         s.add(key, plan(f"m{key}", gpus=(gpu,)), 0)
     for key, t in ((1, 1.0), (2, 2.0)):
@@ -187,7 +195,7 @@ def test_max_loaded_stops_the_least_recently_used_idle_model() -> None:
 
 def test_idle_model_is_drained_and_stopped_after_its_timeout() -> None:
     fx = FakeEffects()
-    s = Scheduler(fx)
+    s = Scheduler(fx, policy=ON_ARRIVAL)
     s.add(1, plan("a", idle_timeout=10), 0)
     ask(s, 1, 0)
     up(s, 1, now=1)
@@ -207,7 +215,7 @@ def test_idle_model_is_drained_and_stopped_after_its_timeout() -> None:
 
 def test_replicas_share_by_in_flight_count_and_take_turns() -> None:
     fx = FakeEffects()
-    s = Scheduler(fx)
+    s = Scheduler(fx, policy=ON_ARRIVAL)
     s.add(1, plan("a", replicas=2), 0)
     ask(s, 1)
     up(s, 1, replicas=2)
@@ -229,7 +237,7 @@ def test_replicas_share_by_in_flight_count_and_take_turns() -> None:
 
 def test_a_first_launch_that_crashes_refuses_its_waiters_at_once() -> None:
     fx = FakeEffects()
-    s = Scheduler(fx)
+    s = Scheduler(fx, policy=ON_ARRIVAL)
     s.add(1, plan("a"), 0)
     waiter, got = ask(s, 1)  # on demand: the first request starts it and waits
     assert got is None and fx.took("start") == [1]
@@ -242,7 +250,7 @@ def test_a_first_launch_that_crashes_refuses_its_waiters_at_once() -> None:
 
 def test_failover_admits_another_ready_replica_never_the_one_that_refused() -> None:
     fx = FakeEffects()
-    s = Scheduler(fx)
+    s = Scheduler(fx, policy=ON_ARRIVAL)
     s.add(1, plan("a", replicas=2), 0, start=True)
     up(s, 1, replicas=2)
     assert [s.admit_now(1, 1, exclude=0) for _ in range(3)] == [1, 1, 1]  # busier, but the only other one
@@ -253,7 +261,7 @@ def test_failover_admits_another_ready_replica_never_the_one_that_refused() -> N
 
 def test_ejection_grows_never_takes_the_last_healthy_replica_and_ends() -> None:
     fx = FakeEffects()
-    s = Scheduler(fx)
+    s = Scheduler(fx, policy=ON_ARRIVAL)
     policy = OutlierPolicy(consecutive_failures=2, base_ejection_time=10, max_ejection_time=25)
     s.add(1, plan("a", replicas=2, outlier=policy), 0)
     ask(s, 1)
@@ -275,7 +283,7 @@ def test_ejection_grows_never_takes_the_last_healthy_replica_and_ends() -> None:
 
 def test_single_replica_is_never_ejected() -> None:
     fx = FakeEffects()
-    s = Scheduler(fx)
+    s = Scheduler(fx, policy=ON_ARRIVAL)
     s.add(1, plan("a", outlier=OutlierPolicy(consecutive_failures=1)), 0)
     ask(s, 1)
     up(s, 1)
@@ -284,7 +292,7 @@ def test_single_replica_is_never_ejected() -> None:
 
 def test_failed_model_refuses_waiters_and_new_requests() -> None:
     fx = FakeEffects()
-    s = Scheduler(fx)
+    s = Scheduler(fx, policy=ON_ARRIVAL)
     s.add(1, plan("a"), 0)
     waiting, _ = ask(s, 1)
     s.replica_changed(1, 0, S.STARTING, 1)
@@ -297,7 +305,7 @@ def test_failed_model_refuses_waiters_and_new_requests() -> None:
 
 def test_operator_stop_parks_and_start_unparks() -> None:
     fx = FakeEffects()
-    s = Scheduler(fx)
+    s = Scheduler(fx, policy=ON_ARRIVAL)
     s.add(1, plan("a"), 0, start=True)
     assert fx.took("start") == [1]
     up(s, 1)
@@ -313,7 +321,7 @@ def test_operator_stop_parks_and_start_unparks() -> None:
 
 def test_reload_replace_moves_waiters_and_starts_after_the_old_version_is_gone() -> None:
     fx = FakeEffects()
-    s = Scheduler(fx)
+    s = Scheduler(fx, policy=ON_ARRIVAL)
     s.add(1, plan("a", gpus=()), 0)
     ask(s, 1)
     up(s, 1)
