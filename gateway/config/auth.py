@@ -1,4 +1,4 @@
-"""The ``auth:`` block: API keys with names and permissions."""
+"""The ``auth:`` block: API keys with names, permissions and priorities."""
 
 from __future__ import annotations
 
@@ -6,13 +6,16 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # What an endpoint row requires (gateway/http/endpoints.py): "audio" for /v1/audio/*, "images" for image
 # generation; the client dialects and the tokenizer need "chat".
 Permission = Literal[
     "chat", "completions", "embeddings", "rerank", "audio", "images", "models", "admin", "metrics", "all"
 ]
+# A request's priority (its X-Priority header, a key's ``priority``): higher is served sooner.
+MIN_PRIORITY = -10
+MAX_PRIORITY = 10
 
 
 class ApiKey(BaseModel):
@@ -23,6 +26,9 @@ class ApiKey(BaseModel):
     key_env: str | None = None
     key_file: str | None = None
     permissions: tuple[Permission, ...] = ("all",)
+    # The default priority of this key's requests, and the highest its X-Priority header may ask for (a
+    # higher one is clamped to it): clients may lower their own priority (batch jobs), never raise it.
+    priority: int = Field(0, ge=MIN_PRIORITY, le=MAX_PRIORITY)
 
     @model_validator(mode="after")
     def _one_source(self) -> ApiKey:

@@ -17,8 +17,11 @@ from gateway.http.errors import PermissionDenied, Unauthorized
 
 @dataclass(frozen=True)
 class Identity:
+    """A configured key, as the request path knows its caller (the scope's ``IDENTITY_KEY``)."""
+
     name: str
     permissions: frozenset[str]
+    priority: int = 0  # the key's default and highest request priority (gateway/proxy/claim.py)
 
     def grants(self, permission: str) -> bool:
         return permission == ANY or "all" in self.permissions or permission in self.permissions
@@ -27,7 +30,7 @@ class Identity:
 class KeyRing:
     def __init__(self, config: AuthConfig) -> None:
         self._keys = [
-            (hashlib.sha256(k.secret().encode()).digest(), Identity(k.name, frozenset(k.permissions)))
+            (hashlib.sha256(k.secret().encode()).digest(), Identity(k.name, frozenset(k.permissions), k.priority))
             for k in config.api_keys
         ]
         self.metrics_public = config.metrics_public

@@ -1,7 +1,8 @@
 """From a ``model`` name to a replica lease, or the right error: 404 unknown, 429 queue full, 503 not ready.
 
-Most requests get their replica at once (no await, no task). The others wait in the model's FIFO queue
-(the pool's scheduler: a cold start, a swap, a model at max_concurrency) for at most its queue timeout,
+Most requests get their replica at once (no await, no task). The others wait in the model's queue (the
+pool's scheduler: a cold start, a swap, a model at max_concurrency; served by the request's priority, then
+in arrival order, a long wait going first whatever its priority) for at most its queue timeout,
 while a watcher reads the client's side of the connection: a client that leaves is taken out of the
 queue and never reaches the engine (docs/RELIABILITY.md D4). The body has been read by then, so the next
 ASGI message can only be ``http.disconnect``.
@@ -19,7 +20,7 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
-from engines.scheduling.contract import LeaseSource, ReplicaLease, is_queued
+from engines.scheduling.contract import Claim, LeaseSource, ReplicaLease, is_queued
 from engines.scheduling.entry import ModelEntry
 from engines.scheduling.lease import Abandoned
 from engines.scheduling.tickets import Refused
@@ -48,14 +49,18 @@ async def acquire(
     entry: ModelEntry,
     request: Request,
     *,
+    claim: Claim,
     queue_timeout: float,
     retry_after: float,
     metrics: Metrics,
 ) -> ReplicaLease:
-    """A lease on a replica of ``entry``; the caller releases it (the relay does, when it is over)."""
+    """A lease on a replica of ``entry``; the caller releases it (the relay does, when it is over).
+
+    ``claim``: the request's priority and affinity (gateway/proxy/claim.py), which the lease source's
+    scheduler orders its queue and picks the replica by. Required, so that no caller forgets its request's."""
     name = entry.spec.name
     try:
-        got = await pool.admit(entry)
+        got = await pool.admit(entry, claim)
         if not is_queued(got):
             return got
         timeout = entry.spec.queue_timeout if entry.spec.queue_timeout is not None else queue_timeout

@@ -19,7 +19,7 @@ from starlette.requests import Request
 
 from engines import ModelEntry
 from engines.adapters import StreamEnd
-from engines.scheduling.contract import ReplicaLease
+from engines.scheduling.contract import Claim, ReplicaLease
 from gateway.deps import GatewayState
 from gateway.dialects import TRANSLATIONS, Translation
 from gateway.http.endpoints import CHAT, Endpoint
@@ -28,6 +28,7 @@ from gateway.http.scope import MODEL_KEY, REQUEST_ID_KEY
 from gateway.media import MediaNormalizer
 from gateway.proxy.admission import acquire, resolve, while_connected
 from gateway.proxy.body import check_fields, model_name, parse_json_object, read_body
+from gateway.proxy.claim import claim_for
 from gateway.proxy.relay import Relay, Target
 from gateway.proxy.sse import StreamTranslation
 
@@ -39,8 +40,11 @@ async def forward(request: Request, state: GatewayState, endpoint: Endpoint) -> 
     body = parse_json_object(request, raw)
     entry = route(request, state, model_name(body), endpoint)
     stream = check_fields(body, endpoint.body)
+    # From the client's own body, before a translation reshapes it or images are inlined into it.
+    claim = claim_for(request, entry, body, endpoint.capability)
     if endpoint.capability is not None and endpoint.capability not in entry.adapter.capabilities:
-        return await forward_translated(request, state, entry, TRANSLATIONS[endpoint.capability](body, entry.spec.name))
+        translation = TRANSLATIONS[endpoint.capability](body, entry.spec.name)
+        return await forward_translated(request, state, entry, translation, claim)
     if endpoint.media and MediaNormalizer.needs_work(body):
         # Before a replica is chosen: a slow image must not hold an engine's slot.
         await while_connected(request, state.media.normalize_chat(body, entry.adapter.dialect))
@@ -55,6 +59,7 @@ async def forward(request: Request, state: GatewayState, endpoint: Endpoint) -> 
         stream_end=endpoint.stream_end,
         errors=endpoint.errors,
         headers=forwarded_headers(request, endpoint),
+        claim=claim,
     )
 
 
@@ -69,7 +74,7 @@ def forwarded_headers(request: Request, endpoint: Endpoint) -> dict[str, str]:
 
 
 async def forward_translated(
-    request: Request, state: GatewayState, entry: ModelEntry, translation: Translation
+    request: Request, state: GatewayState, entry: ModelEntry, translation: Translation, claim: Claim
 ) -> Relay:
     """A client dialect the engine lacks, carried as chat completions: the translated body (its images fetched
     as a chat request's are), and the answer or stream translated back by the relay."""
@@ -86,6 +91,7 @@ async def forward_translated(
         stream=translation.stream,
         transform=translation.answer,
         translation=translation,
+        claim=claim,
     )
 
 
@@ -125,6 +131,7 @@ async def relay(
     *,
     path: str,
     stream: bool,
+    claim: Claim,
     stream_end: StreamEnd | None = None,
     transform: Callable[[dict[str, Any]], Any] | None = None,
     translation: StreamTranslation | None = None,
@@ -132,8 +139,10 @@ async def relay(
     headers: Mapping[str, str] | None = None,
     content_type: str = "application/json",
 ) -> Relay:
-    """Lease a replica (at once, or after a bounded FIFO wait) and build the ``Relay`` that posts ``body``
-    (final, ``model`` included) to ``path``; the relay releases the lease when it is over.
+    """Lease a replica (at once, or after a bounded wait in the model's queue) and build the ``Relay`` that
+    posts ``body`` (final, ``model`` included) to ``path``; the relay releases the lease when it is over.
+    ``claim``: the request's priority and affinity (``claim_for``), which the queue and the replica's choice
+    follow.
 
     ``stream_end`` overrides the adapter's; ``transform`` reshapes a non-stream 2xx answer, ``translation``
     a stream and every error (``Target``); ``errors`` is the client's error dialect. ``headers``: the client's
@@ -144,6 +153,7 @@ async def relay(
         state.pool,
         entry,
         request,
+        claim=claim,
         queue_timeout=settings.queue_timeout,
         retry_after=settings.retry_after,
         metrics=state.metrics,

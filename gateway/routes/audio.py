@@ -17,6 +17,7 @@ from gateway.deps import StateDep
 from gateway.http.endpoints import TRANSCRIPTIONS, TRANSLATIONS, Endpoint
 from gateway.http.errors import BadRequest
 from gateway.proxy.body import read_body
+from gateway.proxy.claim import claim_for
 from gateway.proxy.pipeline import relay, route
 
 router = APIRouter()
@@ -82,6 +83,7 @@ async def _forward_form(request: Request, state: StateDep, endpoint: Endpoint) -
         stream_end=endpoint.stream_end,
         errors=endpoint.errors,
         content_type=content_type,
+        claim=claim_for(request, entry),  # no JSON body, no prompt: the priority, and an X-Session-ID if any
     )
 
 

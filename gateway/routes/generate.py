@@ -22,6 +22,7 @@ from gateway.media import MediaNormalizer, failures
 from gateway.media.urls import reference_kind
 from gateway.proxy.admission import while_connected
 from gateway.proxy.body import parse_json_object, read_body
+from gateway.proxy.claim import claim_for
 from gateway.proxy.pipeline import relay, route
 from gateway.proxy.relay import Relay
 from gateway.routes.simple import chosen_model
@@ -103,11 +104,14 @@ async def generate_request(request: Request, state: GatewayState, *, stream_path
         )
     if not isinstance(body.get("parameters", {}), dict):
         raise BadRequest("'parameters' must be an object.", param="parameters")
+    claim = claim_for(request, entry, body, GENERATE.capability)  # a bad X-Priority before any image is fetched
     if body.get("multimodal_params") is not None:
         # Before a replica is chosen: a slow image must not hold an engine's slot.
         await while_connected(request, inline_images(body["multimodal_params"], state.media))
     row = GENERATE_STREAM if stream else GENERATE
-    return await relay(request, state, entry, body, path=row.upstream_path, stream=stream, stream_end=row.stream_end)
+    return await relay(
+        request, state, entry, body, path=row.upstream_path, stream=stream, stream_end=row.stream_end, claim=claim
+    )
 
 
 @router.post("/generate")

@@ -27,6 +27,7 @@ from gateway.http.errors import BadRequest, MediaError
 from gateway.media import failures
 from gateway.proxy.admission import while_connected
 from gateway.proxy.body import check_fields, model_name, parse_json_object, read_body
+from gateway.proxy.claim import claim_for
 from gateway.proxy.pipeline import relay, route
 from gateway.proxy.relay import Relay
 
@@ -155,6 +156,7 @@ async def ask(
     body = chat_request(fields, text)
     entry = route(request, state, chosen_model(state, fields, "chat"), CHAT)
     stream = check_fields(body, CHAT.body)
+    claim = claim_for(request, entry, body, CHAT.capability)  # a bad X-Priority before any image is fetched
     if image is not None:
         if state.media.config.max_images_per_request < 1:
             raise MediaError("This gateway accepts no images.", code=failures.TOO_MANY, param=image_param)
@@ -164,7 +166,9 @@ async def ask(
         body["messages"][-1]["content"].insert(0, part)
     body["model"] = entry.request_model
     transform = None if stream else partial(simple_answer, model=entry.spec.name, task=task)
-    return await relay(request, state, entry, body, path=CHAT.upstream_path, stream=stream, transform=transform)
+    return await relay(
+        request, state, entry, body, path=CHAT.upstream_path, stream=stream, transform=transform, claim=claim
+    )
 
 
 # -- reading the two kinds of body ------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from engines.adapters import adapter_for
-from engines.scheduling.contract import ReplicaLease
+from engines.scheduling.contract import NO_CLAIM, Claim, ReplicaLease
 from engines.scheduling.lease import Abandoned
 from engines.scheduling.pool import ModelEntry
 from engines.scheduling.scheduler import Refused
@@ -205,10 +205,11 @@ class RemotePool:
     def entries(self) -> list[ModelEntry]:
         return list(self._entries.values())
 
-    async def admit(self, entry: ModelEntry) -> RemoteLease | RemoteWaiting:
+    async def admit(self, entry: ModelEntry, claim: Claim = NO_CLAIM) -> RemoteLease | RemoteWaiting:
+        """A lease from the owner's scheduler, which reads ``claim`` as it would a request of its own."""
         link = self._link
         lid = link.next_id()
-        answer = await link.ask(Acquire(lid, entry.name))
+        answer = await link.ask(Acquire(lid, entry.name, claim.priority, claim.affinity))
         if isinstance(answer, Queued):
             return RemoteWaiting(link, lid, entry.name)
         return link.lease(answer, entry.name)

@@ -1,9 +1,10 @@
 """The owner's side of the control line: the one scheduler, lent to every worker a lease at a time.
 
-Workers do not schedule. For each request a worker asks for a lease on a model (``Acquire``) and the hub
-answers from the owner's ``EnginePool`` exactly as a request in the owner would be answered: a replica
-at once, a place in the model's FIFO queue, or a refusal. So ``max_concurrency``, queue limits, on-demand
-starts, least-busy choice, idle stops and outlier ejection stay exact across workers. The hub holds the
+Workers do not schedule. For each request a worker asks for a lease on a model (``Acquire``, with the
+request's priority and affinity) and the hub answers from the owner's ``EnginePool`` exactly as a request in
+the owner would be answered: a replica at once, a place in the model's queue, or a refusal. So
+``max_concurrency``, queue limits and priorities, on-demand starts, the replica's choice (affinity, least
+busy), idle stops and outlier ejection stay exact across workers. The hub holds the
 owner's lease for the worker; the release carries the request's outcome (the passive health signal),
 which the hub reports on that lease before releasing it. A worker that disconnects — it crashed, was
 killed, or stopped answering pings — gives back every lease and queue place it held, at once.
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from engines import EnginePool, ModelEntry
+from engines.scheduling.contract import NO_CLAIM, Claim
 from engines.scheduling.lease import Abandoned, Lease, Waiting
 from engines.scheduling.scheduler import Refused
 from gateway.config.loader import Config
@@ -83,8 +85,8 @@ class _Link:
     def on_message(self, message: Message) -> None:
         self.heard = asyncio.get_running_loop().time()
         match message:
-            case Acquire(lid, model):
-                self._acquire(lid, model)
+            case Acquire(lid, model, priority, affinity):
+                self._acquire(lid, model, priority, affinity)
             case Release(lid, ok):
                 self._release(lid, ok)
             case Wait(lid, timeout):
@@ -108,13 +110,15 @@ class _Link:
 
     # -- leases ---------------------------------------------------------------------------------------
 
-    def _acquire(self, lid: int, model: str) -> None:
+    def _acquire(self, lid: int, model: str, priority: int, affinity: int | None) -> None:
         entry = self.hub.pool.resolve(model)
         if entry is None:
             self.channel.send(Denied(lid, "removed"))
             return
+        # The worker's request, as the owner's own would be: its priority in the queue, its affinity to a replica.
+        claim = NO_CLAIM if priority == 0 and affinity is None else Claim(priority, affinity)
         try:
-            got = self.hub.pool.request(entry)
+            got = self.hub.pool.request(entry, claim)
         except Refused as refused:
             self.channel.send(Denied(lid, refused.reason))
             return

@@ -1,10 +1,10 @@
 """What the owner and its workers say on the control line: one frozen dataclass per message, both directions.
 
-Worker → owner (``ToOwner``): ``Hello`` once connected, ``Acquire`` a lease on a model, ``Wait`` in its
-queue, ``Failover`` away from a refused replica, ``Release`` with the request's outcome, ``Cancel`` a wait
-or a grant it no longer wants, ``MetricsText`` answering a scrape, ``Drained`` once its requests are
-over, ``Pong`` answering a ``Ping``. Owner → worker (``ToWorker``): ``ConfigUpdate``, ``Granted``,
-``Queued``, ``Denied``, ``Scrape``, ``Drain``, ``Hurry``, ``Stop``, ``Ping``.
+Worker → owner (``ToOwner``): ``Hello`` once connected, ``Acquire`` a lease on a model (with the request's
+priority and affinity), ``Wait`` in its queue, ``Failover`` away from a refused replica, ``Release`` with the
+request's outcome, ``Cancel`` a wait or a grant it no longer wants, ``MetricsText`` answering a scrape,
+``Drained`` once its requests are over, ``Pong`` answering a ``Ping``. Owner → worker (``ToWorker``):
+``ConfigUpdate``, ``Granted``, ``Queued``, ``Denied``, ``Scrape``, ``Drain``, ``Hurry``, ``Stop``, ``Ping``.
 
 On the wire a message is a tuple (its kind's code, then its fields in order): a dataclass pickled as
 itself costs five times as much, and the line carries several messages per request.
@@ -31,8 +31,13 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class Acquire:
+    """A lease on ``model``, with the request's claim (engines/scheduling/contract.py ``Claim``) as its two
+    fields: plain ints travel as cheaply as the tuple's other fields, a pickled ``Claim`` would not."""
+
     lid: int
     model: str
+    priority: int = 0
+    affinity: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
