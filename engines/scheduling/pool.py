@@ -264,9 +264,7 @@ class EnginePool:
         index = self._scheduler.admit_now(entry.key, now, affinity=claim.affinity)
         if index is not None:
             return self._grant(entry.key, index)
-        ticket = Ticket(
-            entry.key, now, asyncio.get_running_loop().create_future(), claim.priority, claim.affinity
-        )
+        ticket = Ticket(entry.key, now, asyncio.get_running_loop().create_future(), claim.priority, claim.affinity)
         index = self._scheduler.request(ticket, now)
         if index is not None:
             return self._grant(entry.key, index)

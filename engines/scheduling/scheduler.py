@@ -502,9 +502,9 @@ class Scheduler:
             self._again = True
             while self._again:
                 self._again = False
+                self._undo_stale_drains()
                 for model in list(self._models.values()):
                     self._serve_queue(model, now)
-                self._undo_stale_drains()
                 self._place(now)
                 for model in list(self._models.values()):
                     self._maybe_stop(model)
@@ -581,8 +581,8 @@ class Scheduler:
     def _yields(self, model: _Model, rank: tuple[int, int, float], now: float) -> bool:
         """Whether ``model`` may be drained for a demand of ``rank``: none of its own waiters ranks before
         it, and it is not a resident with work inside its residency (unless the demand is overdue)."""
-        if model.queue and self._demand_rank(model, now) < rank:
-            return False
+        if model.queue and self._demand_rank(model, now) <= rank:
+            return False  # a tie keeps what runs: two equal demands must not drain each other in turn
         if rank[0] == 0 or model.phase is not P.RUNNING:
             return True  # overdue, or an operator's start; a model still starting has no residency to keep
         policy = self.policy
@@ -593,6 +593,7 @@ class Scheduler:
     def _wants_up(self, model: _Model) -> bool:
         return (
             not model.running()
+            and not model.stop_sent  # on its way down (a sleeper's stop): it comes back once it is
             and not model.parked
             and not model.retiring
             and (bool(model.queue) or model.want is not None)
@@ -658,8 +659,9 @@ class Scheduler:
         if need > self.sleep_ram_gb:
             return False
         sleepers = sorted(
-            (m for m in self._models.values() if m is not model and m.phase is P.SLEEPING), key=lambda m: m.last_used
-        )
+            (m for m in self._models.values() if m is not model and m.phase is P.SLEEPING and not m.queue),
+            key=lambda m: m.last_used,
+        )  # a sleeper with waiters is about to wake: never the one to make room
         used = sum(m.plan.sleep_ram_gb for m in sleepers)
         for old in sleepers:
             if used + need <= self.sleep_ram_gb:
