@@ -100,6 +100,9 @@ class ModelSpec(_Frozen):
     max_queue: int = Field(64, ge=0)
     queue_timeout: float | None = Field(None, ge=0)
     max_concurrency: int = Field(0, ge=0)  # requests in flight per replica (0: no limit)
+    # Several replicas: a conversation goes to the replica that holds its prefix in cache (X-Session-ID, the
+    # body's user, else the prompt's start; bounded load). False: always the least busy replica.
+    affinity: bool = True
     outlier: OutlierPolicy = OutlierPolicy()
     startup_timeout: float | None = Field(None, gt=0)  # None: the engine kind's default
     stop_grace: float = Field(20.0, ge=0)

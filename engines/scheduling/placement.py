@@ -81,6 +81,7 @@ class ModelPlan:
     outlier: OutlierPolicy = field(default_factory=OutlierPolicy)
     sleeps: bool = False  # a swap puts it to sleep (its spec asks, its engine can) rather than stopping it
     sleep_ram_gb: float = 0.0  # host RAM it holds asleep
+    affinity: bool = True  # requests with an affinity keep to their replica (else: the least busy)
 
 
 def plan_for(
@@ -101,6 +102,7 @@ def plan_for(
         outlier=spec.outlier,
         sleeps=sleeps,
         sleep_ram_gb=sleep_ram_gb,
+        affinity=spec.affinity,
     )
 
 

@@ -437,7 +437,7 @@ class Scheduler:
     def _pick(self, model: _Model, now: float, exclude: int = -1, affinity: int | None = None) -> int | None:
         limit = model.plan.max_concurrency
         reps = model.replicas
-        if affinity is not None and len(reps) > 1:
+        if affinity is not None and len(reps) > 1 and model.plan.affinity:
             index = self._pick_home(model, now, exclude, affinity)
             if index is not None:
                 return index

@@ -163,6 +163,8 @@ def test_swap_drains_the_running_model_before_the_other_starts_and_never_runs_bo
     recs = {name: tmp_path / f"{name}.jsonl" for name in ("a", "b")}
     config = {
         "server": {"queue_timeout": 20},
+        # The drain's mechanics, without the anti-thrash policy (test_swap_policy.py): swap on arrival.
+        "swap": {"min_residency": 0, "max_wait": 0, "linger": 0},
         "models": {
             name: model(
                 load="on_demand", gpus=[0], env={"STANDIN_FAULTS": "token-interval=0.1", "STANDIN_RECORD": str(rec)}
@@ -204,6 +206,7 @@ def test_replicas_share_load_and_a_failing_replica_is_ejected(tmp_path: Path) ->
         "models": {
             "r": model(
                 gpus=[[0], [1]],
+                affinity=False,  # balanced by in-flight count (test_affinity.py has the other way)
                 outlier={"consecutive_failures": 2, "base_ejection_time": 30},
                 env={
                     "STANDIN_FAULTS_FILE": str(tmp_path / "faults-{replica}.json"),
@@ -298,6 +301,7 @@ def test_a_refused_connection_fails_over_to_another_replica_once(tmp_path: Path)
         "models": {
             "r": model(
                 gpus=[[0], [1]],
+                affinity=False,  # round robin between idle replicas: the refusing one is asked first
                 health={"interval": 60, "startup_interval": 0.1},
                 outlier={"consecutive_failures": 100},
                 env={
