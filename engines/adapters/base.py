@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from engines.adapters.sleep import SleepApi
 from engines.spec import ModelSpec
 
 # How an engine wants multimodal parts (gateway/media reshapes messages accordingly).
@@ -109,6 +110,17 @@ class EngineAdapter:
 
     def startup_timeout(self, spec: ModelSpec) -> float:
         return spec.startup_timeout or self.default_startup_timeout
+
+    def sleep_api(self, spec: ModelSpec) -> SleepApi | None:
+        """How this engine sleeps and wakes for ``spec`` (engines/adapters/sleep.py); None when it cannot, or
+        when the spec has no ``sleep:`` (a swap then stops it)."""
+        return None
+
+    def no_sleep_reason(self, spec: ModelSpec) -> str:
+        """Why ``sleep_api(spec)`` is None, in words fit for an operator."""
+        if spec.sleep is None:
+            return f"the model '{spec.name}' has no 'sleep:' in its config"
+        return f"engine '{self.kind}' has no sleep API"
 
 
 def python_module(module: str) -> list[str]:

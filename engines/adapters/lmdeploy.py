@@ -6,6 +6,11 @@ anthropic-version" without that header, which the gateway forwards; errors in An
 ``msg_…``), ``/v1/messages/count_tokens``, and ``/v1/responses`` (whose stream may end with
 ``response.incomplete``). No ``/tokenize`` (its tokenizer endpoint is ``/v1/encode``), no audio, scoring or
 pooling.
+
+Sleep (``serve/openai/endpoints/management.py``): ``POST /sleep?level=1|2`` and ``POST /wakeup`` (both refused
+without ``Content-Type: application/json``, and behind ``--api-keys`` like every path but /health), ``GET
+/is_sleeping``; no start flag. A sleep aborts the requests in flight; while asleep ``/health`` says 200
+``{"status": "sleeping"}`` and the inference routes answer 503 at once (``EngineSleepingMiddleware``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engines.adapters.base import EngineAdapter, render_flags
+from engines.adapters.sleep import HttpCall, SleepApi
 from engines.spec import ModelSpec
 
 
@@ -44,3 +50,19 @@ class LMDeployAdapter(EngineAdapter):
     def is_ready(self, status: int, body: bytes) -> bool:
         # ≥0.14 answers 200 for healthy/sleeping and 503 while initializing; older ones an empty 200.
         return status == 200
+
+    def sleep_api(self, spec: ModelSpec) -> SleepApi | None:
+        # Level 2 is not offered: it moves the weights to the "meta" device and its wakeup rebuilds an empty
+        # model ("user should update weights after wakeup", pytorch/engine/model_agent/agent.py), which only
+        # /update_weights with serialized tensors fills again: nothing the gateway can send.
+        if spec.sleep is None or spec.sleep.level != 1:
+            return None
+        return SleepApi(1, HttpCall("POST", "/sleep?level=1"), (HttpCall("POST", "/wakeup"),), "/is_sleeping")
+
+    def no_sleep_reason(self, spec: ModelSpec) -> str:
+        if spec.sleep is not None and spec.sleep.level != 1:
+            return (
+                "LMDeploy sleeps at level 1 only: at level 2 it discards the weights and its wakeup does not "
+                "reload them (set sleep.level to 1)"
+            )
+        return super().no_sleep_reason(spec)

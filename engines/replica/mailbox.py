@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
-CommandKind = Literal["start", "stop", "restart", "broken", "probe"]
+CommandKind = Literal["start", "stop", "restart", "sleep", "wake", "broken", "probe"]
 WaitKind = Literal["cmd", "exit", "work", "timeout"]
 
 

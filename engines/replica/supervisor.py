@@ -9,15 +9,28 @@
                       └─→ STARTING
     any state ─stop→ STOPPING (SIGTERM → stop_grace → SIGKILL, whole tree) → STOPPED
 
-``run()`` is the owner, the one writer of the replica's state; ``start()``, ``stop()`` and ``restart()``
-queue a command for it and wait for it to be taken up. Each move goes to ``on_event`` (the pool, which
-tells the scheduler) synchronously and unguarded: a subscriber that raises ends this task loudly rather
-than leaving the scheduler's copy behind. Requests in flight are not counted here: ``inflight`` reads
-the pool's lease count. "Connection refused while the child lives" is loading, not failure; the child's
-exit is the strongest signal. A request that failed (``report_failure``) asks for a probe at once, at most
-every PROMPT_PROBE_GAP: if it fails too, the replica is UNHEALTHY (out of rotation) there and then. A remote
-engine (``adapter.spawns`` False) is only probed: READY while it answers, STARTING while it does not, never
-FAILED.
+    READY ─sleep→ SLEEPING ─wake (or start)→ WAKING ─wake calls answered, health check passes→ READY
+                     │ exit, or unhealthy_threshold           │ exit, a failed wake call, still asleep,
+                     │ failed probes: STOPPED, never          │ not healthy by the startup timeout
+                     ▼ restarted (nobody asked for its GPUs)  ▼
+                  STOPPED                                  BACKOFF (a cold restart, by the usual path)
+
+A sleep (``adapter.sleep_api``: vLLM's /sleep, LMDeploy's /sleep, SGLang's /release_memory_occupation) keeps
+the process and gives its GPU memory back; it is confirmed by the engine's is-sleeping answer where it has
+one. A sleep that cannot be done (no sleep API, the call fails or times out, the engine still says it is
+awake, the replica is not READY) is a stop instead, ``last_error`` saying why: the scheduler reads STOPPED
+as "stopped instead". The calls to the engine are never cut short by a command: one that arrives meanwhile
+waits for them (a stop or restart ends them, with the launch).
+
+``run()`` is the owner, the one writer of the replica's state; ``start()``, ``stop()``, ``restart()``,
+``sleep()`` and ``wake()`` queue a command for it and wait for it to be taken up. Each move goes to
+``on_event`` (the pool, which tells the scheduler) synchronously and unguarded: a subscriber that raises
+ends this task loudly rather than leaving the scheduler's copy behind. Requests in flight are not counted
+here: ``inflight`` reads the pool's lease count. "Connection refused while the child lives" is loading, not
+failure; the child's exit is the strongest signal. A request that failed (``report_failure``) asks for a
+probe at once, at most every PROMPT_PROBE_GAP: if it fails too, the replica is UNHEALTHY (out of rotation)
+there and then. A remote engine (``adapter.spawns`` False) is only probed: READY while it answers, STARTING
+while it does not, never FAILED.
 """
 
 from __future__ import annotations
@@ -27,25 +40,29 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
 from engines.adapters.base import EngineAdapter
+from engines.adapters.sleep import HttpCall, SleepApi
 from engines.process import ports
 from engines.process.launch import EngineProcess
 from engines.process.log_ring import LogRing
 from engines.process.redact import secret_values
 from engines.replica.backoff import RestartBackoff
-from engines.replica.health import probe
+from engines.replica.health import MAX_BODY, probe
 from engines.replica.mailbox import Command, Mailbox
 from engines.replica.snapshot import ReplicaSnapshot, redact_argv
 from engines.replica.state import EngineState, StateChanged, can_transition
 from engines.spec import ModelSpec
 
 S = EngineState
+T = TypeVar("T")
 _log = logging.getLogger(__name__)
 HURRIED_GRACE = 1.0  # seconds between SIGTERM and SIGKILL when the operator said "now"
+# A sleep call may take this long beyond stop_grace: at level 1 the engine copies its weights to host RAM first.
+SLEEP_CALL_MARGIN = 60.0
 # At most one probe this often on the request path's word (a 5xx, a refused connection): a dead engine is
 # seen within a probe's time, and a replica failing every request is not probed once per request.
 PROMPT_PROBE_GAP = 1.0
@@ -98,6 +115,8 @@ class Supervisor:
         self.probe_failures = 0
         self.passive_failures = 0
         self._hurried = False  # a second signal: every stop from then on gives the engine HURRIED_GRACE at most
+        self._sleep_api: SleepApi | None = adapter.sleep_api(spec) if adapter.spawns else None
+        self._deferred: list[Command] = []  # commands that came while the engine was being called (``_engine_work``)
         self._prompt_probe_at = -PROMPT_PROBE_GAP  # when a request's failure last asked for a probe
 
     # -- reading (any task) -------------------------------------------------------------------------
@@ -203,12 +222,25 @@ class Supervisor:
         """End the current launch (if any) and start a new one with a fresh crash budget."""
         await self._mailbox.send("restart", f"supervisor of {self.model}/{self.replica}")
 
+    async def sleep(self) -> None:
+        """Until the replica is SLEEPING, or STOPPED instead: no sleep API, a failed or timed-out sleep call, an
+        engine that still says it is awake, an UNHEALTHY replica (``last_error`` says why). In any state but
+        READY and UNHEALTHY it is a stop; SLEEPING: nothing."""
+        await self._mailbox.send("sleep", f"supervisor of {self.model}/{self.replica}")
+
+    async def wake(self) -> None:
+        """SLEEPING: until the wake is under way (WAKING), like ``start()``; READY follows (``wait_ready``), or a
+        cold restart when the wake fails. STOPPED or FAILED: a start. Any other state: nothing."""
+        await self._mailbox.send("wake", f"supervisor of {self.model}/{self.replica}")
+
     # -- the owner ----------------------------------------------------------------------------------
 
     async def run(self) -> None:
         try:
             while True:
-                if self._state in (S.STOPPED, S.FAILED):
+                if self._deferred:  # commands that waited for a call to the engine, in the order they came
+                    await self._command(self._deferred.pop(0))
+                elif self._state in (S.STOPPED, S.FAILED):
                     await self._idle()
                 elif self._state is S.STARTING:
                     await (self._launching() if self.adapter.spawns else self._connecting())
@@ -216,6 +248,10 @@ class Supervisor:
                     await self._serving()
                 elif self._state is S.BACKOFF:
                     await self._backing_off()
+                elif self._state is S.SLEEPING:
+                    await self._asleep()
+                elif self._state is S.WAKING:
+                    await self._waking()
                 else:
                     raise AssertionError(f"run() found state {self._state}")
         finally:
@@ -334,6 +370,75 @@ class Supervisor:
             self.restarts += 1
             self._enter(S.STARTING, f"restart {self.restarts} after {self._next_delay:.2f}s")
 
+    async def _asleep(self) -> None:
+        """Asleep: the exit is still watched and the health probed (vLLM, LMDeploy and SGLang answer /health 200
+        asleep). Neither an exit nor failed probes restart it: a restart would take GPU memory nobody asked for."""
+        proc = self._proc
+        health = self.spec.health
+        while self._state is S.SLEEPING and self._proc is proc:
+            kind, value = await self._wait(after=health.interval)
+            if kind == "timeout":
+                kind, value = await self._wait(work=self._probe())
+            if kind == "work":
+                ok, why = value
+                if ok:
+                    self.health_failures = 0
+                    continue
+                self.health_failures += 1
+                self.probe_failures += 1
+                if self.health_failures >= health.unhealthy_threshold:
+                    self.last_error = (
+                        f"health check failed {self.health_failures} times in a row while asleep ({why}); "
+                        "stopped, not restarted"
+                    )
+                    await self._stop(self.last_error)
+            elif kind == "exit":
+                self.last_exit_code = value
+                self.last_error = f"exited while asleep (code {value}); not restarted"
+                await self._end_launch()  # what is left of its tree goes before it is said to be STOPPED
+                self._enter(S.STOPPED, self.last_error)
+            elif kind == "cmd":
+                await self._command(value)
+
+    async def _waking(self) -> None:
+        """The wake calls, then the health check until it passes, all within the adapter's startup timeout. A
+        failure is a crash: BACKOFF, and the restart is a cold start."""
+        api, proc = self._sleep_api, self._proc
+        if api is None or proc is None:  # only a sleeping launch is woken: a bug, but a restart cures it
+            self._crashed("asked to wake with no sleeping launch")
+            return
+        limit = self.adapter.startup_timeout(self.spec)
+        deadline = self._clock() + limit
+        kind, value = await self._engine_work(self._wake_calls(api, limit))
+        if kind == "exit":
+            self.last_exit_code = value
+            self._crashed(f"exited with code {value} while waking")
+            return
+        if kind == "cmd":
+            await self._command(value)
+            return
+        ok, why = value
+        if not ok:
+            self._crashed(f"wake failed: {why}")
+            return
+        passes = 0
+        while self._state is S.WAKING and self._proc is proc:
+            kind, value = await self._wait(work=self._probe())
+            if kind != "work":
+                await self._interrupted(kind, value)
+                continue
+            ok, why = value
+            passes = passes + 1 if ok else 0
+            if ok and passes >= self.spec.health.healthy_threshold:
+                self._became_ready("awake: health check passed")
+                return
+            if self._clock() >= deadline:
+                self._crashed(f"not ready {limit:g}s after the wake began (last probe: {why})")
+                return
+            kind, value = await self._wait(after=self.spec.health.startup_interval)
+            if kind != "timeout":
+                await self._interrupted(kind, value)
+
     # -- steps --------------------------------------------------------------------------------------
 
     async def _launch(self) -> None:
@@ -398,11 +503,119 @@ class Supervisor:
         url = self.adapter.health_url(self.spec, self.spec.host, port)
         return await probe(self._session, self.adapter, url, self.spec.health.timeout, headers)
 
-    def _became_ready(self) -> None:
+    def _became_ready(self, reason: str = "health check passed") -> None:
         self.health_failures = 0
         self.last_error = None
         self._backoff.ready()
-        self._enter(S.READY, "health check passed")
+        self._enter(S.READY, reason)
+
+    async def _fall_asleep(self) -> None:
+        """READY → SLEEPING, or a stop instead with ``last_error`` saying why (the caller's word for it)."""
+        api = self._sleep_api
+        if api is None:
+            self.last_error = f"could not sleep: {self.adapter.no_sleep_reason(self.spec)}; stopped instead"
+            await self._stop(self.last_error)
+            return
+        if self._state is S.UNHEALTHY:
+            # Not put to sleep: an engine failing its probes may not wake (and the state table has no such move).
+            self.last_error = "could not sleep: it is failing its health checks; stopped instead"
+            await self._stop(self.last_error)
+            return
+        limit = self.spec.stop_grace + SLEEP_CALL_MARGIN
+        kind, value = await self._engine_work(self._sleep_calls(api, limit))
+        if kind == "work" and value[0]:
+            self.health_failures = 0
+            self._enter(S.SLEEPING, f"asleep (level {api.level})")
+        elif kind == "work":
+            self.last_error = f"could not sleep: {value[1]}; stopped instead"
+            await self._stop(self.last_error)
+        elif kind == "exit":
+            self.last_exit_code = value
+            self.last_error = f"exited while falling asleep (code {value}); stopped, not restarted"
+            await self._stop(self.last_error)
+        else:
+            await self._command(value)  # a stop or restart that came during the call: that is what happens now
+
+    async def _sleep_calls(self, api: SleepApi, limit: float) -> tuple[bool, str]:
+        try:
+            async with asyncio.timeout(limit):
+                answer = await self._call(api.sleep)
+                if isinstance(answer, str):
+                    return False, answer
+                return await self._confirm(api, asleep=True, after=api.sleep)
+        except TimeoutError:
+            return False, f"{api.sleep.method} {api.sleep.path}: no answer within {limit:g}s"
+
+    async def _wake_calls(self, api: SleepApi, limit: float) -> tuple[bool, str]:
+        try:
+            async with asyncio.timeout(limit):
+                for call in api.wake:
+                    answer = await self._call(call)
+                    if isinstance(answer, str):
+                        return False, answer
+                return await self._confirm(api, asleep=False, after=api.wake[-1])
+        except TimeoutError:
+            return False, f"the wake calls had no answer within {limit:g}s"
+
+    async def _confirm(self, api: SleepApi, *, asleep: bool, after: HttpCall) -> tuple[bool, str]:
+        """Whether the engine's is-sleeping answer agrees (True when it has none: the 2xx is all there is)."""
+        if api.is_sleeping is None:
+            return True, ""
+        answer = await self._call(HttpCall("GET", api.is_sleeping))
+        if isinstance(answer, str):
+            return False, answer
+        said = api.asleep(answer[1])
+        if said is None:
+            return False, f"GET {api.is_sleeping} answered {answer[1][:200]!r}, not whether it sleeps"
+        if said != asleep:
+            now = "awake" if asleep else "asleep"
+            return False, f"{after.method} {after.path} answered, but GET {api.is_sleeping} says it is still {now}"
+        return True, ""
+
+    async def _call(self, call: HttpCall) -> tuple[int, bytes] | str:
+        """One call to the engine: (status, body) for a 2xx, else why not, short and safe to show."""
+        port = self._port or 0
+        url = self.adapter.base_url(self.spec, self.spec.host, port) + call.path
+        headers = {"Content-Type": "application/json"}
+        if key := self.spec.engine_key():
+            headers["Authorization"] = f"Bearer {key}"
+        data = call.body.encode() if call.method == "POST" else None
+        what = f"{call.method} {call.path}"
+        try:
+            async with self._session.request(
+                call.method, url, data=data, headers=headers, allow_redirects=False
+            ) as resp:
+                body = await resp.content.read(MAX_BODY)
+                if 200 <= resp.status < 300:
+                    return resp.status, body
+                text = " ".join(body[:200].decode("utf-8", "replace").split())
+                return f"{what} answered HTTP {resp.status}" + (f": {text}" if text else "")
+        except aiohttp.ClientConnectorError as exc:
+            refused = isinstance(exc.os_error, ConnectionRefusedError)
+            return f"{what}: {'connection refused' if refused else 'cannot connect'}"
+        except (aiohttp.ClientError, OSError) as exc:
+            return f"{what}: {type(exc).__name__}"
+
+    async def _engine_work(self, work: Awaitable[T]) -> tuple[str, Any]:
+        """Run ``work`` (calls that must not be cut short: an engine half asleep, or a SGLang resume sent twice,
+        is worse than a late command) while watching the exit and the mailbox. Returns ("work", its result),
+        ("exit", code), or ("cmd", a stop or restart, which ends the work: the launch goes with it). Other
+        commands wait in ``_deferred``; ``run()`` takes them up once the state is settled."""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                kind, value = await self._wait(work=asyncio.shield(task))
+                if kind == "cmd" and value.kind in ("probe", "broken"):
+                    value.finish()  # health is known from the outcome; a replica out of rotation has no requests
+                elif kind == "cmd" and value.kind not in ("stop", "restart"):
+                    self._deferred.append(value)
+                else:
+                    return kind, value
+        finally:
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def _crashed(self, reason: str) -> None:
         self.last_error = reason
@@ -424,14 +637,28 @@ class Supervisor:
             when = "during startup" if self._state is S.STARTING else f"while {self._state}"
             self._crashed(f"exited with code {value} {when}")
 
+    async def _stop(self, reason: str) -> None:
+        if self._state is not S.STOPPED:
+            self._enter(S.STOPPING, reason)
+            await self._end_launch()
+            self._enter(S.STOPPED, reason)
+
     async def _command(self, cmd: Command) -> None:
         try:
             if cmd.kind == "stop":
                 self._hurried = self._hurried or cmd.hurried
-                if self._state is not S.STOPPED:
-                    self._enter(S.STOPPING, "stop requested")
-                    await self._end_launch()
-                    self._enter(S.STOPPED, "stop requested")
+                await self._stop("stop requested")
+            elif cmd.kind == "sleep":
+                if self._state in (S.READY, S.UNHEALTHY):
+                    await self._fall_asleep()
+                elif self._state is not S.SLEEPING:
+                    await self._stop(f"sleep requested while {self._state}: stopped instead")
+            elif cmd.kind == "wake":
+                if self._state is S.SLEEPING:
+                    self._enter(S.WAKING, "wake requested")
+                elif self._state in (S.STOPPED, S.FAILED):
+                    self._backoff.reset()
+                    self._enter(S.STARTING, "wake requested: not asleep, started")
             elif cmd.kind == "probe":
                 pass  # taken up by ``_serving``; in any other state the next probe comes anyway
             elif cmd.kind == "broken":
@@ -441,6 +668,8 @@ class Supervisor:
                 if self._state in (S.STOPPED, S.FAILED, S.BACKOFF):
                     self._backoff.reset()
                     self._enter(S.STARTING, "start requested")
+                elif self._state is S.SLEEPING:
+                    self._enter(S.WAKING, "start requested: waking")
             else:
                 self._backoff.reset()
                 if self._state is not S.STOPPED:
@@ -482,7 +711,8 @@ class Supervisor:
             _log.exception("%s/%d: state-change subscriber failed while shutting down", self.model, self.replica)
 
     async def _shutdown(self) -> None:
-        pending = self._mailbox.close()
+        pending = [*self._deferred, *self._mailbox.close()]
+        self._deferred.clear()
         proc = self._proc
         try:
             if self._state not in (S.STOPPED, S.STOPPING):

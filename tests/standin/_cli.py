@@ -52,6 +52,8 @@ class EngineConfig:
     tool_parser: str | None = None
     auto_tool_choice: bool = False  # vLLM --enable-auto-tool-choice
     log_requests: bool = False  # vLLM --enable-log-requests: "Request ... aborted." lines
+    sleep_mode: bool = False  # vLLM --enable-sleep-mode: a sleep frees GPU memory (without it, nothing)
+    dev_mode: bool = False  # vLLM VLLM_SERVER_DEV_MODE=1: /sleep, /wake_up, /is_sleeping, /collective_rpc exist
     non_default: dict[str, Any] = field(default_factory=dict)
 
 
@@ -201,6 +203,7 @@ def _vllm_parser() -> argparse.ArgumentParser:
     a("--h11-max-incomplete-event-size", type=int, default=4194304)
     a("--enable-scale-out", action=BOOL, default=False)
     a("--tokens-only", action=BOOL, default=False)
+    a("--enable-sleep-mode", action=BOOL, default=False)
     # Not in ENGINES.md, but in every real vLLM and in many deployment configs.
     a("--seed", type=int, default=None)
     a("--tokenizer", default=None)
@@ -307,6 +310,11 @@ def parse_vllm(argv: list[str]) -> EngineConfig:
         limit = limit.get("count", 999)
     level = ns.uvicorn_log_level
     serve = _serve_parser(top, "serve")
+    try:  # envs.py: bool(int(os.getenv("VLLM_SERVER_DEV_MODE", "0"))); "true" is a ValueError at start
+        dev_mode = bool(int(os.environ.get("VLLM_SERVER_DEV_MODE", "0")))
+    except ValueError as exc:
+        sys.stderr.write(f"Traceback (most recent call last):\nValueError: {exc}\n")
+        sys.exit(1)
     return EngineConfig(
         engine="vllm",
         model=model,
@@ -332,6 +340,8 @@ def parse_vllm(argv: list[str]) -> EngineConfig:
         tool_parser=ns.tool_call_parser,
         auto_tool_choice=ns.enable_auto_tool_choice,
         log_requests=ns.enable_log_requests,
+        sleep_mode=ns.enable_sleep_mode,
+        dev_mode=dev_mode,
         non_default={"model_tag": model, **_non_default(serve, ns, ())},
     )
 

@@ -60,6 +60,8 @@ from _shapes import (
     garbage_body,
     stream_events,
 )
+from _sleep import LMDEPLOY_ROUTES, VLLM_ROUTES, Sleep, frozen, gate, guarded, metrics_rows, refuse_asleep
+from _sleep import serve as serve_sleep
 
 VLLM_AUTH_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
 LMDEPLOY_AUTH_FREE = ("/health", "/docs", "/redoc", "/nodes")
@@ -87,6 +89,7 @@ class State:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     successes: int = 0
+    sleep: Sleep = field(default_factory=Sleep)  # sleep mode (_sleep.py)
     stop_listening: Callable[[], None] | None = None  # the HTTP server's, for the refuse-connections fault
     dead_request: Callable[[], None] | None = None  # vLLM: a request met the dead engine (the server exits at once)
 
@@ -147,6 +150,9 @@ class App:
             )
         elif state.cfg.metrics:
             self.routes["/metrics"] = ("GET",)
+        # Sleep mode (_sleep.py): vLLM's routes exist only in dev mode; LMDeploy's always.
+        self.sleep_routes = (VLLM_ROUTES if state.cfg.dev_mode else {}) if self.vllm else LMDEPLOY_ROUTES
+        self.routes.update(self.sleep_routes)
 
     # ---- helpers -------------------------------------------------------------------------------------------
     async def _send_json(
@@ -159,12 +165,15 @@ class App:
             resp, err.status, error_body(self.cfg.engine, err.status, err.message, err.param, err.type), err.headers
         )
 
-    async def pause(self, resp: Response, seconds: float, keep_alive: bool = False) -> None:
-        """Sleep, but wake for a client that leaves (ClientGone) or a vLLM shutdown abort (Aborted)."""
+    async def pause(self, resp: Response, seconds: float, keep_alive: bool = False, engine: bool = True) -> None:
+        """Sleep, but wake for a client that leaves (ClientGone) or a vLLM shutdown abort or a sleep's (Aborted).
+        ``engine``: the request is the engine's work, held while the engine is paused (_sleep.py)."""
         if resp.gone.is_set():
             raise ClientGone
-        if self.s.abort.is_set():
+        if self._aborted(resp):
             raise Aborted
+        if engine:
+            await gate(self, resp)
         if seconds <= 0:
             await asyncio.sleep(0)
             return
@@ -172,20 +181,26 @@ class App:
         end = loop.time() + seconds
         tick = self.cfg.sse_keep_alive if keep_alive and self.cfg.sse_keep_alive > 0 else None
         while True:
+            if engine:
+                end += await frozen(self, resp)
             left = end - loop.time()
             if left <= 0:
                 return
             step = min(left, tick) if tick else (None if left == float("inf") else left)
-            waits = {asyncio.ensure_future(resp.gone.wait()), asyncio.ensure_future(self.s.abort.wait())}
+            events = [resp.gone, self.s.abort] + ([resp.sleep_abort] if resp.sleep_abort else [])
+            waits = {asyncio.ensure_future(e.wait()) for e in events}
             await asyncio.wait(waits, timeout=step, return_when=asyncio.FIRST_COMPLETED)
             for w in waits:
                 w.cancel()
             if resp.gone.is_set():
                 raise ClientGone
-            if self.s.abort.is_set():
+            if self._aborted(resp):
                 raise Aborted
             if tick and end - loop.time() > 0:
                 await resp.write(b": keep-alive\n\n")
+
+    def _aborted(self, resp: Response) -> bool:
+        return self.s.abort.is_set() or (resp.sleep_abort is not None and resp.sleep_abort.is_set())
 
     def _gone(self, req: Request, faults: dict[str, Any], sent: int, rid: str | None = None) -> None:
         elapsed = round(time.monotonic() - req.started, 3)
@@ -203,6 +218,9 @@ class App:
         path = req.path
         if path not in ("/health", "/ping", "/metrics"):
             self._record_request(req)  # before auth: a test may assert that a request never got this far
+        if guarded(self, req):  # LMDeploy's EngineSleepingMiddleware runs before its auth middleware
+            await refuse_asleep(self, req, resp)
+            return
         if req.method != "OPTIONS" and self.cfg.api_keys and self._guarded(path) and not self._authorized(req):
             if self.vllm:
                 await self._send_json(resp, 401, {"error": "Unauthorized"})
@@ -224,7 +242,12 @@ class App:
             await resp.send(500, f"standin: {exc}".encode(), "text/plain; charset=utf-8")
             return
         if path in INFERENCE or path in DIALECTS:
-            await self._inference(req, resp, faults)
+            try:
+                await self._inference(req, resp, faults)
+            finally:
+                self.s.sleep.active.discard(resp)
+        elif path in self.sleep_routes:
+            await serve_sleep(self, req, resp, path, faults)
         else:
             await self._utility(req, resp, path, faults)
 
@@ -304,7 +327,7 @@ class App:
         self.s.health_probes += 1
         if name == "slow":
             with contextlib.suppress(Aborted):
-                await self.pause(resp, float(arg or 3))
+                await self.pause(resp, float(arg or 3), engine=False)
         ok = not self.s.engine_dead
         if name == "fail":
             ok = False
@@ -314,13 +337,17 @@ class App:
             await resp.send(200 if ok else 503, b"", None)
             return
         init = faults.get("initializing", 0.0)
-        if ok and time.monotonic() - self.s.listening_at < init:
+        if ok and self.s.sleep.sleeping:  # LMDeploy's health monitor: "sleeping" is healthy
+            status, message = "sleeping", "Engine is sleeping."
+        elif ok and time.monotonic() - self.s.listening_at < init:
             status, message = "initializing", "Engine health monitor is starting."
         elif ok:
             status, message = "healthy", "Engine is healthy."
         else:
             status, message = "unhealthy", self.s.engine_dead or "Backend health probe timed out after 10.0s."
-        await self._send_json(resp, 200 if status == "healthy" else 503, {"status": status, "message": message})
+        await self._send_json(
+            resp, 200 if status in ("healthy", "sleeping") else 503, {"status": status, "message": message}
+        )
 
     def _metrics(self) -> str:
         p = "vllm" if self.vllm else "lmdeploy"
@@ -340,6 +367,8 @@ class App:
                 f"# TYPE {p}:{name} {kind}",
                 f"{p}:{name}{labels} {float(value)}",
             ]
+        if self.vllm:
+            out += metrics_rows(self, labels)
         return "\n".join(out) + "\n"
 
     # ---- inference -----------------------------------------------------------------------------------------
@@ -621,15 +650,17 @@ class App:
             return
         steps = max((len(p.tokens) for p in plans), default=1)
         first, interval = float(faults.get("first-token-delay", 0)), float(faults.get("token-interval", 0))
-        began = time.monotonic()
+        began: float | None = None
         try:
+            await gate(self, resp)  # held while the engine is paused: the clock starts when it works
+            began = time.monotonic()
             await self.pause(resp, first + interval * (steps - 1))
         except ClientGone:
             self._gone(req, faults, 0, rid)
             raise
         except Aborted:
             # vLLM 0.32: 200 with the text made so far and finish_reason "abort".
-            elapsed = time.monotonic() - began
+            elapsed = -1.0 if began is None else time.monotonic() - began
             made = 0 if elapsed < first else 1 + int((elapsed - first) / interval) if interval > 0 else steps
             plans = [Plan(p.tokens[:made], "abort") for p in plans]
         out = (chat_body if kind == "chat" else completion_body)(self.cfg.engine, rid, model, plans, prompt_tokens)
@@ -669,6 +700,16 @@ class App:
             for k in ("crash-after-chunks", "close-after-chunks", "stall-after-chunks", "error-after-chunks")
         }
         sent = 0
+        try:
+            await gate(self, resp)  # headers are out; the first event waits while the engine is paused
+        except ClientGone:
+            self._gone(req, faults, 0, rid)
+            raise
+        except Aborted:
+            with contextlib.suppress(ClientGone):
+                if any(isinstance(p, dict) for _, p in events):
+                    await resp.write(b"".join(sse(p) for p in abort_tail(events, 0)))
+            return
         # burst=N: events go out N at a time, one HTTP chunk each but in one socket write, as real vLLM's tokens
         # often arrive several to a read; the pauses come between bursts.
         burst, held = int(faults.get("burst", 1)), list[bytes]()

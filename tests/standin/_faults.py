@@ -52,6 +52,11 @@ KEYS: dict[str, Callable[[Any], Any]] = {
     "log-flood": float,
     # health
     "health": _str,
+    # sleep mode (vLLM /sleep and /wake_up, LMDeploy /sleep and /wakeup)
+    "sleep-delay": float,
+    "wake-delay": float,
+    "sleep-fails": _bool,
+    "wake-fails": _bool,
     # per request (inference endpoints only)
     "status": int,
     "retry-after": _str,

@@ -71,6 +71,9 @@ class Response:
         self.status: int | None = None
         self.chunked = False
         self.ended = False
+        # Set by the engine when a sleep aborts the requests in flight (vLLM mode=abort, LMDeploy's sleep): the
+        # engine's abort event of the moment this request reached it.
+        self.sleep_abort: asyncio.Event | None = None
 
     @property
     def started(self) -> bool:

@@ -310,6 +310,12 @@ class Runner:
             else f"http://{'[' + cfg.host + ']' if ':' in cfg.host else cfg.host}:{port}"
         )
         if self.vllm:
+            if cfg.dev_mode:
+                self.log(
+                    "SECURITY WARNING: Development endpoints are enabled! This should NOT be used in production!",
+                    "WARNING",
+                    "__init__.py",
+                )
             self.log(f"Starting vLLM server on {url}", where="launcher.py")
             for route, methods in self.server.handler.routes.items():  # type: ignore[attr-defined]
                 self.log(f"Route: {route}, Methods: {', '.join(methods)}", where="launcher.py")
