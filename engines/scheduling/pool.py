@@ -485,6 +485,14 @@ class EnginePool:
         entry = self._by_key.get(key)
         if entry is None or self._stopped or not entry.replicas:
             return
+        if action in ("stop", "sleep", "wake"):
+            why = self._scheduler.status(key, self._clock()).draining_for if action != "wake" else None
+            _log.info(
+                "%s: %s%s",
+                entry.name,
+                {"stop": "stopping", "sleep": "going to sleep", "wake": "waking"}[action],
+                f" ({why})" if why else "",
+            )
 
         async def job() -> None:
             results = await asyncio.gather(
