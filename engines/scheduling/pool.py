@@ -27,6 +27,7 @@ from typing import Any, Literal
 import aiohttp
 
 from engines.adapters import adapter_for
+from engines.adapters.sleep import sleep_ram_gb
 from engines.process.launch import sweep_leftovers
 from engines.replica.state import EngineState, StateChanged
 from engines.replica.supervisor import Supervisor
@@ -426,14 +427,8 @@ class EnginePool:
 
     def _plan(self, entry: ModelEntry) -> ModelPlan:
         spec, adapter = entry.spec, entry.adapter
-        # TEMPORARY until engines/adapters/sleep.py lands (being written in parallel)
-        api = getattr(adapter, "sleep_api", None)
-        sleeps = bool(adapter.spawns and api is not None and api(spec) is not None)
-        ram = 0.0
-        if sleeps:
-            from engines.adapters.sleep import sleep_ram_gb  # type: ignore[import-not-found,unused-ignore]
-
-            ram = sleep_ram_gb(spec)
+        sleeps = adapter.spawns and adapter.sleep_api(spec) is not None
+        ram = sleep_ram_gb(spec) if sleeps else 0.0
         return plan_for(spec, self.placement, spawns=adapter.spawns, sleeps=sleeps, sleep_ram_gb=ram)
 
     def _supervise(self, entry: ModelEntry) -> None:
