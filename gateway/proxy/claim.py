@@ -79,7 +79,7 @@ def claim_for(
         # served sooner; it is served as soon as its key allows). An open gateway has no ceiling.
         priority = asked if identity is None else min(asked, identity.priority)
     affinity = None
-    if entry.spec.replicas > 1:  # one replica: nothing to choose between, so nothing is hashed
+    if entry.spec.replicas > 1 and entry.spec.affinity:  # one replica (or affinity off): nothing is hashed
         affinity = affinity_of(body, capability, session)
     if priority == 0 and affinity is None:
         return NO_CLAIM

@@ -109,3 +109,52 @@ def test_a_queue_serves_higher_priority_first(tmp_path: Path) -> None:
             thread.join(30)
     order = [r["body"]["messages"][0]["content"].strip().split()[0] for r in records(rec)]
     assert order == ["first", "high", "normal", "low"]
+
+
+def sleepers(tmp_path: Path, names: tuple[str, ...], **swap: Any) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Models sharing GPU 0 that sleep (10 GB of host RAM each, as the budget counts it) when swapped out."""
+    recs = {name: tmp_path / f"{name}.jsonl" for name in names}
+    config = {
+        "swap": {"min_residency": 0, "max_wait": 0, "linger": 0, **swap},
+        "models": {
+            name: model(
+                load="on_demand",
+                gpus=[0],
+                sleep={"level": 1, "ram_gb": 10},
+                env={"STANDIN_FAULTS": "sleep-delay=0.2,wake-delay=0.2", "STANDIN_RECORD": str(rec)},
+            )
+            for name, rec in recs.items()
+        },
+    }
+    return config, recs
+
+
+def test_a_swap_puts_the_resident_to_sleep_and_its_next_request_wakes_it(tmp_path: Path) -> None:
+    config, recs = sleepers(tmp_path, ("a", "b"))
+    with run_gateway(config, tmp_path) as gw:
+        assert chat(gw.url, "a", "one").status_code == 200
+        a_pid = health(gw.url)["a"]["replicas"][0]["engine_pid"]
+        assert chat(gw.url, "b", "two").status_code == 200  # a went to sleep to make room
+        row = health(gw.url)["a"]
+        assert row["state"] == "sleeping" and row["replicas"][0]["state"] == "sleeping"
+        assert row["replicas"][0]["engine_pid"] == a_pid  # the same process, asleep
+        cards = {m["id"]: m for m in httpx.get(gw.url + "/v1/models", timeout=5).json()["data"]}
+        assert cards["a"]["state"] == "sleeping" and cards["a"]["loaded"] is False
+        assert chat(gw.url, "a", "three").status_code == 200  # woken, not started again
+        assert health(gw.url)["a"]["replicas"][0]["engine_pid"] == a_pid
+        assert health(gw.url)["b"]["state"] == "sleeping"
+    starts = {name: len(records(rec, "start")) for name, rec in recs.items()}
+    assert starts == {"a": 1, "b": 1}
+    calls = [r["path"] for r in records(recs["a"]) if r["path"] != "/is_sleeping"]  # the supervisor's checks
+    assert calls == ["/v1/chat/completions", "/sleep", "/wake_up", "/v1/chat/completions"], calls
+
+
+def test_the_sleep_budget_stops_the_least_recently_used_sleeper(tmp_path: Path) -> None:
+    config, _ = sleepers(tmp_path, ("a", "b", "c"), sleep_ram_gb=15)  # room for one sleeper
+    with run_gateway(config, tmp_path) as gw:
+        for name in ("a", "b", "c"):
+            assert chat(gw.url, name).status_code == 200
+        models = health(gw.url)
+        assert models["b"]["state"] == "sleeping"  # b slept for c; a, the older sleeper, made room
+        assert models["a"]["state"] == "stopped" and models["a"]["replicas"][0]["engine_pid"] is None
+        assert "a: stopping (evicted)" in gw.log()
