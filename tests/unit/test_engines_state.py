@@ -4,7 +4,17 @@ S = EngineState
 
 
 def test_values_are_lowercase_names() -> None:
-    assert [s.value for s in S] == ["stopped", "starting", "ready", "unhealthy", "backoff", "failed", "stopping"]
+    assert [s.value for s in S] == [
+        "stopped",
+        "starting",
+        "ready",
+        "unhealthy",
+        "backoff",
+        "failed",
+        "stopping",
+        "sleeping",
+        "waking",
+    ]
     assert S("ready") is S.READY and f"{S.BACKOFF}" == "backoff"
 
 
@@ -36,6 +46,14 @@ def test_the_supervision_loop_of_the_design() -> None:
         (S.FAILED, S.STOPPING),
         (S.STOPPING, S.STOPPED),
         (S.STOPPING, S.STARTING),
+        (S.READY, S.SLEEPING),  # sleep mode: only a READY engine is put to sleep
+        (S.SLEEPING, S.WAKING),
+        (S.SLEEPING, S.STOPPING),
+        (S.SLEEPING, S.STOPPED),  # died asleep: not restarted
+        (S.WAKING, S.READY),
+        (S.WAKING, S.BACKOFF),  # the wake failed: a cold restart
+        (S.WAKING, S.FAILED),
+        (S.WAKING, S.STOPPING),
     }
     for old in S:
         for new in S:
@@ -43,7 +61,8 @@ def test_the_supervision_loop_of_the_design() -> None:
 
 
 def test_only_stopping_leads_to_stopped_and_every_state_but_stopped_can_stop() -> None:
-    assert [s for s in S if can_transition(s, S.STOPPED)] == [S.STOPPING]
+    # ... and SLEEPING: an engine that died asleep is STOPPED there and then (there was nothing to stop).
+    assert [s for s in S if can_transition(s, S.STOPPED)] == [S.STOPPING, S.SLEEPING]
     assert {s for s in S if can_transition(s, S.STOPPING)} == set(S) - {S.STOPPED, S.STOPPING}
 
 
