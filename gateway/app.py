@@ -98,25 +98,27 @@ def _nothing() -> None:
 
 
 def startup_timer(metrics: Metrics) -> Callable[[StateChanged], None]:
-    """Engine events → ``gateway_engine_startup_seconds`` (each replica's STARTING → READY) and
-    ``gateway_engine_restarts_total`` (a replica that went down on its own)."""
-    starting: dict[tuple[str, int], float] = {}
+    """Engine events → ``gateway_engine_startup_seconds`` (each replica's STARTING → READY),
+    ``gateway_engine_wake_seconds`` (WAKING → READY: a sleeping engine woken) and
+    ``gateway_engine_restarts_total`` (a replica that went down on its own, a failed wake included)."""
+    began: dict[tuple[str, int, EngineState], float] = {}  # (model, replica, STARTING or WAKING) → when
 
     def on_engine_event(event: StateChanged) -> None:
-        key = (event.model, event.replica)
-        if event.new is EngineState.STARTING:
-            starting[key] = event.at
-        else:
-            began = starting.pop(key, None)
-            if event.new is EngineState.READY and began is not None:
-                metrics.startup.labels(event.model).observe(max(0.0, event.at - began))
+        for timed in _TIMED:
+            since = began.pop((event.model, event.replica, timed), None)
+            if event.old is timed and event.new is EngineState.READY and since is not None:
+                metric = metrics.startup if timed is EngineState.STARTING else metrics.wake
+                metric.labels(event.model).observe(max(0.0, event.at - since))
+        if event.new in _TIMED:
+            began[(event.model, event.replica, event.new)] = event.at
         if event.new is EngineState.BACKOFF and event.old in _UP:
             metrics.restarts.labels(event.model, str(event.replica)).inc()
 
     return on_engine_event
 
 
-_UP = frozenset({EngineState.READY, EngineState.UNHEALTHY, EngineState.STARTING})
+_UP = frozenset({EngineState.READY, EngineState.UNHEALTHY, EngineState.STARTING, EngineState.WAKING})
+_TIMED = (EngineState.STARTING, EngineState.WAKING)
 
 
 def create_app(

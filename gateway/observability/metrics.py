@@ -22,6 +22,8 @@ from gateway.observability.gpu_probe import GpuInfo
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _STARTUP_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 900, 1800)
+# A wake takes seconds (level 1: weights back from host RAM) to a minute or two (level 2: reloaded from disk).
+_WAKE_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
 
 class _Callback(Collector):
@@ -107,6 +109,13 @@ class Metrics:
             "Time from launch to ready.",
             ["model"],
             buckets=_STARTUP_BUCKETS,
+            registry=r,
+        )
+        self.wake = Histogram(
+            "gateway_engine_wake_seconds",
+            "Time from the wake of a sleeping engine to ready.",
+            ["model"],
+            buckets=_WAKE_BUCKETS,
             registry=r,
         )
         # The request path's children, cached (``requests_of(model, endpoint, status).inc()``).

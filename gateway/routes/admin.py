@@ -1,5 +1,5 @@
-"""Admin API (permission ``admin``, checked by the middleware): list engines, command them, read their logs,
-reload the config.
+"""Admin API (permission ``admin``, checked by the middleware): list engines, command them, put a whole model
+to sleep or wake it, read their logs, reload the config.
 
 Commands go through the pool (a whole model's start follows the GPU rules: it may first drain the model
 that holds its GPUs) to the replicas' supervisors, and return once carried out (a stop: the tree is
@@ -114,6 +114,47 @@ async def stop(model: str, state: OwnerStateDep, replica: ReplicaQuery = None) -
 @router.post("/engines/{model:path}/restart")
 async def restart(model: str, state: OwnerStateDep, replica: ReplicaQuery = None) -> Response:
     return await _command(state, model, replica, "restart")
+
+
+@router.post("/engines/{model:path}/sleep")
+async def sleep(model: str, state: OwnerStateDep) -> Response:
+    """Put the whole model to sleep (``sleep:`` in its config, an engine with a sleep API): its processes stay,
+    its GPU memory is given back. A replica whose sleep fails is stopped instead (its row says why)."""
+    entry = resolve(state.pool, model)
+    if state.draining:
+        raise EngineUnavailable("The gateway is shutting down.", code="shutting_down")
+    api = entry.adapter.sleep_api(entry.spec) if entry.adapter.spawns else None
+    if api is None:
+        reason = entry.adapter.no_sleep_reason(entry.spec) if entry.adapter.spawns else "a remote engine"
+        raise BadRequest(
+            f"The model '{entry.name}' cannot be put to sleep: {reason}.", code="sleep_unsupported", status=409
+        )
+    return await _sleep_or_wake(state, entry, "sleep")
+
+
+@router.post("/engines/{model:path}/wake")
+async def wake(model: str, state: OwnerStateDep) -> Response:
+    """Wake the whole model (a model that is not asleep is started, as by ``start``); readiness follows."""
+    entry = resolve(state.pool, model)
+    if state.draining:
+        raise EngineUnavailable("The gateway is shutting down.", code="shutting_down")
+    return await _sleep_or_wake(state, entry, "wake")
+
+
+async def _sleep_or_wake(state: OwnerState, entry: ModelEntry, action: Literal["sleep", "wake"]) -> Response:
+    try:
+        await state.pool.command(entry, action)
+    except ValueError as exc:  # the scheduler's word: this model cannot sleep now (and why)
+        raise BadRequest(
+            f"The model '{entry.name}' was not put to sleep: {exc}", code="sleep_refused", status=409
+        ) from None
+    except Exception as exc:
+        log.error("admin %s of %s failed: %r", action, entry.name, exc)
+        raise EngineUnavailable(
+            f"Could not {action} '{entry.name}': its supervisor is shutting down.", code="engine_unavailable"
+        ) from None
+    rows = [engine_row(entry, sup.snapshot()) for sup in entry.replicas]
+    return _json({"model": entry.name, "action": action, "data": rows})
 
 
 @router.post("/reload")

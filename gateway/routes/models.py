@@ -35,7 +35,7 @@ def _cards(pool: EnginePool, entry: ModelEntry, created: int) -> list[dict[str, 
         "engine": spec.engine,
         "display_name": spec.display_name or spec.name,
         **status,
-        "loaded": status["state"] == "ready",
+        "loaded": status["state"] == "ready",  # a sleeping model is not: its weights are off the GPU
         "kind": spec.kind,
         "source": spec.source,
     }

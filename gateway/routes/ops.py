@@ -73,14 +73,16 @@ def _replica_summary(entry: ModelEntry, ejected: tuple[int, ...]) -> list[dict[s
 
 def not_ready(state: OwnerState) -> list[str]:
     """Eager models that cannot serve. A model the scheduler stopped on purpose (idle, swapped out for
-    another) comes back on its next request, and one a config reload added or changed loads while the
-    gateway keeps serving the others: neither makes the gateway unready."""
+    another) or put to sleep comes back on its next request, and one a config reload added or changed loads
+    while the gateway keeps serving the others: none of them makes the gateway unready."""
     waiting = []
     for entry in state.pool.entries():
         if entry.spec.load != "eager" or not entry.gates_ready:
             continue
         status = state.pool.status(entry)
-        if status.phase is not Phase.READY and not (status.phase is Phase.STOPPED and status.standby):
+        if status.phase in (Phase.READY, Phase.SLEEPING):
+            continue
+        if not (status.phase is Phase.STOPPED and status.standby):
             waiting.append(entry.spec.name)
     return waiting
 
