@@ -75,6 +75,11 @@ def vllm_lines() -> list[Line]:
     # A value of false is written --no-FLAG for vLLM (render_flags(negate_false=True)).
     lines.append(("a false boolean", _argv(_spec("vllm", args={"enable-prefix-caching": False}))))
     lines.append(("config args: api key, revision", _argv(_spec("vllm", args={"api-key": "k", "revision": "v1"}))))
+    # sleep: on GPUs the adapter adds --enable-sleep-mode (issue 17; never without GPUs: the CPU build refuses it)
+    for level in (1, 2):
+        sleepy = _argv(_spec("vllm", gpus=[0, 1], sleep={"level": level}))
+        assert "--enable-sleep-mode" in sleepy
+        lines.append((f"sleep level {level} on GPUs", sleepy))
     (k8s,) = [
         d
         for d in yaml.safe_load_all((ROOT / "deploy/k8s/remote/engine-vllm.yaml").read_text())
@@ -92,6 +97,7 @@ def lmdeploy_lines() -> list[Line]:
         ("tensor parallel, pytorch backend", _argv(_spec("lmdeploy", gpus=[2, 3], args={"backend": "pytorch"})))
     )
     lines.append(("config args: revision", _argv(_spec("lmdeploy", args={"revision": "v1"}))))
+    lines.append(("sleep level 1", _argv(_spec("lmdeploy", gpus=[2], sleep={"level": 1}))))
     return lines
 
 
