@@ -63,6 +63,8 @@ _log = logging.getLogger(__name__)
 HURRIED_GRACE = 1.0  # seconds between SIGTERM and SIGKILL when the operator said "now"
 # A sleep call may take this long beyond stop_grace: at level 1 the engine copies its weights to host RAM first.
 SLEEP_CALL_MARGIN = 60.0
+# A call the engine's death cut short fails a moment before the reaper tells the exit: this long for it, at most.
+EXIT_NOTICE_GRACE = 1.0
 # At most one probe this often on the request path's word (a 5xx, a refused connection): a dead engine is
 # seen within a probe's time, and a replica failing every request is not probed once per request.
 PROMPT_PROBE_GAP = 1.0
@@ -418,9 +420,15 @@ class Supervisor:
             await self._command(value)
             return
         ok, why = value
+        if not ok and (code := await self._died()) is not None:
+            self.last_exit_code = code
+            self._crashed(f"exited with code {code} while waking")
+            return
         if not ok:
             self._crashed(f"wake failed: {why}")
             return
+        while self._deferred and self._state is S.WAKING:  # what came during the calls, before anything newer
+            await self._command(self._deferred.pop(0))
         passes = 0
         while self._state is S.WAKING and self._proc is proc:
             kind, value = await self._wait(work=self._probe())
@@ -523,6 +531,8 @@ class Supervisor:
             return
         limit = self.spec.stop_grace + SLEEP_CALL_MARGIN
         kind, value = await self._engine_work(self._sleep_calls(api, limit))
+        if kind == "work" and not value[0] and (code := await self._died()) is not None:
+            kind, value = "exit", code
         if kind == "work" and value[0]:
             self.health_failures = 0
             self._enter(S.SLEEPING, f"asleep (level {api.level})")
@@ -595,6 +605,18 @@ class Supervisor:
             return f"{what}: {'connection refused' if refused else 'cannot connect'}"
         except (aiohttp.ClientError, OSError) as exc:
             return f"{what}: {type(exc).__name__}"
+
+    async def _died(self) -> int | None:
+        """After a failed call: the engine's exit code if it exits within EXIT_NOTICE_GRACE, else None. A death
+        breaks the call's connection a moment before the reaper tells the exit (and /proc may still show the
+        process then): waited for, so that it reads as a death, not as the connection it broke. A failure from a
+        live engine costs the grace, before a stop or a restart that takes longer anyway."""
+        task = self._exit_task
+        if task is None:
+            return None
+        if not task.done():
+            await asyncio.wait({task}, timeout=EXIT_NOTICE_GRACE)
+        return task.result() if task.done() and not task.cancelled() and task.exception() is None else None
 
     async def _engine_work(self, work: Awaitable[T]) -> tuple[str, Any]:
         """Run ``work`` (calls that must not be cut short: an engine half asleep, or a SGLang resume sent twice,

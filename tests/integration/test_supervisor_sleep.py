@@ -286,3 +286,42 @@ def test_a_stream_in_flight_when_vllm_sleeps_is_aborted(name: str) -> None:
             assert finishes[-1] == "abort" and "length" not in finishes
 
     run(main())
+
+
+def test_an_exit_during_the_sleep_call_is_a_stop(name: str) -> None:
+    async def main() -> None:
+        events = Events()
+        async with supervised(sleepy_spec(name, faults="sleep-delay=5"), events=events) as sup:
+            assert await sup.wait_ready(10)
+            falling = asyncio.create_task(sup.sleep())
+            await asyncio.sleep(0.5)
+            engine_pid = sup.snapshot().engine_pid
+            assert engine_pid is not None and not falling.done()
+            os.kill(engine_pid, signal.SIGKILL)
+            await falling
+            snap = sup.snapshot()
+            assert snap.state is S.STOPPED and snap.last_exit_code == 128 + signal.SIGKILL
+            assert snap.last_error is not None and snap.last_error.startswith("exited while falling asleep")
+            assert tagged_pids(name) == [] and snap.launches == 1
+        assert events.states()[:4] == ["starting", "ready", "stopping", "stopped"]
+
+    run(main())
+
+
+def test_an_exit_during_the_wake_call_is_a_cold_restart(name: str) -> None:
+    async def main() -> None:
+        events = Events()
+        async with supervised(sleepy_spec(name, faults="wake-delay=5"), events=events) as sup:
+            assert await sup.wait_ready(10)
+            await sup.sleep()
+            await sup.wake()
+            assert sup.state is S.WAKING
+            engine_pid = sup.snapshot().engine_pid
+            assert engine_pid is not None
+            os.kill(engine_pid, signal.SIGKILL)
+            await wait_until(lambda: sup.snapshot().launches == 2 and sup.state is S.READY, limit=20)
+            assert sup.snapshot().last_exit_code == 128 + signal.SIGKILL
+        assert events.states()[:7] == ["starting", "ready", "sleeping", "waking", "backoff", "starting", "ready"]
+        assert events.items[4].reason == f"exited with code {128 + signal.SIGKILL} while waking"
+
+    run(main())
