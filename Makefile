@@ -29,5 +29,9 @@ bench: $(BIN)/.installed
 bench-vllm: $(BIN)/.installed  # vllm bench serve against real vLLM, direct and through the gateway (~5 min)
 	$(BIN)/python tests/bench/vllm_serve.py
 
+.PHONY: bench-swap
+bench-swap: $(BIN)/.installed  # one recorded-style trace replayed per swap policy, stand-in engines (~4 min)
+	$(BIN)/python tests/bench/swap_trace.py
+
 clean:
 	rm -rf $(VENV) .cache
