@@ -30,7 +30,13 @@ from gateway.http.middleware import GatewayMiddleware
 from gateway.http.scope import REQUEST_ID_KEY
 from gateway.http.shutdown import Shutdown
 from gateway.observability.gpu_probe import GpuProbe
-from gateway.observability.metrics import GpuCollector, Metrics, engine_state_family, probe_failures_family
+from gateway.observability.metrics import (
+    GpuCollector,
+    Metrics,
+    affinity_family,
+    engine_state_family,
+    probe_failures_family,
+)
 from gateway.routes import admin, generate, gpu, models, openai, ops, simple
 from gateway.workers.fleet import Fleet
 
@@ -169,6 +175,9 @@ def create_app(
             snaps = [(e.spec.name, r.snapshot()) for e in state.pool.entries() for r in e.replicas]
             yield engine_state_family((name, s.replica, s.state.value) for name, s in snaps)
             yield probe_failures_family((name, s.replica, s.probe_failures) for name, s in snaps)
+            several = [(e.spec.name, state.pool.status(e)) for e in state.pool.entries() if e.spec.replicas > 1]
+            if several:
+                yield affinity_family((name, status.sticky, status.spilled) for name, status in several)
 
     metrics.add_collector(engine_states)
     if workers is not None:

@@ -118,6 +118,15 @@ class Metrics:
             buckets=_WAKE_BUCKETS,
             registry=r,
         )
+        # What a swap, a cold start or a full model cost the requests that waited for it (queued ones only:
+        # the common request, answered at once, is not observed).
+        self.queue_wait = Histogram(
+            "gateway_queue_wait_seconds",
+            "Time a queued request waited for its replica (granted).",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         # The request path's children, cached (``requests_of(model, endpoint, status).inc()``).
         self.requests_of = _Children(self.requests)
         self.duration_of = _Children(self.duration)
@@ -125,6 +134,7 @@ class Metrics:
         self.chunk_gap_of = _Children(self.chunk_gap)
         self.in_flight_of = _Children(self.in_flight)
         self.queued_of = _Children(self.queued)
+        self.queue_wait_of = _Children(self.queue_wait)
         self.upstream_errors_of = _Children(self.upstream_errors)
         self.tokens_of = _Children(self.tokens)
 
@@ -142,6 +152,18 @@ def probe_failures_family(rows: Iterable[tuple[str, int, int]]) -> CounterMetric
     )
     for model, replica, count in rows:
         family.add_metric([model, str(replica)], float(count))
+    return family
+
+
+def affinity_family(rows: Iterable[tuple[str, int, int]]) -> CounterMetricFamily:
+    """``gateway_affinity_total{model,outcome}``: requests with an affinity (several replicas) that went to the
+    replica hashing gave them (``sticky``), or elsewhere because it was over the load bound (``spilled``)."""
+    family = CounterMetricFamily(
+        "gateway_affinity", "Requests routed by conversation affinity, by outcome.", labels=["model", "outcome"]
+    )
+    for model, sticky, spilled in rows:
+        family.add_metric([model, "sticky"], float(sticky))
+        family.add_metric([model, "spilled"], float(spilled))
     return family
 
 

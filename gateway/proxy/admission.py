@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -67,8 +68,11 @@ async def acquire(
         queued = metrics.queued_of(name)
         queued.inc()
         left = asyncio.ensure_future(_client_left(request))
+        began = time.monotonic()
         try:
-            return await got.wait(timeout, abandon=left)
+            lease = await got.wait(timeout, abandon=left)
+            metrics.queue_wait_of(name).observe(time.monotonic() - began)
+            return lease
         finally:
             queued.dec()
             left.cancel()

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -156,6 +157,10 @@ def test_a_hot_session_spills_under_load_and_comes_back(env: Env) -> None:
     # Cooled down: the session's next turns are home again.
     for tag in conversation(env, "hot-after", 3, session="hot-session"):
         assert env.where(tag) == {home}
+    # The owner's scheduler counted both kinds (every request of this module's gateway has an affinity).
+    text = httpx.get(env.gateway.url + "/metrics", timeout=10).text
+    assert 'gateway_affinity_total{model="r",outcome="spilled"}' in text
+    assert float(text.split('gateway_affinity_total{model="r",outcome="spilled"} ')[1].split()[0]) >= 2
 
 
 def test_session_keys_and_prompts_stay_private(env: Env) -> None:

@@ -53,7 +53,10 @@ def test_two_sequential_clients_on_one_gpu_swap_per_residency_not_per_request(tm
             thread.start()
         for thread in threads:
             thread.join(80)
+        metrics = httpx.get(gw.url + "/metrics", timeout=10).text
     assert answers == {"a": [200] * 5, "b": [200] * 5}
+    waited = [line for line in metrics.splitlines() if line.startswith("gateway_queue_wait_seconds_count")]
+    assert sum(float(line.split()[-1]) for line in waited) >= 2, waited  # each model's first request waited
     starts = {name: len(records(rec, "start")) for name, rec in recs.items()}
     assert starts == {"a": 1, "b": 1}, starts  # one swap in all, for ten requests
 
