@@ -35,7 +35,8 @@ class SwapPolicy(_Frozen):
     A resident model keeps its GPUs while it has work (requests in flight or queued, or a request within
     ``linger`` s: its client's pause between two requests) for at least ``min_residency`` s since it could
     serve; a request waiting for it to yield waits at most ``max_wait`` s before it is drained anyway, and
-    goes ahead of higher priorities then. An idle resident yields at once. ``min_residency: 0`` is
+    goes ahead of higher priorities then (0: no such bound, and priorities alone order the queues). An idle
+    resident yields at once. ``min_residency: 0`` is
     swap-on-arrival (every request for another model swaps at once: llama-swap's behaviour, and this
     gateway's before). ``sleep_ram_gb``: host RAM for sleeping models (None: half the host's memory);
     beyond it the least recently used sleeper is stopped.

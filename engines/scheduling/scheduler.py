@@ -514,7 +514,8 @@ class Scheduler:
     # Waiter order: overdue (waited max_wait) first, then higher priority, then older. A tuple, smaller first.
 
     def _rank(self, ticket: Ticket, now: float) -> tuple[int, int, float]:
-        return (0 if now - ticket.arrived >= self.policy.max_wait else 1, -ticket.priority, ticket.arrived)
+        bound = self.policy.max_wait
+        return (0 if bound and now - ticket.arrived >= bound else 1, -ticket.priority, ticket.arrived)
 
     def _next(self, model: _Model, now: float) -> int:
         """Where in the queue the next waiter to serve is: the head while nobody has a priority (FIFO)."""
@@ -565,7 +566,7 @@ class Scheduler:
         demands = [(self._demand_rank(m, now), m) for m in self._models.values() if self._wants_up(m)]
         demands.sort(key=lambda d: d[0])
         for rank, model in demands:
-            blockers = [b for b in self._running_others(model) if must_stop_for(model.plan, b.plan)]
+            blockers = [b for b in self._holding_others(model) if must_stop_for(model.plan, b.plan)]
             extra = self._over_cap(model, blockers, rank, now)
             if extra is None or not all(b.drain is not None or self._yields(b, rank, now) for b in blockers):
                 continue  # what holds the GPUs keeps them for now (a better demand, or its residency)
@@ -575,7 +576,7 @@ class Scheduler:
                     b.swap_for = model.key
                     b.want = None
             leaving = (*blockers, *extra)
-            if not any(b.running() for b in leaving) and self._fits(model):
+            if not any(self._holds(b, model) for b in leaving) and self._fits(model):
                 self._launch(model, now)
 
     def _yields(self, model: _Model, rank: tuple[int, int, float], now: float) -> bool:
@@ -601,6 +602,15 @@ class Scheduler:
 
     def _running_others(self, model: _Model) -> Iterator[_Model]:
         return (m for m in self._models.values() if m is not model and m.running())
+
+    @staticmethod
+    def _holds(other: _Model, model: _Model) -> bool:
+        """Whether ``other`` still holds what ``model`` needs: its GPUs while it runs; for an older version of
+        the same model (a reload), its port and name too, so even asleep it must be gone first."""
+        return other.alive() if other.plan.name == model.plan.name else other.running()
+
+    def _holding_others(self, model: _Model) -> Iterator[_Model]:
+        return (m for m in self._models.values() if m is not model and self._holds(m, model))
 
     def _over_cap(
         self, model: _Model, blockers: list[_Model], rank: tuple[int, int, float], now: float

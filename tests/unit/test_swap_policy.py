@@ -317,3 +317,31 @@ def test_affinity_sticks_to_one_replica_spills_under_load_and_comes_back() -> No
     assert s.admit_now(1, 32, affinity=12345) == home  # and comes back when the load is gone
     status = s.status(1, 32)
     assert status.sticky > 0 and status.spilled == 1
+
+
+def test_a_reload_of_a_sleeping_model_stops_the_old_version_before_the_new_one_starts() -> None:
+    fx = FakeEffects()
+    s = Scheduler(fx, policy=SwapPolicy.on_arrival(), sleep_ram_gb=64)
+    s.add(1, plan("a", **sleepy()), 0)
+    s.add(2, plan("b"), 0)
+    ask(s, 1, 0)
+    up(s, 1, now=0)
+    s.release(1, 0, 1)
+    ask(s, 2, 2)
+    asleep(s, 1, 3)  # a sleeps (its port and name still taken), b runs
+    s.replace(1, 3, plan("a", **sleepy()), 4, start=True)
+    # The old a is stopped, even asleep (b too: the new version's start wants GPU 0), before the new one starts.
+    assert fx.took("stop") == [1, 2] and 3 not in fx.took("start")
+    s.replica_changed(1, 0, S.STOPPING, 5)
+    s.replica_changed(1, 0, S.STOPPED, 6)
+    assert fx.took("retired") == [1]
+
+
+def test_without_max_wait_priorities_alone_order_a_queue() -> None:
+    fx, s = two_on_one_gpu(SwapPolicy(min_residency=0, max_wait=0, linger=0))
+    old_low = Ticket(1, 0, priority=-5)
+    s.request(old_low, 0)
+    young_high = Ticket(1, 100, priority=5)
+    s.request(young_high, 100)
+    up(s, 1, now=101)
+    assert list(fx.granted) == [id(young_high), id(old_low)]
