@@ -33,5 +33,9 @@ bench-vllm: $(BIN)/.installed  # vllm bench serve against real vLLM, direct and 
 bench-swap: $(BIN)/.installed  # one recorded-style trace replayed per swap policy, stand-in engines (~4 min)
 	$(BIN)/python tests/bench/swap_trace.py
 
+.PHONY: bench-affinity
+bench-affinity: $(BIN)/.installed  # conversation affinity across 2 real vLLM replicas, prefix-cache hit rates (~3 min)
+	$(BIN)/python tests/bench/affinity_vllm.py
+
 clean:
 	rm -rf $(VENV) .cache
