@@ -150,17 +150,17 @@ def test_a_hot_session_spills_under_load_and_comes_back(env: Env) -> None:
     placed = [env.where(tag) for tag in tags]
     spilled = [tag for tag, where in zip(tags, placed, strict=True) if where == {other}]
     stayed = [tag for tag, where in zip(tags, placed, strict=True) if where == {home}]
-    # Bounded load (a replica takes one more while it holds under ceil(1.25 x (in flight + 1) / 2)): 2 at home
-    # and none elsewhere sends the third over; then home again up to 4, and the sixth over too.
+    # Bounded load (home takes one more while it holds under ceil(1.25 x (in flight + 1) / 2), or under the other
+    # replica's load + 4): 4 at home and none elsewhere sends the fifth over; the sixth is home again.
     assert len(spilled) + len(stayed) == 6, placed
-    assert spilled == [tags[2], tags[5]], placed
+    assert spilled == [tags[4]], placed
     # Cooled down: the session's next turns are home again.
     for tag in conversation(env, "hot-after", 3, session="hot-session"):
         assert env.where(tag) == {home}
     # The owner's scheduler counted both kinds (every request of this module's gateway has an affinity).
     text = httpx.get(env.gateway.url + "/metrics", timeout=10).text
     assert 'gateway_affinity_total{model="r",outcome="spilled"}' in text
-    assert float(text.split('gateway_affinity_total{model="r",outcome="spilled"} ')[1].split()[0]) >= 2
+    assert float(text.split('gateway_affinity_total{model="r",outcome="spilled"} ')[1].split()[0]) >= 1
 
 
 def test_session_keys_and_prompts_stay_private(env: Env) -> None:

@@ -309,8 +309,9 @@ def test_affinity_sticks_to_one_replica_spills_under_load_and_comes_back() -> No
         homes.add(index)
         s.release(1, index, 20)
     assert homes == {0, 1}
-    held = [s.admit_now(1, 30, affinity=12345) for _ in range(4)]  # one hot conversation, 4 at once
-    assert held.count(home) == 3 and held.count(1 - home) == 1  # bounded load (1.25 times the average): it spills
+    held = [s.admit_now(1, 30, affinity=12345) for _ in range(6)]  # one hot conversation, 6 at once
+    # Bounded load: home while under 1.25 times the average or within 4 of the other; the fifth spills.
+    assert held == [home] * 4 + [1 - home, home]
     for index in held:
         assert index is not None
         s.release(1, index, 31)
