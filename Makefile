@@ -30,7 +30,7 @@ bench-vllm: $(BIN)/.installed  # vllm bench serve against real vLLM, direct and 
 	$(BIN)/python tests/bench/vllm_serve.py
 
 .PHONY: bench-swap
-bench-swap: $(BIN)/.installed  # one recorded-style trace replayed per swap policy, stand-in engines (~4 min)
+bench-swap: $(BIN)/.installed  # two recorded-style traces replayed per swap policy, stand-in engines (~9 min)
 	$(BIN)/python tests/bench/swap_trace.py
 
 .PHONY: bench-affinity

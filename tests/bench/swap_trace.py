@@ -1,21 +1,29 @@
-"""Model swaps on one shared GPU under a recorded-style trace: cold starts, wakes and waits, per swap policy.
+"""Model swaps on one shared GPU under recorded-style traces: cold starts, wakes and waits, per swap policy.
 
-    .venv/bin/python tests/bench/swap_trace.py                       # = make bench-swap: 3 policies, ~4-5 min
-    .venv/bin/python tests/bench/swap_trace.py --policies on-arrival --out swap.json
-    .venv/bin/python tests/bench/swap_trace.py --make-trace          # rewrite tests/bench/traces/agent_mix.jsonl
+    .venv/bin/python tests/bench/swap_trace.py                       # = make bench-swap: 2 traces x 3 policies, ~9 min
+    .venv/bin/python tests/bench/swap_trace.py --trace two_clients_agents --policies on-arrival --out swap.json
+    .venv/bin/python tests/bench/swap_trace.py --make-trace          # rewrite both traces under tests/bench/traces/
 
 What it measures, and why (issue 17): two models that share GPU 0 (``gpus: [0]`` both; no GPU is touched, the
-engines are vLLM stand-ins, tests/standin) serve mixed traffic: an agent alternating between the big and the
-small model (sequential turns, short think times), an interactive client on the small model, and bursts of
-background batch requests to the big one (``X-Priority: -5``). Swapping on every arrival (llama-swap's policy,
+engines are vLLM stand-ins, tests/standin) serve mixed traffic. Swapping on every arrival (llama-swap's policy,
 and this gateway's before issue 17) pays a cold start for nearly every change of model and makes requests queue
 behind other models' loads; a policy that keeps a busy model resident for a while (``swap: min_residency``,
 ``max_wait``, ``linger``) and puts the loser to sleep instead of stopping it (``sleep: {level: 1}``: vLLM's
-/sleep and /wake_up) should pay far fewer cold starts and bound the waits. The same trace (a seeded JSON-lines
-file, tests/bench/traces/) is replayed against a fresh gateway per policy:
+/sleep and /wake_up) should pay far fewer cold starts and bound the waits. Two seeded JSON-lines traces
+(tests/bench/traces/, ``--trace NAME``, repeatable, or ``all``, the default):
+
+* ``agent_mix``: an agent alternating between the big and the small model every turn (sequential turns, short
+  think times), an interactive client on the small model, and bursts of background batch requests to the big
+  one (``X-Priority: -5``). Every policy must swap twice per agent turn here;
+* ``two_clients_agents``: two sequential clients, one on each model, each sending its next request 0.1-0.5 s
+  after its previous answer for the whole trace (the issue's "every single request caused a cold start"),
+  three agents alternating big/small every turn at once, and two batch bursts to big.
+
+Each trace is replayed against a fresh gateway per policy:
 
 1. ``on-arrival``: ``swap: {min_residency: 0, max_wait: 0, linger: 0}``, no ``sleep:`` (the baseline);
-2. ``residency``: the new policy (``--swap``, default below), no ``sleep:``;
+2. ``residency``: the new policy (the trace's ``swap``, ``RESIDENCY`` below, or ``--swap`` for every trace),
+   no ``sleep:``;
 3. ``residency+sleep``: the same, with ``sleep: {level: 1}`` on both models.
 
 The stand-ins model the costs (STANDIN_FAULTS): a cold start (``startup-delay``: 4 s big, 2 s small), prefill
@@ -35,10 +43,10 @@ records); wakes (the stand-ins' ``wake`` records, else the POST /wake_up that re
 (the time to the response headers: the gateway sends them once a replica holds the request and the engine
 answered, and a stand-in's stream headers go out at once, before its ``first-token-delay``; the gateway has no
 queue-wait metric), as p50, p99 and max; p50/p99 completion time (to ``data: [DONE]``); failed requests (not
-200, an error event, no ``[DONE]``, a timeout). Prints a markdown table and the targets' checks; ``--out``
-writes every figure and every request as JSON. Exit status 0, 1 when a required check fails, 2 when a gateway
-could not be started. Every gateway is stopped with SIGTERM (its own drain and engine stop), and nothing it
-launched may outlive it, also on Ctrl-C or SIGTERM.
+200, an error event, no ``[DONE]``, a timeout). Prints a markdown table and the targets' checks per trace;
+``--out`` writes every figure and every request as JSON. Exit status 0, 1 when a required check fails (on any
+trace), 2 when a gateway could not be started. Every gateway is stopped with SIGTERM (its own drain and engine
+stop), and nothing it launched may outlive it, also on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -59,7 +67,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +79,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.helpers import REPO, Gateway, free_port, standin_command, stop_gateway, wait_until
 from tests.standin import _faults
 
-TRACE = Path(__file__).resolve().parent / "traces" / "agent_mix.jsonl"
+TRACES_DIR = Path(__file__).resolve().parent / "traces"
 SEED = 17
+TWO_CLIENTS_AGENT_TURNS = 3  # two_clients_agents: each agent's turns (a big call, then a small one)
 
 
 @dataclass(frozen=True)
@@ -114,38 +123,89 @@ class Record:
 # -- the trace -----------------------------------------------------------------------------------------------
 
 
-def make_trace(seed: int = SEED) -> list[Record]:
-    """The mixed traffic, deterministic for a seed; ``t`` is when each request was sent in the recording, i.e.
-    with no waiting at all (every answer took its engine's service time)."""
-    rng = random.Random(seed)
-    records: list[Record] = []
+Turn = tuple[str, int, int, float]  # model, max_tokens, prompt words, think time before it
 
-    def sequential(client: str, start: float, turns: list[tuple[str, int, int, float]]) -> None:
-        done = start
-        for i, (model, max_tokens, words, think) in enumerate(turns):
-            t = start if i == 0 else done + think
-            records.append(Record(round(t, 2), client, model, max_tokens, words, 0, 0.0 if i == 0 else think))
-            done = t + COSTS[model].service(max_tokens)
 
-    # An agent: each turn a call to the big model (its context grows), then a short one to the small model.
-    agent: list[tuple[str, int, int, float]] = []
-    for turn in range(6):
-        agent.append(
+def _sequential(records: list[Record], client: str, start: float, turns: list[Turn]) -> None:
+    """A client that sends its next request when its previous answer is done plus its think time."""
+    done = start
+    for i, (model, max_tokens, words, think) in enumerate(turns):
+        t = start if i == 0 else done + think
+        records.append(Record(round(t, 2), client, model, max_tokens, words, 0, 0.0 if i == 0 else think))
+        done = t + COSTS[model].service(max_tokens)
+
+
+def _agent_turns(rng: random.Random, turns: int) -> list[Turn]:
+    """An agent: each turn a call to the big model (its context grows), then a short one to the small model."""
+    out: list[Turn] = []
+    for turn in range(turns):
+        out.append(
             ("big", rng.randint(40, 64), 400 + 150 * turn + rng.randint(0, 100), round(rng.uniform(0.5, 1.5), 2))
         )
-        agent.append(("small", rng.randint(8, 24), rng.randint(100, 300), round(rng.uniform(0.3, 1.0), 2)))
-    sequential("agent", 1.0, agent)
-    # An interactive user of the small model: a question, reading, the next question.
-    chat = [("small", rng.randint(16, 48), rng.randint(20, 80), round(rng.uniform(2.5, 6.0), 2)) for _ in range(9)]
-    sequential("chat", 3.0, chat)
-    # Background batch jobs on the big model: bursts of 5, low priority.
-    for burst, at in enumerate((12.0, 28.0, 44.0)):
+        out.append(("small", rng.randint(8, 24), rng.randint(100, 300), round(rng.uniform(0.3, 1.0), 2)))
+    return out
+
+
+def _batch_bursts(records: list[Record], rng: random.Random, times: tuple[float, ...], size: int) -> None:
+    """Background batch jobs on the big model: bursts of ``size``, low priority, sent at their time."""
+    for burst, at in enumerate(times):
         start = at + rng.uniform(-1.0, 1.0)
-        for _ in range(5):
+        for _ in range(size):
             start += rng.uniform(0.0, 0.15)
             records.append(
                 Record(round(start, 2), f"batch{burst}", "big", rng.randint(64, 96), rng.randint(200, 500), -5)
             )
+
+
+def make_agent_mix(seed: int = SEED) -> list[Record]:
+    """One agent alternating big/small per turn, an interactive user of small, batch bursts to big.
+    Deterministic for a seed; ``t`` is when each request was sent in the recording, i.e. with no waiting at all
+    (every answer took its engine's service time)."""
+    rng = random.Random(seed)
+    records: list[Record] = []
+    _sequential(records, "agent", 1.0, _agent_turns(rng, 6))
+    # An interactive user of the small model: a question, reading, the next question.
+    chat = [("small", rng.randint(16, 48), rng.randint(20, 80), round(rng.uniform(2.5, 6.0), 2)) for _ in range(9)]
+    _sequential(records, "chat", 3.0, chat)
+    _batch_bursts(records, rng, (12.0, 28.0, 44.0), 5)
+    return sorted(records, key=lambda r: (r.t, r.client))
+
+
+def _until(rng: random.Random, start: float, end: float, draw: Callable[[random.Random], Turn]) -> list[Turn]:
+    """A sequential client's requests: the first at ``start``, each next one sent before ``end``."""
+    turns: list[Turn] = []
+    sent = start
+    while sent < end:
+        turn = draw(rng)
+        if turns:
+            sent += turn[3]
+            if sent >= end:
+                break
+        turns.append(turn)
+        sent += COSTS[turn[0]].service(turn[1])
+    return turns
+
+
+def make_two_clients_agents(seed: int = SEED) -> list[Record]:
+    """Three agents alternating big/small every turn, concurrently (staggered starts); two sequential clients,
+    one per model, each sending its next request 0.1-0.5 s after its previous answer for as long as the agents
+    run; two batch bursts to big. The case swap-on-arrival thrashes on: each client's next request finds the
+    other model resident. Deterministic for a seed; ``t`` as recorded with no waiting."""
+    rng = random.Random(seed)
+    records: list[Record] = []
+    for k, start in enumerate((1.5, 3.0, 4.5)):
+        _sequential(records, f"agent{k}", start, _agent_turns(rng, TWO_CLIENTS_AGENT_TURNS))
+    end = max(r.t + COSTS[r.model].service(r.max_tokens) for r in records)
+
+    def big(r: random.Random) -> Turn:
+        return ("big", r.randint(24, 64), r.randint(150, 600), round(r.uniform(0.1, 0.5), 2))
+
+    def small(r: random.Random) -> Turn:
+        return ("small", r.randint(32, 96), r.randint(40, 200), round(r.uniform(0.1, 0.5), 2))
+
+    _sequential(records, "user_big", 0.5, _until(rng, 0.5, end, big))
+    _sequential(records, "user_small", 0.7, _until(rng, 0.7, end, small))
+    _batch_bursts(records, rng, (end * 0.3, end * 0.7), 5)
     return sorted(records, key=lambda r: (r.t, r.client))
 
 
@@ -156,6 +216,43 @@ def write_trace(path: Path, records: list[Record]) -> None:
 
 def read_trace(path: Path) -> list[Record]:
     return [Record(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+RESIDENCY = {"min_residency": 4.0, "max_wait": 8.0, "linger": 1.0}  # scaled to the stand-ins' 4 s cold start
+
+
+@dataclass(frozen=True)
+class TraceSpec:
+    """A committed trace: how it is made (``--make-trace``) and the new policy's ``swap:`` replayed on it."""
+
+    name: str
+    make: Callable[[int], list[Record]] | None  # None: a file given by path, not generated here
+    about: str
+    swap: dict[str, float] = field(default_factory=lambda: dict(RESIDENCY))
+    seed: int = SEED
+    file: Path | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.file or TRACES_DIR / f"{self.name}.jsonl"
+
+
+TRACES = {
+    t.name: t
+    for t in (
+        TraceSpec(
+            "agent_mix",
+            make_agent_mix,
+            "One agent alternating big/small every turn, an interactive user of small, batch bursts to big",
+        ),
+        TraceSpec(
+            "two_clients_agents",
+            make_two_clients_agents,
+            "Two sequential clients (one on big, one on small, 0.1-0.5 s think), three agents alternating "
+            "big/small every turn, batch bursts to big",
+        ),
+    )
+}
 
 
 # -- the policies and the gateway's config -------------------------------------------------------------------
@@ -611,7 +708,7 @@ def table(summaries: dict[str, Summary]) -> str:
 
 
 def _parse_swap(text: str) -> dict[str, float]:
-    out = {"min_residency": 4.0, "max_wait": 8.0, "linger": 1.0}
+    out = dict(RESIDENCY)
     for item in filter(None, (x.strip() for x in text.split(","))):
         key, _, value = item.partition("=")
         if key not in out:
@@ -678,17 +775,66 @@ def run_policy(policy: Policy, trace: list[Record], limit_s: float, keep: Path |
         return summarize(policy, wall, results, workdir, figures, before, since)
 
 
+def _traces(names: list[str]) -> list[TraceSpec]:
+    """``--trace`` values: a committed trace's name, ``all``, or a path to a JSON-lines file (replayed with the
+    default residency setting)."""
+    out: dict[str, TraceSpec] = {}
+    for name in names or ["all"]:
+        if name == "all":
+            out.update(TRACES)
+        elif name in TRACES:
+            out[name] = TRACES[name]
+        elif name.endswith(".jsonl"):
+            path = Path(name)
+            out[path.stem] = TraceSpec(path.stem, None, f"Read from {path}", file=path)
+        else:
+            raise argparse.ArgumentTypeError(f"--trace: unknown trace {name!r} (known: {', '.join(TRACES)}, all)")
+    return list(out.values())
+
+
+def report(spec: TraceSpec, trace: list[Record], summaries: dict[str, Summary], results: list[Check]) -> str:
+    """One trace's section: what it is, the residency setting, the table, the checks, the first failures."""
+    span = max((r.t for r in trace), default=0.0)
+    clients = len({r.client for r in trace})
+    swap = ", ".join(f"{k} {v:g}" for k, v in spec.swap.items())
+    bound = spec.swap["max_wait"] + swap_time()
+    lines = [
+        f"## Trace {spec.name}: {len(trace)} requests from {clients} clients over {span:.0f} s as recorded",
+        "",
+        f"{spec.about}. Residency setting (policies 2 and 3): `swap: {{{swap}}}`; bound on a wait: max_wait + one "
+        f"swap = {bound:g} s.",
+        "",
+        table(summaries),
+        "",
+    ]
+    lines += [f"- {'ok' if c.ok else 'NOT MET'}: {c.text}" for c in results]
+    for s in summaries.values():
+        lines += [f"- failed ({s.policy}): {failure}" for failure in s.failures[:5]]
+        if s.failures and s.gateway.get("log_problems"):
+            lines.append(f"- {s.policy}: the gateway's last warnings: " + " | ".join(s.gateway["log_problems"]))
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--trace", type=Path, default=TRACE, help="the JSON-lines trace to replay (default: %(default)s)")
-    p.add_argument("--make-trace", action="store_true", help="write the trace for --seed to --trace and exit")
-    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument(
+        "--trace",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"a trace to replay, repeatable: {', '.join(TRACES)}, all (the default), or a .jsonl path",
+    )
+    p.add_argument(
+        "--make-trace", action="store_true", help="write the --trace traces (default: all) under traces/ and exit"
+    )
+    p.add_argument("--seed", type=int, help=f"--make-trace's seed (default: each trace's own, {SEED})")
     p.add_argument("--policies", default="on-arrival,residency,residency+sleep", help="which ones, in this order")
     p.add_argument(
         "--swap",
         type=_parse_swap,
-        default=_parse_swap(""),
-        help="the new policy's swap: values for policies 2 and 3 (default: min_residency=4,max_wait=8,linger=1)",
+        help="the new policy's swap: values for policies 2 and 3, on every trace (default: each trace's own, "
+        + ",".join(f"{k}={v:g}" for k, v in RESIDENCY.items())
+        + ")",
     )
     p.add_argument("--limit", type=float, default=180.0, help="seconds one policy's replay may take, at most")
     p.add_argument(
@@ -699,67 +845,83 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write every figure and request here as JSON")
     p.add_argument("--keep", type=Path, help="keep configs, gateway logs and engine records under this folder")
     args = p.parse_args(argv)
+    try:
+        specs = _traces(args.trace)
+    except argparse.ArgumentTypeError as exc:
+        p.error(str(exc))
+    if args.swap is not None:
+        specs = [replace(spec, swap=args.swap) for spec in specs]
     if args.make_trace:
-        write_trace(args.trace, make_trace(args.seed))
-        print(f"wrote {args.trace} ({len(make_trace(args.seed))} requests, seed {args.seed})")
+        for spec in specs:
+            if spec.make is None:
+                p.error(f"--make-trace: {spec.path} is not a trace made here")
+            seed = spec.seed if args.seed is None else args.seed
+            records = spec.make(seed)
+            write_trace(spec.path, records)
+            print(f"wrote {spec.path} ({len(records)} requests, seed {seed})")
         return 0
     chosen = [x.strip() for x in args.policies.split(",") if x.strip()]
-    known = policies(args.swap)
-    if unknown := [x for x in chosen if x not in known]:
-        p.error(f"unknown policies {unknown} (known: {', '.join(known)})")
-    trace = read_trace(args.trace)
+    if unknown := [x for x in chosen if x not in policies(RESIDENCY)]:
+        p.error(f"unknown policies {unknown} (known: {', '.join(policies(RESIDENCY))})")
+    traces = {spec.name: read_trace(spec.path) for spec in specs}
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background (SIG_IGN)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
-    summaries: dict[str, Summary] = {}
+    summaries: dict[str, dict[str, Summary]] = {}
     try:
-        for name in chosen:
-            print(f"replaying {len(trace)} requests with policy {name} ...", file=sys.stderr, flush=True)
-            try:
-                summaries[name] = run_policy(known[name], trace, args.limit, args.keep, not args.cold)
-            except StartError as exc:
-                print(str(exc), file=sys.stderr)
-                return 2
-            s = summaries[name]
-            print(
-                f"  {s.wall_s:.0f} s: {s.swaps} swaps, {s.cold_starts} cold starts, {s.wakes} wakes, "
-                f"wait p99 {s.wait_p99:.2f} s, {s.failed} failed",
-                file=sys.stderr,
-                flush=True,
-            )
+        for spec in specs:
+            trace, known = traces[spec.name], policies(spec.swap)
+            summaries[spec.name] = {}
+            for name in chosen:
+                print(
+                    f"{spec.name}: replaying {len(trace)} requests with policy {name} ...", file=sys.stderr, flush=True
+                )
+                keep = None if args.keep is None else args.keep / spec.name
+                try:
+                    s = run_policy(known[name], trace, args.limit, keep, not args.cold)
+                except StartError as exc:
+                    print(str(exc), file=sys.stderr)
+                    return 2
+                summaries[spec.name][name] = s
+                print(
+                    f"  {s.wall_s:.0f} s: {s.swaps} swaps, {s.cold_starts} cold starts, {s.wakes} wakes, "
+                    f"wait p99 {s.wait_p99:.2f} s, {s.failed} failed",
+                    file=sys.stderr,
+                    flush=True,
+                )
     except KeyboardInterrupt:
         print("interrupted: every gateway stopped", file=sys.stderr)
         return 130
-    results = checks(summaries)
-    notes = []
-    if not sleep_faults_known():
-        notes.append("the vLLM stand-in has no sleep-delay / wake-delay fault keys yet: sleep and wake cost nothing")
     print(f"# Swap policies on one shared GPU — {time.strftime('%Y-%m-%d %H:%M')}\n")
     costs = ", ".join(
         f"{n}: start {c.startup:g} s, first token {c.first_token:g} s, {c.token * 1000:g} ms/token, "
         f"sleep {c.sleep:g} s, wake {c.wake:g} s"
         for n, c in COSTS.items()
     )
-    print(f"Trace {args.trace.name}: {len(trace)} requests; stand-in costs: {costs}.\n")
-    print(table(summaries) + "\n")
-    print("\n".join(f"- {'ok' if c.ok else 'NOT MET'}: {c.text}" for c in results))
-    for note in notes:
-        print(f"- note: {note}")
-    for s in summaries.values():
-        for failure in s.failures[:5]:
-            print(f"- failed ({s.policy}): {failure}")
-        if s.failures and s.gateway.get("log_problems"):
-            print(f"- {s.policy}: the gateway's last warnings: " + " | ".join(s.gateway["log_problems"]))
+    print(f"Stand-in costs: {costs}.")
+    if not sleep_faults_known():
+        print("Note: the vLLM stand-in has no sleep-delay / wake-delay fault keys yet: sleep and wake cost nothing.")
+    print()
+    all_checks: dict[str, list[Check]] = {}
+    for spec in specs:
+        all_checks[spec.name] = checks(summaries[spec.name])
+        print(report(spec, traces[spec.name], summaries[spec.name], all_checks[spec.name]))
     if args.out:
         data = {
-            "trace": str(args.trace),
             "costs": {n: asdict(c) for n, c in COSTS.items()},
-            "checks": [asdict(c) for c in results],
-            "notes": notes,
-            "policies": {n: asdict(s) for n, s in summaries.items()},
+            "sleep_faults_known": sleep_faults_known(),
+            "traces": {
+                spec.name: {
+                    "trace": str(spec.path),
+                    "swap": spec.swap,
+                    "checks": [asdict(c) for c in all_checks[spec.name]],
+                    "policies": {n: asdict(s) for n, s in summaries[spec.name].items()},
+                }
+                for spec in specs
+            },
         }
         args.out.write_text(json.dumps(_finite(data), indent=1, default=str) + "\n")
-    return 0 if all(c.ok for c in results if c.required) else 1
+    return 0 if all(c.ok for found in all_checks.values() for c in found if c.required) else 1
 
 
 if __name__ == "__main__":
