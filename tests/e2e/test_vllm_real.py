@@ -74,6 +74,9 @@ def gateway(
                     **{"enable-log-requests": True},
                 ),
                 "aliases": ["gpt-4o-mini"],
+                # VLLM_SERVER_DEV_MODE=1 and no --enable-sleep-mode (no gpus): vLLM's CPU platform refuses the
+                # flag, and its sleep endpoints still pause the engine (freeing nothing: docs/real-vllm).
+                "sleep": {"level": 1},
             },
             # vLLM's own LLaVA imports an image processor that needs torchvision (not installable here).
             VL: _vllm_model(vllm_venv, tiny_vl_model, **{"model-impl": "transformers"}),
@@ -353,6 +356,29 @@ def test_tokenize_and_detokenize_through_the_gateway(gateway: Gateway) -> None:
     text = httpx.post(gateway.url + "/detokenize", json={"model": CHAT, "tokens": ids}, timeout=30)
     assert text.status_code == 200, text.text
     assert text.json()["prompt"] == "hello there"
+
+
+def test_an_operator_puts_vllm_to_sleep_and_the_next_request_wakes_it(gateway: Gateway, client: openai.OpenAI) -> None:
+    before = _engine(gateway, CHAT)
+    asked = httpx.post(f"{gateway.url}/admin/engines/{CHAT}/sleep", timeout=120)
+    assert asked.status_code == 200, asked.text
+    assert wait_until(
+        lambda: httpx.get(gateway.url + "/health", timeout=5).json()["models"][CHAT]["state"] == "sleeping", 60
+    )
+    row = _engine(gateway, CHAT)
+    assert row["state"] == "sleeping" and row["engine_pid"] == before["engine_pid"]  # the same process, asleep
+    engine = f"http://127.0.0.1:{row['port']}"
+    assert httpx.get(engine + "/is_sleeping", timeout=10).json() == {"is_sleeping": True}  # vLLM's own word
+    answer = client.chat.completions.create(
+        model=CHAT, messages=[{"role": "user", "content": "wake up"}], max_tokens=4, temperature=0
+    )
+    assert answer.choices[0].message.content is not None  # woken for it, then answered
+    row = _engine(gateway, CHAT)
+    assert (
+        row["state"] == "ready" and row["engine_pid"] == before["engine_pid"] and row["restarts"] == before["restarts"]
+    )
+    assert httpx.get(engine + "/is_sleeping", timeout=10).json() == {"is_sleeping": False}
+    assert any("wake up the engine" in line for line in _engine_log(gateway, CHAT))
 
 
 def test_client_that_leaves_mid_stream_aborts_the_vllm_request(gateway: Gateway) -> None:
