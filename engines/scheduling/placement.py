@@ -33,24 +33,27 @@ class SwapPolicy(_Frozen):
     """When a model that holds GPUs gives them up to another one's waiting requests (``swap:`` in the config).
 
     A resident model keeps its GPUs while it has work (requests in flight or queued, or a request within
-    ``linger`` s: its client's pause between two requests) for at least ``min_residency`` s since it could
-    serve; a request waiting for it to yield waits at most ``max_wait`` s before it is drained anyway, and
-    goes ahead of higher priorities then (0: no such bound, and priorities alone order the queues). An idle
-    resident yields at once. ``min_residency: 0`` is
-    swap-on-arrival (every request for another model swaps at once: llama-swap's behaviour, and this
-    gateway's before). ``sleep_ram_gb``: host RAM for sleeping models (None: half the host's memory);
-    beyond it the least recently used sleeper is stopped.
+    ``linger`` s: its client's pause between two requests) for its residency since it could serve: at least
+    ``min_residency`` s, and as long as the swap's round trip costs (the other model coming up, this one coming
+    back: each measured the last time, so a cold start of minutes is amortised over minutes and a wake of a
+    second over a second). A request waiting for it to yield waits at most ``max_wait`` s before it is drained
+    anyway, and goes ahead of higher priorities then (0: no such bound, and priorities alone order the
+    queues). An idle resident yields at once. ``min_residency: 0, max_wait: 0, linger: 0`` is
+    swap-on-arrival (``on_arrival()``: every request for another model swaps at once, llama-swap's behaviour
+    and this gateway's before). ``sleep_ram_gb``: host RAM for sleeping models (None: half the host's
+    memory); beyond it the least recently used sleeper is stopped.
     """
 
-    min_residency: float = Field(20.0, ge=0)
+    min_residency: float = Field(5.0, ge=0)
     max_wait: float = Field(60.0, ge=0)
     linger: float = Field(2.0, ge=0)
+    round_trip: bool = True  # residency at least the measured round trip of a swap (False: min_residency only)
     sleep_ram_gb: float | None = Field(None, ge=0)
 
     @classmethod
     def on_arrival(cls) -> SwapPolicy:
         """Swap the moment a request for another model arrives (the baseline the trace benchmark compares)."""
-        return cls(min_residency=0, max_wait=0, linger=0)
+        return cls(min_residency=0, max_wait=0, linger=0, round_trip=False)
 
 
 class Placement(_Frozen):

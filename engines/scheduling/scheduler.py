@@ -20,9 +20,9 @@ Per model:
   * an ``on_demand`` model unused for ``idle_timeout`` is drained and stopped (``tick``).
 
 Swaps (``SwapPolicy``, engines/scheduling/placement.py), so that models sharing GPUs do not thrash:
-  * a resident model keeps its GPUs while it has work (in flight, queued, or used within ``linger``) for at
-    least ``min_residency`` since it could serve; a waiter for the GPUs waits at most ``max_wait`` for it to
-    yield. An idle resident yields at once. A blocker whose demand left (every waiter gone) is not drained
+  * a resident model keeps its GPUs while it has work (in flight, queued, or used within ``linger``) for its
+    residency since it could serve: at least ``min_residency``, and as long as the swap's measured round trip
+    (``_residency``: rent or buy); a waiter for the GPUs waits at most ``max_wait`` for it to yield. An idle resident yields at once. A blocker whose demand left (every waiter gone) is not drained
     after all, and a cold start launched only for waiters that all left is cancelled (stopped);
   * the waiter order, within a queue and across models, is: overdue (waited ``max_wait``) first by age,
     then higher ``priority``, then age. Nothing starves: every waiter becomes overdue;
@@ -104,6 +104,10 @@ class _Model:
     last_used: float = 0.0
     resident_since: float = 0.0  # when it last became able to serve (a start's or a wake's first READY)
     for_waiters: bool = False  # launched for waiting requests only: cancelled if they all leave first
+    launched_at: float = 0.0  # when its last start or wake was sent
+    # What bringing it up cost the last time, measured (send → first READY), by way: None until seen once.
+    start_cost: float | None = None
+    wake_cost: float | None = None
     ranked: int = 0  # waiters with a priority: the queue is plain FIFO while there are none
     turn: int = 0  # where the next tie between replicas starts
     sticky: int = 0  # grants with an affinity that went where hashing sent them
@@ -370,6 +374,11 @@ class Scheduler:
         old, rep.state = rep.state, state
         if state is S.READY:
             if model.cold:
+                cost = now - model.launched_at
+                if model.phase is P.WAKING:
+                    model.wake_cost = cost
+                else:
+                    model.start_cost = cost
                 model.move(P.RUNNING)
                 model.resident_since = now
                 model.for_waiters = False
@@ -575,7 +584,7 @@ class Scheduler:
         for rank, model in demands:
             blockers = [b for b in self._holding_others(model) if must_stop_for(model.plan, b.plan)]
             extra = self._over_cap(model, blockers, rank, now)
-            if extra is None or not all(b.drain is not None or self._yields(b, rank, now) for b in blockers):
+            if extra is None or not all(b.drain is not None or self._yields(b, model, rank, now) for b in blockers):
                 continue  # what holds the GPUs keeps them for now (a better demand, or its residency)
             for b in (*blockers, *extra):
                 if b.drain is None:
@@ -586,17 +595,31 @@ class Scheduler:
             if not any(self._holds(b, model) for b in leaving) and self._fits(model):
                 self._launch(model, now)
 
-    def _yields(self, model: _Model, rank: tuple[int, int, float], now: float) -> bool:
-        """Whether ``model`` may be drained for a demand of ``rank``: none of its own waiters ranks before
-        it, and it is not a resident with work inside its residency (unless the demand is overdue)."""
+    def _yields(self, model: _Model, demand: _Model, rank: tuple[int, int, float], now: float) -> bool:
+        """Whether ``model`` may be drained for ``demand`` (whose best waiter ranks ``rank``): none of its own
+        waiters ranks before it, and it is not a resident with work inside its residency (unless the demand
+        is overdue)."""
         if model.queue and self._demand_rank(model, now) <= rank:
             return False  # a tie keeps what runs: two equal demands must not drain each other in turn
         if rank[0] == 0 or model.phase is not P.RUNNING:
             return True  # overdue, or an operator's start; a model still starting has no residency to keep
-        policy = self.policy
-        if now - model.resident_since >= policy.min_residency:
+        if now - model.resident_since >= self._residency(model, demand):
             return True
-        return not (model.active or model.queue or now - model.last_used < policy.linger)
+        return not (model.active or model.queue or now - model.last_used < self.policy.linger)
+
+    def _residency(self, resident: _Model, demand: _Model) -> float:
+        """How long ``resident`` keeps the GPUs from ``demand`` while it has work: at least ``min_residency``,
+        and as long as the swap's round trip costs (``demand`` coming up now, ``resident`` coming back later,
+        each as measured the last time it came up that way). The rent-or-buy rule (ski rental: keep paying
+        rent until it adds up to the price of buying; never worse than twice the best choice in hindsight):
+        a swap of minutes is amortised over minutes of serving, a wake of a second costs a second of holding,
+        and nobody tunes the residency to their engines' start times. ``max_wait`` bounds it from above (an
+        overdue waiter drains the resident whatever its residency). A cost not yet seen counts as nothing."""
+        there = demand.wake_cost if demand.phase is P.SLEEPING else demand.start_cost
+        back = resident.wake_cost if resident.plan.sleeps else resident.start_cost
+        if not self.policy.round_trip:
+            return self.policy.min_residency
+        return max(self.policy.min_residency, (there or 0.0) + (back or 0.0))
 
     def _wants_up(self, model: _Model) -> bool:
         return (
@@ -631,7 +654,7 @@ class Scheduler:
         if excess <= 0:
             return []
         candidates = sorted(
-            (m for m in staying if self._yields(m, rank, now)), key=lambda m: (m.active > 0, m.last_used)
+            (m for m in staying if self._yields(m, model, rank, now)), key=lambda m: (m.active > 0, m.last_used)
         )
         return candidates[:excess] if len(candidates) >= excess else None
 
@@ -641,7 +664,7 @@ class Scheduler:
         return sum(1 for m in self._running_others(model) if m.plan.spawns) < self.max_loaded
 
     def _launch(self, model: _Model, now: float) -> None:
-        model.last_used = now
+        model.last_used = model.launched_at = now
         if model.phase is P.SLEEPING:
             model.move(P.WAKING)
             model.drain = model.swap_for = model.want = None

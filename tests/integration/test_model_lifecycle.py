@@ -164,7 +164,7 @@ def test_swap_drains_the_running_model_before_the_other_starts_and_never_runs_bo
     config = {
         "server": {"queue_timeout": 20},
         # The drain's mechanics, without the anti-thrash policy (test_swap_policy.py): swap on arrival.
-        "swap": {"min_residency": 0, "max_wait": 0, "linger": 0},
+        "swap": {"min_residency": 0, "max_wait": 0, "linger": 0, "round_trip": False},
         "models": {
             name: model(
                 load="on_demand", gpus=[0], env={"STANDIN_FAULTS": "token-interval=0.1", "STANDIN_RECORD": str(rec)}

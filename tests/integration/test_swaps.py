@@ -118,7 +118,7 @@ def sleepers(tmp_path: Path, names: tuple[str, ...], **swap: Any) -> tuple[dict[
     """Models sharing GPU 0 that sleep (10 GB of host RAM each, as the budget counts it) when swapped out."""
     recs = {name: tmp_path / f"{name}.jsonl" for name in names}
     config = {
-        "swap": {"min_residency": 0, "max_wait": 0, "linger": 0, **swap},
+        "swap": {"min_residency": 0, "max_wait": 0, "linger": 0, "round_trip": False, **swap},  # on arrival
         "models": {
             name: model(
                 load="on_demand",

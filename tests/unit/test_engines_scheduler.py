@@ -23,6 +23,8 @@ class FakeEffects:
     granted: dict[int, int] = field(default_factory=dict)  # id(ticket) → replica
     refused: dict[int, str] = field(default_factory=dict)
     gone: set[int] = field(default_factory=set)  # tickets whose waiter left before the grant
+    # Every ticket seen, kept alive: the dicts above are keyed by id(), and a freed ticket's id may be reused.
+    seen: list[Ticket] = field(default_factory=list)
 
     def start(self, key: int) -> None:
         self.calls.append(("start", key))
@@ -37,12 +39,14 @@ class FakeEffects:
         self.calls.append(("wake", key))
 
     def grant(self, ticket: Ticket, replica: int) -> bool:
+        self.seen.append(ticket)
         if id(ticket) in self.gone:
             return False
         self.granted[id(ticket)] = replica
         return True
 
     def refuse(self, ticket: Ticket, error: Refused) -> None:
+        self.seen.append(ticket)
         self.refused[id(ticket)] = error.reason
 
     def retired(self, key: int) -> None:

@@ -76,13 +76,17 @@ def test_max_wait_bounds_the_wait_for_a_resident_that_is_always_busy() -> None:
 
 
 def test_alternating_sequential_clients_swap_once_per_residency_not_once_per_request() -> None:
-    """Two clients, one request at a time each, each to its own model on one GPU: swap-on-arrival starts a
-    model for every request; the policy serves each model's client for its residency."""
+    """Two clients, one request at a time each, each to its own model on one GPU; a start takes 5 s. Swap on
+    arrival starts a model for every request (a 5 s start, then one short answer); the policy holds the GPU
+    for the swap's measured round trip (5 s there + 5 s back = 10 s, over the 2 s floor) and answers ~40
+    requests in it. With both clients always busy the ratio is (residency + start) / (start + answer) =
+    15 / 5.25, just under 3."""
 
     def run(policy: SwapPolicy) -> int:
         fx, s = two_on_one_gpu(policy)
         now, pending = 0.0, {1: None, 2: None}  # key → the waiting ticket
-        for step in range(400):  # 0.25 s steps, 100 s in all; a start takes 1 s
+        launched: dict[int, float] = {}  # key → when its start was seen
+        for step in range(400):  # 0.25 s steps, 100 s in all
             now = step * 0.25
             for key in (1, 2):
                 ticket = pending[key]
@@ -95,17 +99,19 @@ def test_alternating_sequential_clients_swap_once_per_residency_not_once_per_req
                         s.release(key, index, now + 0.05)
                     else:
                         pending[key] = ticket
-            for key in (1, 2):  # engines: a start is READY by the next step, a stop is down at once
-                if s.phase(key) is P.STARTING:
+            for key in (1, 2):  # engines: a start is READY 5 s later, a stop is down at once
+                if s.phase(key) is P.STARTING and now - launched.setdefault(key, now) >= 5:
                     up(s, key, now=now)
+                    del launched[key]
                 if s.phase(key) is P.STOPPING:
                     s.replica_changed(key, 0, S.STOPPING, now)
                     s.replica_changed(key, 0, S.STOPPED, now)
             s.tick(now)
         return len(fx.took("start"))
 
-    on_arrival, policy = run(SwapPolicy.on_arrival()), run(SwapPolicy(min_residency=10, max_wait=30, linger=1))
-    assert on_arrival >= 3 * policy, (on_arrival, policy)  # 267 starts against 10 when written
+    on_arrival, policy = run(SwapPolicy.on_arrival()), run(SwapPolicy(min_residency=2, max_wait=30, linger=1))
+    assert on_arrival >= 2.5 * policy, (on_arrival, policy)  # 19 starts against 7 when written
+    assert run(SwapPolicy(min_residency=2, max_wait=30, linger=1, round_trip=False)) > policy  # the floor alone
 
 
 def test_a_swap_whose_waiters_left_is_called_off_and_the_resident_serves_again() -> None:
@@ -346,3 +352,51 @@ def test_without_max_wait_priorities_alone_order_a_queue() -> None:
     s.request(young_high, 100)
     up(s, 1, now=101)
     assert list(fx.granted) == [id(young_high), id(old_low)]
+
+
+def test_the_residency_is_the_swaps_measured_round_trip_a_wake_short_a_cold_start_long() -> None:
+    for sleeps in (False, True):
+        fx = FakeEffects()
+        s = Scheduler(fx, policy=SwapPolicy(min_residency=1, max_wait=1000, linger=5), sleep_ram_gb=64)
+        extra = sleepy() if sleeps else {}
+        s.add(1, plan("a", **extra), 0)
+        s.add(2, plan("b", **extra), 0)
+        ask(s, 1, 0)
+        s.replica_changed(1, 0, S.STARTING, 0)
+        s.replica_changed(1, 0, S.READY, 30)  # a's cold start, measured: 30 s
+        s.release(1, 0, 30.5)
+        ask(s, 2, 31)
+        s.tick(36)  # a idle past its linger: it goes (asleep or stopped), b starts cold
+        if sleeps:
+            asleep(s, 1, 36)
+        else:
+            s.replica_changed(1, 0, S.STOPPING, 36)
+            s.replica_changed(1, 0, S.STOPPED, 36)
+        s.replica_changed(2, 0, S.STARTING, 36)
+        s.replica_changed(2, 0, S.READY, 66)  # b's cold start, measured: 30 s
+        if sleeps:  # one round of wakes, to measure them: a wakes in 1 s
+            s.release(2, 0, 66.5)
+            ask(s, 1, 67)
+            s.tick(72)
+            asleep(s, 2, 72)
+            s.replica_changed(1, 0, S.WAKING, 72)
+            s.replica_changed(1, 0, S.READY, 73)
+            s.release(1, 0, 73.5)
+            ask(s, 2, 74)
+            s.tick(79)
+            asleep(s, 1, 79)
+            s.replica_changed(2, 0, S.WAKING, 79)
+            s.replica_changed(2, 0, S.READY, 80)  # b wakes in 1 s
+        resident_since = 80 if sleeps else 66
+        ask(s, 2, resident_since + 1)  # b has work from now on (a request that never ends)
+        ask(s, 1, resident_since + 2)  # a's request waits for the GPU
+        s.tick(resident_since + 2.5)
+        drained = s.status(2, resident_since + 2.5).draining_for == "swap:a"
+        if sleeps:
+            assert drained  # the round trip is two wakes: 2 s of holding, not a cold start's minute
+        else:
+            assert not drained
+            s.tick(resident_since + 59.5)
+            assert s.status(2, resident_since + 59.5).draining_for is None
+            s.tick(resident_since + 60)  # two cold starts of 30 s: held for 60 s
+            assert s.status(2, resident_since + 60).draining_for == "swap:a"
