@@ -59,7 +59,6 @@ import os
 import random
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -82,19 +81,12 @@ sys.path.insert(0, str(REPO))
 
 from engines.scheduling.scheduler import _weight  # noqa: E402  (the rendezvous weight, to infer sticky/spilled)
 from gateway.proxy.claim import affinity_of  # noqa: E402
+from tests.bench.vllm_host import VLLM_ENV as HOST_ENV  # noqa: E402
+from tests.bench.vllm_host import children, free_port, install_vllm  # noqa: E402
 
 MODEL = "tiny-chat"
 REPLICAS = 2
-# docs/real-vllm/README.md: what vLLM's CPU build needs to serve (KV cache space in GiB).
-VLLM_ENV = {
-    "VLLM_TARGET_DEVICE": "cpu",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_CPU_OMP_THREADS_BIND": "auto",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "VLLM_SERVER_DEV_MODE": "1",  # POST /reset_prefix_cache between runs
-}
+VLLM_ENV = {**HOST_ENV, "VLLM_SERVER_DEV_MODE": "1"}  # POST /reset_prefix_cache between runs
 METHODS = {
     "affinity": "prompt hash (system + first user message), affinity: true",
     "scattered": "a fresh random X-Session-ID per request (no affinity)",
@@ -131,35 +123,6 @@ def _stop(signum: int, _frame: Any) -> None:
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def install_vllm() -> Path:
-    done = subprocess.run([str(REPO / "scripts" / "install-vllm.sh")], capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"bench-affinity: real vLLM is not available here: {done.stderr.strip()}")
-    return Path(done.stdout.strip().splitlines()[-1])
-
-
-def children(parent: int, prefix: str) -> list[int]:
-    """Processes whose parent is ``parent`` and whose comm starts with ``prefix`` (vLLM retitles its own)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
-        if int(rest[1]) == parent and comm.startswith(prefix):
-            found.append(int(entry.name))
-    return found
 
 
 def settle_replica(replica: int, api_server: int, nice: int, pin: bool) -> None:
@@ -542,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _stop)
     signal.alarm(args.budget)
     t_start = time.monotonic()
-    venv = install_vllm()
+    venv = install_vllm("bench-affinity")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     gateway_log = args.out.parent / "gateway.log"
     runs: list[dict[str, Any]] = []

@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,17 +43,11 @@ from typing import Any
 import httpx
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.bench.vllm_host import REPO, VLLM_ENV, children, free_port, install_vllm
+
 MODEL = "tiny-chat"
-# docs/real-vllm/README.md: what vLLM's CPU build needs to serve (KV cache space in GiB).
-VLLM_ENV = {
-    "VLLM_TARGET_DEVICE": "cpu",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_CPU_OMP_THREADS_BIND": "auto",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-}
 # (label, key in vllm bench serve's result JSON, unit, higher is better)
 METRICS = [
     ("TTFT p50", "median_ttft_ms", "ms", False),
@@ -66,35 +59,6 @@ METRICS = [
     ("streams in one burst", "burst_pct", "%", False),
 ]
 TARGETS = ("direct", "gateway")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def install_vllm() -> Path:
-    done = subprocess.run([str(REPO / "scripts" / "install-vllm.sh")], capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"bench-vllm: real vLLM is not available here: {done.stderr.strip()}")
-    return Path(done.stdout.strip().splitlines()[-1])
-
-
-def engine_cores(api_server: int) -> list[int]:
-    """vLLM's EngineCore processes: children of the API server retitled ``VLLM::EngineCore``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
-        if int(rest[1]) == api_server and comm.startswith("VLLM::EngineCor"):
-            found.append(int(entry.name))
-    return found
 
 
 @contextlib.contextmanager
@@ -142,7 +106,7 @@ def gateway(
             time.sleep(1)
         (row,) = httpx.get(f"{url}/admin/engines/{MODEL}", timeout=10).json()["data"]
         if engine_core_nice:
-            for pid in engine_cores(int(row["engine_pid"])):
+            for pid in children(int(row["engine_pid"]), "VLLM::EngineCor"):
                 os.setpriority(os.PRIO_PROCESS, pid, engine_core_nice)
                 print(f"EngineCore (pid {pid}) reniced to {engine_core_nice}", flush=True)
         yield url, f"http://127.0.0.1:{row['port']}"  # the engine binds 127.0.0.1 (the spec's host)
@@ -264,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    venv = install_vllm()
+    venv = install_vllm("bench-vllm")
     args.out.mkdir(parents=True, exist_ok=True)
     runs: dict[tuple[int, str], list[Any]] = {(c, t): [] for c in concurrencies for t in TARGETS}
     with tempfile.TemporaryDirectory(prefix="bench-vllm-") as tmp:
