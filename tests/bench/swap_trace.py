@@ -21,7 +21,8 @@ behind other models' loads; a policy that keeps a busy model resident for a whil
 
 Each trace is replayed against a fresh gateway per policy:
 
-1. ``on-arrival``: ``swap: {min_residency: 0, max_wait: 0, linger: 0}``, no ``sleep:`` (the baseline);
+1. ``on-arrival``: ``swap: {min_residency: 0, max_wait: 0, linger: 0, round_trip: false}``, no ``sleep:`` (the
+   baseline);
 2. ``residency``: the new policy (the trace's ``swap``, ``RESIDENCY`` below, or ``--swap`` for every trace),
    no ``sleep:``;
 3. ``residency+sleep``: the same, with ``sleep: {level: 1}`` on both models.
@@ -218,7 +219,9 @@ def read_trace(path: Path) -> list[Record]:
     return [Record(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
-RESIDENCY = {"min_residency": 4.0, "max_wait": 8.0, "linger": 1.0}  # scaled to the stand-ins' 4 s cold start
+# A 1 s floor: the residency itself follows each swap's measured round trip (a 4 + 2 s pair of cold starts
+# here, or two wakes of ~0.5 s), bounded by max_wait (scaled to the stand-ins' 4 s cold start).
+RESIDENCY = {"min_residency": 1.0, "max_wait": 8.0, "linger": 1.0}
 
 
 @dataclass(frozen=True)
@@ -267,7 +270,9 @@ class Policy:
 
 def policies(swap: dict[str, float]) -> dict[str, Policy]:
     return {
-        "on-arrival": Policy("on-arrival", {"min_residency": 0, "max_wait": 0, "linger": 0}, False),
+        "on-arrival": Policy(
+            "on-arrival", {"min_residency": 0, "max_wait": 0, "linger": 0, "round_trip": False}, False
+        ),
         "residency": Policy("residency", swap, False),
         "residency+sleep": Policy("residency+sleep", swap, True),
     }
