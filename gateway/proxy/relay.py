@@ -224,6 +224,8 @@ class Relay(Response):
                         retry_after=self.target.retry_after,
                     ) from None
                 except EngineClosed:
+                    if self._disconnected:
+                        raise asyncio.CancelledError from None  # dropped by this relay: the client left
                     outcome.error_kind = "disconnected"
                     self.target.lease.report(False)
                     raise UpstreamError(
@@ -454,6 +456,10 @@ class Relay(Response):
         """After the engine's last byte: a complete answer ends as the client expects, a cut one with an error."""
         outcome = cutter.outcome
         if not cutter.complete(self.target.stream_end):
+            if self._disconnected:
+                # This relay dropped the exchange itself, the client being gone (``_client_gone``): not the
+                # engine's doing, nothing to hold against the replica. The client-left branch of __call__ ends it.
+                raise asyncio.CancelledError
             outcome.error_kind = "disconnected"
             self.target.lease.report(False)
             raise UpstreamError("The engine ended the stream before it was complete.", code="upstream_disconnected")
