@@ -22,8 +22,9 @@ Per model:
 Swaps (``SwapPolicy``, engines/scheduling/placement.py), so that models sharing GPUs do not thrash:
   * a resident model keeps its GPUs while it has work (in flight, queued, or used within ``linger``) for its
     residency since it could serve: at least ``min_residency``, and as long as the swap's measured round trip
-    (``_residency``: rent or buy); a waiter for the GPUs waits at most ``max_wait`` for it to yield. An idle resident yields at once. A blocker whose demand left (every waiter gone) is not drained
-    after all, and a cold start launched only for waiters that all left is cancelled (stopped);
+    (``_residency``: rent or buy); a waiter for the GPUs waits at most ``max_wait`` for it to yield. An
+    idle resident yields at once. A blocker whose demand left (every waiter gone) is not drained after all,
+    and a cold start launched only for waiters that all left is cancelled (stopped);
   * the waiter order, within a queue and across models, is: overdue (waited ``max_wait``) first by age,
     then higher ``priority``, then age. Nothing starves: every waiter becomes overdue;
   * a model whose spec says ``sleep:`` and whose engine can is put to sleep when drained for a swap (or by
