@@ -110,8 +110,10 @@ def test_the_queue_serves_by_priority_with_keys_as_ceilings(env: Env) -> None:
 @pytest.mark.parametrize("value", ["11", "-11", "urgent", "1.5", ""])
 def test_a_bad_priority_is_a_400_in_the_openai_dialect(env: Env, value: str) -> None:
     before = len(env.reached())
-    client = openai.OpenAI(base_url=env.gateway.url + "/v1", api_key=VIP, max_retries=0, timeout=10)
-    with pytest.raises(openai.BadRequestError) as raised:
+    with (
+        openai.OpenAI(base_url=env.gateway.url + "/v1", api_key=VIP, max_retries=0, timeout=10) as client,
+        pytest.raises(openai.BadRequestError) as raised,
+    ):
         client.chat.completions.create(
             model="one", messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Priority": value}
         )
@@ -124,8 +126,10 @@ def test_a_bad_priority_is_a_400_in_the_openai_dialect(env: Env, value: str) -> 
 
 def test_a_bad_priority_is_a_400_in_the_anthropic_dialect(env: Env) -> None:
     before = len(read_records(env.record, "request"))
-    client = anthropic.Anthropic(base_url=env.gateway.url, api_key=VIP, max_retries=0, timeout=10)
-    with pytest.raises(anthropic.BadRequestError) as raised:
+    with (
+        anthropic.Anthropic(base_url=env.gateway.url, api_key=VIP, max_retries=0, timeout=10) as client,
+        pytest.raises(anthropic.BadRequestError) as raised,
+    ):
         client.messages.create(
             model="one",
             max_tokens=4,
@@ -139,13 +143,13 @@ def test_a_bad_priority_is_a_400_in_the_anthropic_dialect(env: Env) -> None:
 
 
 def test_a_good_priority_is_served_and_not_forwarded(env: Env) -> None:
-    client = openai.OpenAI(base_url=env.gateway.url + "/v1", api_key=BATCH, max_retries=0, timeout=10)
-    answer = client.chat.completions.create(
-        model="one",
-        messages=[{"role": "user", "content": "fine"}],
-        max_tokens=2,
-        extra_headers={"X-Priority": "10", "X-Session-ID": "private-session"},  # clamped to -5, not refused
-    )
+    with openai.OpenAI(base_url=env.gateway.url + "/v1", api_key=BATCH, max_retries=0, timeout=10) as client:
+        answer = client.chat.completions.create(
+            model="one",
+            messages=[{"role": "user", "content": "fine"}],
+            max_tokens=2,
+            extra_headers={"X-Priority": "10", "X-Session-ID": "private-session"},  # clamped to -5, not refused
+        )
     assert answer.choices[0].message.content == "fine"
     headers = env.reached()[-1]["headers"]
     assert "x-priority" not in headers and "x-session-id" not in headers  # the gateway's, not the engine's
