@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -48,8 +49,11 @@ def test_stop_ends_forked_workers_also_those_that_left_the_group(fake_engine: Pa
         # A grace far longer than the test may run: SIGKILL would mean a worker was never sent SIGTERM.
         proc = launch(fake_engine, name, {"FAKE_FORK": "2", **({"FAKE_SETSID": "1"} if setsid else {})}, grace=60)
         await proc.start()
-        # reaper + engine + two workers
+        # reaper + engine + two workers. A setsid worker double-forks: its first fork counts for a moment and
+        # exits at once, so the count must hold after a pause (a lower bound, never an upper one).
         await wait_until(lambda: len(tagged_pids(name)) == 4)
+        await asyncio.sleep(0.3)
+        await wait_until(lambda: len(tagged_pids(name)) == 4 and proc.engine_pid is not None)
         workers = set(tagged_pids(name)) - {proc.pid, proc.engine_pid}
         assert len(workers) == 2
         if setsid:

@@ -150,7 +150,8 @@ def test_stop_during_starting_kills_the_child(fake_engine: Path, name: str) -> N
         # A 60 s grace: waiting for it (or for the 30 s load) would time the test out.
         spec = fake_spec(name, fake_engine, {"FAKE_STARTUP_DELAY": "30", "FAKE_FORK": "1"}, stop_grace=60)
         async with supervised(spec) as sup:
-            await wait_until(lambda: len(tagged_pids(name)) == 3)
+            # The engine's pid is learnt at the first probe: under load that can come after its processes exist.
+            await wait_until(lambda: len(tagged_pids(name)) == 3 and sup.snapshot().engine_pid is not None)
             engine = sup.snapshot().engine_pid
             assert sup.state is S.STARTING and engine is not None
             await sup.stop()
