@@ -40,7 +40,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 
@@ -272,10 +272,22 @@ class Supervisor:
             except Exception as exc:
                 self._crashed(f"launch failed: {exc}")
                 return
+        limit = self.adapter.startup_timeout(self.spec)
+        outcome, why = await self._probe_until_ready(S.STARTING, self._clock() + limit, ours=True)
+        if outcome == "ready":
+            self._became_ready()
+        elif outcome == "late":
+            self._crashed(f"not ready after {limit:g}s (last probe: {why})")
+
+    async def _probe_until_ready(
+        self, state: EngineState, deadline: float, *, ours: bool
+    ) -> tuple[Literal["ready", "late", "moved"], str]:
+        """Probe every ``startup_interval`` while in ``state`` with this launch: "ready" once
+        ``healthy_threshold`` probes passed in a row (and, ``ours``, the port is this launch's), "late" with
+        the last probe's answer at ``deadline``, "moved" when a command or the engine's exit moved it on."""
         proc = self._proc
-        deadline = self._clock() + self.adapter.startup_timeout(self.spec)
         passes = 0
-        while self._state is S.STARTING and self._proc is proc:
+        while self._state is state and self._proc is proc:
             kind, value = await self._wait(work=self._probe())
             if kind != "work":
                 await self._interrupted(kind, value)
@@ -283,16 +295,15 @@ class Supervisor:
             ok, why = value
             passes = passes + 1 if ok else 0
             if ok and passes >= self.spec.health.healthy_threshold:
-                if await self._answered_by_us():
-                    self._became_ready()
-                    return
+                if not ours or await self._answered_by_us():
+                    return "ready", ""
                 passes = 0
             if self._clock() >= deadline:
-                self._crashed(f"not ready after {self.adapter.startup_timeout(self.spec):g}s (last probe: {why})")
-                return
+                return "late", why
             kind, value = await self._wait(after=self.spec.health.startup_interval)
             if kind != "timeout":
                 await self._interrupted(kind, value)
+        return "moved", ""
 
     async def _connecting(self) -> None:
         passes = 0
@@ -429,23 +440,12 @@ class Supervisor:
             return
         while self._deferred and self._state is S.WAKING:  # what came during the calls, before anything newer
             await self._command(self._deferred.pop(0))
-        passes = 0
-        while self._state is S.WAKING and self._proc is proc:
-            kind, value = await self._wait(work=self._probe())
-            if kind != "work":
-                await self._interrupted(kind, value)
-                continue
-            ok, why = value
-            passes = passes + 1 if ok else 0
-            if ok and passes >= self.spec.health.healthy_threshold:
-                self._became_ready("awake: health check passed")
-                return
-            if self._clock() >= deadline:
-                self._crashed(f"not ready {limit:g}s after the wake began (last probe: {why})")
-                return
-            kind, value = await self._wait(after=self.spec.health.startup_interval)
-            if kind != "timeout":
-                await self._interrupted(kind, value)
+        # The same process answers as before its sleep: no port check.
+        outcome, why = await self._probe_until_ready(S.WAKING, deadline, ours=False)
+        if outcome == "ready":
+            self._became_ready("awake: health check passed")
+        elif outcome == "late":
+            self._crashed(f"not ready {limit:g}s after the wake began (last probe: {why})")
 
     # -- steps --------------------------------------------------------------------------------------
 
